@@ -1,0 +1,57 @@
+"""The ``flowerbed`` command: one typer app, one module of commands per user role.
+
+- researchers: ``simulate``, ``report``, ``sweep`` (flowerbed.simulations.commands)
+- the coordinator's operator: ``provision``, ``coordinator``, ``run`` (flowerbed.server.commands)
+- hospital IT: ``node`` (flowerbed.client.commands)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from flowerbed.exception import FlowerbedError
+
+app = typer.Typer(
+    name="flowerbed",
+    help="Federated learning for hospitals on Flower: simulate, provision, coordinate, join.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from flowerbed.client import commands as node_commands
+    from flowerbed.server import commands as server_commands
+    from flowerbed.simulations import commands as sim_commands
+
+    for module in (sim_commands, server_commands, node_commands):
+        module.register(app)
+
+
+def main() -> None:
+    """Entry point: user errors print one clear message and exit 2, never a traceback."""
+    _register()
+    try:
+        app(standalone_mode=False)
+    except FlowerbedError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Errors that flowerbed raises for bad input: each names the file, field or node and the fix."""
+
+from __future__ import annotations
+
+
+class FlowerbedError(Exception):
+    """Base class: a problem the user can fix, reported without a traceback by the CLI."""
+
+
+class ConfigError(FlowerbedError):
+    """An experiment, federation or node configuration file is invalid.
+
+    Parameters
+    ----------
+    source : str
+        The file (or other origin) the configuration came from.
+    problems : list[str]
+        One line per problem, each naming the key, the value and what is allowed.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        bullets = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: invalid configuration\n{bullets}")
+
+
+class DataError(FlowerbedError):
+    """Local data is missing or does not match the task's schema (names the file and the row)."""
+
+
+class TaskError(FlowerbedError):
+    """A task reference cannot be resolved or the task is not allowed on this node."""
+
+
+class NodeError(FlowerbedError):
+    """A node's configuration points nowhere or the node cannot serve a request."""
+
+
+class PrivacyBudgetExceeded(FlowerbedError):
+    """A training plan would spend more epsilon than the node's budget allows."""
+
+
+class RunError(FlowerbedError):
+    """A federated run cannot continue (too few nodes, no valid replies, no checkpoint to resume)."""

@@ -1,0 +1,207 @@
+"""The experiment file: one validated TOML document that describes a federated run.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error that names the
+key, never a silently ignored setting. ``load_experiment`` gathers every problem into one
+``ConfigError`` before anything runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flowerbed.exception import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class TaskConfig(_Section):
+    """What model is trained: a built-in task name or a user task ``package.module:attr``."""
+
+    name: str = "tabular-mlp"
+    args: dict[str, Any] = Field(default_factory=dict)
+    device: str = "auto"
+
+
+class PartitionConfig(_Section):
+    """How a pooled dataset is split into virtual clients (ignored for natural federations)."""
+
+    kind: Literal["natural", "iid", "dirichlet", "pathological", "quantity"] = "natural"
+    num_clients: int = Field(default=4, gt=0)
+    alpha: float = Field(default=0.5, gt=0)
+    classes_per_client: int = Field(default=2, gt=0)
+    power: float = Field(default=1.5, gt=0)
+    column: str | None = None
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how each site's train/test split is made."""
+
+    dataset: str = "heart-disease"
+    path: str | None = None
+    label_column: str | None = None
+    site_column: str | None = None
+    test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+
+class TrainConfig(_Section):
+    """Local training at each node, and how many nodes take part in each round."""
+
+    local_epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    clients_per_round: int | None = Field(default=None, gt=0)
+    round_timeout: float = Field(default=600.0, gt=0)
+
+
+class StrategyConfig(_Section):
+    """The Flower strategy by name (``FedAvg``, ``FedAdam``, ...) or ``package.module:attr``."""
+
+    name: str = "FedAvg"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluateConfig(_Section):
+    """Which evaluations run after each round."""
+
+    federated: bool = True
+    central: bool = True
+    local_baselines: bool = False
+
+
+class PrivacyConfig(_Section):
+    """Sample-level DP-SGD at every node (Opacus)."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "set exactly one of privacy.target_epsilon (e.g. 3.0) or "
+                "privacy.noise_multiplier (e.g. 1.1) when privacy.enabled = true"
+            )
+        return self
+
+
+class SecAggConfig(_Section):
+    """Secure aggregation: the coordinator learns only the sum of the updates."""
+
+    enabled: bool = False
+    neighbours: int | None = Field(default=None, gt=0)
+    threshold: int | None = Field(default=None, gt=0)
+    clip_range: float = Field(default=8.0, gt=0)
+    quantization_bits: int = Field(default=16, ge=2, le=30)
+
+
+class ScenarioConfig(_Section):
+    """Simulated failures: dropouts, stragglers and clients that join late."""
+
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    straggler_fraction: float = Field(default=0.0, ge=0, lt=1)
+    straggler_delay: float = Field(default=0.0, ge=0)
+    late_join_fraction: float = Field(default=0.0, ge=0, lt=1)
+    late_join_round: int = Field(default=1, ge=1)
+
+
+class BackendConfig(_Section):
+    """How a simulation executes its virtual nodes."""
+
+    name: Literal["flower", "inline"] = "flower"
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    ray_address: str | None = None
+
+
+class Experiment(_Section):
+    """A whole experiment: see ``docs/experiments.md`` for every key."""
+
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(default=10, gt=0)
+    output: str = "runs"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able form (the resolved configuration)."""
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see docs/experiments.md)"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    if isinstance(value, dict):
+        return f"{loc}: {msg}"
+    return f"{loc} = {value!r}: {msg}"
+
+
+def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
+    """Validate a dict (already parsed TOML) into an ``Experiment``; raise ``ConfigError``."""
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_format_error(e) for e in exc.errors()]) from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override (``key.sub=value``) and validate an experiment file.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and every bad key, before anything runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found (give the path to an experiment .toml)"])
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return parse_experiment(data, str(path))
+
+
+def apply_override(data: dict[str, Any], item: str, source: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as TOML, else kept as text."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(source, [f"override {item!r} must look like key.sub=value"])
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(source, [f"override {item!r}: {part} is not a section"])
+    node[parts[-1]] = value

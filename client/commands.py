@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from flowerbed.client.budget import budget_command
+
+node_app = typer.Typer(help="Hospital IT: check data, join a federation, see the privacy budget.")
+node_app.command("budget")(budget_command)
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.add_typer(node_app, name="node")

@@ -43,3 +43,10 @@ class PrivacyBudgetExceeded(FlowerbedError):
 
 class RunError(FlowerbedError):
     """A federated run cannot continue (too few nodes, no valid replies, no checkpoint to resume)."""
+
+
+class SecureAggregationError(RunError):
+    """A secure-aggregation round cannot go on: too few nodes left, or a message failed a check.
+
+    The message names the node, the stage and what to change; nothing is unmasked after it.
+    """

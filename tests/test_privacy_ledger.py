@@ -1,0 +1,250 @@
+"""The node's privacy ledger: Opacus-exact composition, durability across restarts and kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from opacus.accountants import create_accountant
+from typer.testing import CliRunner
+
+from flowerbed.exception import PrivacyBudgetExceeded
+from flowerbed.privacy.ledger import (
+    Budget,
+    PrivacyLedger,
+    fingerprint_arrays,
+    fingerprint_file,
+)
+from flowerbed.privacy.planner import DPPlan
+
+# Two runs on one dataset with different plans, then a third run like the first.
+RELEASES = [
+    ("run-a", 1.1, 0.125, 8, 3),
+    ("run-b", 0.8, 0.1, 10, 2),
+    ("run-c", 1.1, 0.125, 8, 2),
+]
+
+
+def _plan(sigma: float, q: float, steps: int, accountant: str = "prv") -> DPPlan:
+    return DPPlan(
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps_per_round=steps,
+        rounds=10,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant=accountant,
+    )
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def _opacus_stepped(accountant: str) -> object:
+    """Opacus's own accountant, stepped one DP-SGD step at a time over RELEASES."""
+    acc = create_accountant(mechanism=accountant)
+    for _, sigma, q, steps, rounds in RELEASES:
+        for _ in range(steps * rounds):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    return acc
+
+
+WRITER = """
+import sys
+from flowerbed.privacy.ledger import PrivacyLedger
+from flowerbed.privacy.planner import DPPlan
+path, dataset, releases = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+ledger = PrivacyLedger(path)
+for run_id, sigma, q, steps, rounds in releases:
+    plan = DPPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, rounds=10,
+                  max_grad_norm=1.0, delta=1e-5)
+    for r in range(1, rounds + 1):
+        ledger.charge(dataset=dataset, run_id=run_id, round=r, plan=plan, site="cleveland")
+"""
+
+READER = """
+import json, sys
+from flowerbed.privacy.ledger import PrivacyLedger
+ledger = PrivacyLedger(sys.argv[1])
+print(json.dumps({acc: ledger.epsilon(sys.argv[2], 1e-5, acc) for acc in ("prv", "rdp")}))
+"""
+
+
+def test_ledger_epsilon_equals_opacus_accountant_across_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.sqlite")
+    # One process writes every release, then exits; another reads them back.
+    _run(WRITER, path, "ds1", repr(RELEASES))
+    got = json.loads(_run(READER, path, "ds1").stdout)
+    for accountant in ("prv", "rdp"):
+        expected = _opacus_stepped(accountant).get_epsilon(delta=1e-5)
+        assert got[accountant] == pytest.approx(expected, abs=1e-6)
+        assert got[accountant] > 0
+    # A dataset without releases has spent nothing; another dataset's releases do not count.
+    ledger = PrivacyLedger(path)
+    assert ledger.epsilon("other", 1e-5) == 0.0
+    assert len(ledger.releases("ds1")) == sum(r[4] for r in RELEASES)
+    assert ledger.rounds_charged("ds1", "run-b") == 2
+
+
+def test_every_run_composes_into_the_dataset_total(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    for run_id, sigma, q, steps, rounds in RELEASES:
+        for r in range(rounds):
+            ledger.charge(dataset="d", run_id=run_id, round=r + 1, plan=_plan(sigma, q, steps))
+    total = ledger.epsilon("d", 1e-5)
+    per_run = [ledger.epsilon("d", 1e-5, run_id=r[0]) for r in RELEASES]
+    assert total > max(per_run)
+    assert total <= sum(per_run) + 1e-9  # composition is never worse than adding epsilons
+
+
+def test_ledger_rows_cannot_be_updated_or_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    PrivacyLedger(path).charge(dataset="d", run_id="r", round=1, plan=_plan(1.0, 0.1, 10))
+    con = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("DELETE FROM releases")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("UPDATE releases SET steps = 1")
+    con.close()
+    assert PrivacyLedger(path).history("d") == [(1.0, 0.1, 10)]
+
+
+def test_check_refuses_with_the_numbers_and_charge_is_atomic(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    plan = _plan(1.0, 0.125, 8)
+    roomy = Budget(epsilon=100.0, delta=1e-5)
+    one_round = ledger.check("d", plan, roomy)[1]
+    two_rounds = ledger.check("d", plan, roomy, rounds=2)[1]
+    assert two_rounds > one_round
+    budget = Budget(epsilon=(one_round + two_rounds) / 2, delta=1e-5)
+    spent, projected = ledger.check("d", plan, budget, site="cleveland")
+    assert spent == 0.0 and projected == pytest.approx(one_round)
+    ledger.charge(dataset="d", run_id="r", round=1, plan=plan, budget=budget)
+    with pytest.raises(PrivacyBudgetExceeded) as err:
+        ledger.check("d", plan, budget, site="cleveland")
+    msg = str(err.value)
+    assert msg.startswith(
+        f"privacy budget exhausted: spent {one_round:.3g} of {budget.epsilon:.3g}"
+    )
+    assert "cleveland" in msg and "dataset d" in msg
+    # The atomic check inside charge refuses too, and writes nothing.
+    with pytest.raises(PrivacyBudgetExceeded):
+        ledger.charge(dataset="d", run_id="r", round=2, plan=plan, budget=budget)
+    assert len(ledger.releases("d")) == 1
+    # Projecting a whole run refuses earlier than projecting one round.
+    fresh = PrivacyLedger(tmp_path / "fresh.sqlite")
+    fresh.check("d", plan, budget, rounds=1)
+    with pytest.raises(PrivacyBudgetExceeded, match="2 more rounds"):
+        fresh.check("d", plan, budget, rounds=2)
+
+
+def test_budget_comes_from_node_config() -> None:
+    assert Budget.from_node_config({}) is None
+    b = Budget.from_node_config({"budget-epsilon": 8, "budget-delta": 1e-6})
+    assert b == Budget(epsilon=8.0, delta=1e-6, accountant="prv")
+    with pytest.raises(Exception, match="budget-epsilon"):
+        Budget.from_node_config({"budget-epsilon": -1})
+
+
+def test_first_plan_of_a_run_wins(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    first, second = _plan(1.0, 0.1, 10), _plan(2.0, 0.1, 10)
+    assert ledger.save_plan("d", "run", first) == first
+    assert PrivacyLedger(tmp_path / "l.sqlite").save_plan("d", "run", second) == first
+    assert ledger.load_plan("d", "other") is None
+
+
+def test_fingerprints_follow_content(tmp_path: Path) -> None:
+    a = tmp_path / "a.csv"
+    a.write_text("1,2\n3,4\n")
+    assert fingerprint_file(a) == fingerprint_file(a)
+    b = tmp_path / "b.csv"
+    b.write_text("1,2\n3,5\n")
+    assert fingerprint_file(a) != fingerprint_file(b)
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert fingerprint_arrays(x, np.array([0, 1, 0])) == fingerprint_arrays(
+        x.copy(), np.array([0, 1, 0])
+    )
+    assert fingerprint_arrays(x) != fingerprint_arrays(x.reshape(2, 3))
+    assert fingerprint_arrays(x) != fingerprint_arrays(x.astype(np.float64))
+
+
+KILLED_NODE = """
+import sys, time
+from flowerbed.privacy.ledger import PrivacyLedger
+from flowerbed.privacy.planner import DPPlan
+ledger = PrivacyLedger(sys.argv[1])
+plan = DPPlan(noise_multiplier=1.0, sample_rate=0.125, steps_per_round=8, rounds=50,
+              max_grad_norm=1.0, delta=1e-5)
+for r in range(1, 51):
+    ledger.charge(dataset="d", run_id="run", round=r, plan=plan)
+    print(f"charged {r}", flush=True)
+    if r == int(sys.argv[2]):
+        time.sleep(120)  # the reply would be built and sent here
+    print(f"replied {r}", flush=True)
+"""
+
+
+def test_node_killed_between_charge_and_reply_never_under_counts(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.sqlite")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(KILLED_NODE), path, "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    replied = 0
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("replied"):
+                replied += 1
+            if line.strip() == "charged 3":
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    # After the restart, every reply that left is charged, plus the one killed before replying.
+    ledger = PrivacyLedger(path)
+    assert replied == 2
+    assert ledger.rounds_charged("d", "run") == 3
+    stepped = create_accountant(mechanism="prv")
+    for _ in range(3 * 8):
+        stepped.step(noise_multiplier=1.0, sample_rate=0.125)
+    assert ledger.epsilon("d", 1e-5) == pytest.approx(stepped.get_epsilon(delta=1e-5), abs=1e-6)
+
+
+def test_node_budget_command_reports_per_dataset_and_run(tmp_path: Path) -> None:
+    from flowerbed.client.commands import register
+
+    app = typer.Typer()
+    register(app)
+    path = tmp_path / "l.sqlite"
+    ledger = PrivacyLedger(path)
+    ledger.charge(dataset="d" * 64, run_id="run-a", round=1, plan=_plan(1.0, 0.1, 10), site="s1")
+    ledger.charge(dataset="d" * 64, run_id="run-b", round=1, plan=_plan(1.5, 0.1, 10), site="s1")
+    result = CliRunner().invoke(app, ["node", "budget", "--ledger", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (ds,) = json.loads(result.output)
+    assert ds["epsilon"] == pytest.approx(ledger.epsilon("d" * 64, 1e-5), abs=1e-9)
+    assert [r["run_id"] for r in ds["runs"]] == ["run-a", "run-b"]
+    assert ds["runs"][0]["epsilon"] == pytest.approx(ledger.epsilon("d" * 64, 1e-5, run_id="run-a"))
+    table = CliRunner().invoke(app, ["node", "budget", "--ledger", str(path)])
+    assert table.exit_code == 0 and "run-b" in table.output and "all runs" in table.output

@@ -46,7 +46,9 @@ class DataConfig(_Section):
     path: str | None = None
     label_column: str | None = None
     site_column: str | None = None
+    num_classes: int = Field(default=2, ge=2)
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    split_seed: int = 0
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
 
@@ -59,6 +61,7 @@ class TrainConfig(_Section):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     clients_per_round: int | None = Field(default=None, gt=0)
+    min_nodes: int | None = Field(default=None, gt=0)
     round_timeout: float = Field(default=600.0, gt=0)
 
 

@@ -1,0 +1,96 @@
+"""The ClientApp: a hospital node's side of every round (Flower Message API).
+
+The node trains only on the data its own configuration names (``data-path`` and ``site`` in a
+deployment, ``partition-id`` in a simulation). A problem the hospital can fix becomes an error
+reply naming the node and the fix, never a silent failure.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowerbed.client.local_data import resolve_site
+from flowerbed.client.training import evaluate_local, train_local
+from flowerbed.exception import FlowerbedError
+from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.seeds import derive_seed
+from flowerbed.tasks import resolve_device, resolve_task
+from flowerbed.weights import load_arrays, model_to_arrays
+
+EXPERIMENT_KEY = "flowerbed.experiment"
+RUN_ID_KEY = "flowerbed.run-id"
+ERROR_CODE = 4000
+
+app = ClientApp()
+
+
+def experiment_from_message(message: Message) -> Experiment:
+    """The run's experiment, as the server sent it."""
+    config = message.content["config"]
+    if EXPERIMENT_KEY not in config:
+        raise FlowerbedError(f"message has no {EXPERIMENT_KEY!r}: the server is not a flowerbed ServerApp")
+    return parse_experiment(json.loads(str(config[EXPERIMENT_KEY])), "experiment sent by the server")
+
+
+def _error_reply(message: Message, context: Context, exc: Exception) -> Message:
+    site = context.node_config.get("site") or context.node_config.get("partition-id", "?")
+    return Message(Error(code=ERROR_CODE, reason=f"node {site}: {exc}"), reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Answer the server's discovery: the site's name and its number of training examples."""
+    try:
+        experiment = experiment_from_message(message)
+        site = resolve_site(context, experiment)
+    except FlowerbedError as exc:
+        return _error_reply(message, context, exc)
+    content = RecordDict(
+        {
+            "site": ConfigRecord({"name": site.name}),
+            "metrics": MetricRecord({"num-examples": site.num_train}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received global model on local data and reply with the new weights."""
+    try:
+        experiment = experiment_from_message(message)
+        site = resolve_site(context, experiment)
+        task = resolve_task(experiment.task.name, experiment.task.args)
+        device = resolve_device(experiment.task.device)
+        model = task.build_model(site.schema)
+        load_arrays(model, message.content["arrays"])
+        server_round = int(message.content["config"]["server-round"])
+        seed = derive_seed(experiment.seed, "train", server_round, site.name)
+        result = train_local(model, task, site.x_train, site.y_train, experiment.train, seed=seed, device=device)
+    except FlowerbedError as exc:
+        return _error_reply(message, context, exc)
+    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss})
+    content = RecordDict(
+        {"arrays": model_to_arrays(model), "metrics": metrics, "site": ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the received global model on the site's own test split."""
+    try:
+        experiment = experiment_from_message(message)
+        site = resolve_site(context, experiment)
+        task = resolve_task(experiment.task.name, experiment.task.args)
+        device = resolve_device(experiment.task.device)
+        model = task.build_model(site.schema)
+        load_arrays(model, message.content["arrays"])
+        metrics = evaluate_local(model, task, site.x_test, site.y_test, device=device)
+    except FlowerbedError as exc:
+        return _error_reply(message, context, exc)
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=message)

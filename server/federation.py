@@ -1,0 +1,363 @@
+"""The round loop: drives any Flower ``Strategy`` through its public methods, one round at a time.
+
+Per round: sample sites (seeded) -> ``configure_train`` -> exchange -> validate every reply ->
+``aggregate_train`` -> ``configure_evaluate``/``aggregate_evaluate`` -> central evaluation ->
+atomic checkpoint -> one line of ``metrics.jsonl``. Flower's ``Strategy.start`` has no per-round
+hook, which is why flowerbed runs the loop itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flowerbed.exception import RunError
+from flowerbed.experiment import Experiment
+from flowerbed.seeds import derive_seed
+from flowerbed.server import checkpoint as ckpt
+from flowerbed.server import run_folder
+from flowerbed.server.reply_validation import reply_site, validate_train_reply
+from flowerbed.strategies.registry import build_strategy
+from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
+
+EXPERIMENT_KEY = "flowerbed.experiment"
+RUN_ID_KEY = "flowerbed.run-id"
+STOP_FILE = "STOP"
+
+CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, float]]
+
+
+class Reporter(Protocol):
+    """Receives progress from the round loop (terminal display, logs, or nothing)."""
+
+    def run_started(self, experiment: Experiment, run_dir: Path, first_round: int) -> None: ...
+    def round_finished(self, record: dict[str, Any], total_rounds: int) -> None: ...
+    def note(self, text: str) -> None: ...
+    def run_finished(self, summary: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    """A reporter that reports nothing (``--quiet``)."""
+
+    def run_started(self, experiment: Experiment, run_dir: Path, first_round: int) -> None:
+        """Ignore."""
+
+    def round_finished(self, record: dict[str, Any], total_rounds: int) -> None:
+        """Ignore."""
+
+    def note(self, text: str) -> None:
+        """Ignore."""
+
+    def run_finished(self, summary: dict[str, Any]) -> None:
+        """Ignore."""
+
+
+class NodeSubset:
+    """A view of a ``Grid`` that exposes only the chosen nodes, so a strategy samples exactly them."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._node_ids = sorted(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        """The chosen nodes, sorted."""
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class RoundOutcome:
+    """Replies of one exchange, split into accepted (sorted by site) and refused (site -> reason)."""
+
+    accepted: list[tuple[str, Message]] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def _metrics_dict(record: MetricRecord | None) -> dict[str, Any]:
+    return {k: v for k, v in record.items()} if record is not None else {}
+
+
+class Federation:
+    """One federated run over a ``Grid``: discovery, rounds, checkpoints, summary.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (simulation engine, deployment SuperLink, or an in-process grid).
+    experiment : Experiment
+        The validated experiment.
+    run_dir : Path
+        The run folder (created by the caller).
+    expected_nodes : int
+        Nodes to wait for before the first round.
+    central_evaluator : callable, optional
+        ``weights -> metrics`` on a server-side test set (simulations only).
+    reporter : Reporter, optional
+        Progress display.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        experiment: Experiment,
+        run_dir: Path,
+        *,
+        expected_nodes: int,
+        initial_weights: dict[str, np.ndarray],
+        central_evaluator: CentralEvaluator | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.grid = grid
+        self.experiment = experiment
+        self.run_dir = run_dir
+        self.expected_nodes = expected_nodes
+        self.initial_weights = initial_weights
+        self.central_evaluator = central_evaluator
+        self.reporter = reporter or SilentReporter()
+        self.site_nodes: dict[str, int] = {}
+        self.excluded: dict[str, str] = {}
+        self.history: list[dict[str, Any]] = []
+        self.final_weights: dict[str, np.ndarray] = initial_weights
+        self._base_config = {
+            EXPERIMENT_KEY: json.dumps(experiment.to_dict()),
+            RUN_ID_KEY: run_dir.name,
+        }
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def config(self) -> ConfigRecord:
+        """A fresh copy of the config every message carries (strategies edit the one they get)."""
+        return ConfigRecord(dict(self._base_config))
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for replies in one exchange."""
+        return self.experiment.train.round_timeout
+
+    def _node_site(self, node_id: int) -> str:
+        for site, nid in self.site_nodes.items():
+            if nid == node_id:
+                return site
+        return f"node {node_id}"
+
+    # -- discovery --------------------------------------------------------------------------------
+
+    def discover(self) -> None:
+        """Wait for the nodes, then ask each which site it is (sampling works on site names)."""
+        deadline = time.monotonic() + self.timeout
+        while len(node_ids := list(self.grid.get_node_ids())) < self.expected_nodes:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if not node_ids:
+            raise RunError(f"no node connected within {self.timeout:g} s (train.round_timeout)")
+        messages = [
+            Message(RecordDict({"config": self.config()}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in node_ids
+        ]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                self.excluded[f"node {node_id}"] = str(reply.error.reason)
+                self.reporter.note(f"node {node_id} cannot take part: {reply.error.reason}")
+                continue
+            site = reply_site(reply, f"node {node_id}")
+            if site in self.site_nodes:
+                raise RunError(
+                    f"two nodes ({self.site_nodes[site]} and {node_id}) both say they are site {site!r}; "
+                    "give each node a distinct site name in its node config"
+                )
+            self.site_nodes[site] = node_id
+        if len(self.site_nodes) < self.min_nodes:
+            raise RunError(
+                f"only {len(self.site_nodes)} of {self.expected_nodes} nodes are usable "
+                f"(at least {self.min_nodes} needed): {self.excluded or 'the others did not answer'}"
+            )
+
+    @property
+    def min_nodes(self) -> int:
+        """Fewest accepted replies with which a round still counts."""
+        return self.experiment.train.min_nodes or 1
+
+    # -- one round --------------------------------------------------------------------------------
+
+    def sample_sites(self, server_round: int) -> list[str]:
+        """The sites that train this round: seeded by the run's seed and the round, sorted."""
+        pool = sorted(s for s in self.site_nodes if s not in self.excluded)
+        k = min(self.experiment.train.clients_per_round or len(pool), len(pool))
+        rng = random.Random(derive_seed(self.experiment.seed, "sample", server_round))
+        return sorted(rng.sample(pool, k))
+
+    def exchange_train(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """Send training messages and collect replies (secure aggregation replaces this exchange)."""
+        return list(self.grid.send_and_receive(list(messages), timeout=self.timeout))
+
+    def _sort_replies(self, sites: list[str], replies: list[Message], reference: dict | None) -> RoundOutcome:
+        outcome = RoundOutcome()
+        answered = set()
+        for reply in replies:
+            site = reply_site(reply, self._node_site(reply.metadata.src_node_id))
+            answered.add(site)
+            if reply.has_error():
+                outcome.refused[site] = str(reply.error.reason)
+                continue
+            problem = validate_train_reply(reply, reference) if reference is not None else None
+            if problem:
+                outcome.refused[site] = f"reply rejected: {problem}"
+                continue
+            outcome.accepted.append((site, reply))
+        for site in sites:
+            if site not in answered:
+                outcome.refused[site] = f"no reply within {self.timeout:g} s"
+        outcome.accepted.sort(key=lambda pair: pair[0])
+        return outcome
+
+    def train_round(
+        self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str]
+    ) -> tuple[ArrayRecord | None, dict[str, Any], RoundOutcome]:
+        """Configure, exchange, validate and aggregate one training round."""
+        subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
+        messages = strategy.configure_train(server_round, arrays, self.config(), subset)
+        replies = self.exchange_train(server_round, messages)
+        outcome = self._sort_replies(sites, replies, arrays_to_numpy(arrays))
+        if len(outcome.accepted) < self.min_nodes:
+            return None, {}, outcome
+        new_arrays, metrics = strategy.aggregate_train(server_round, [m for _, m in outcome.accepted])
+        return new_arrays, _metrics_dict(metrics), outcome
+
+    def evaluate_round(
+        self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str]
+    ) -> tuple[dict[str, Any], RoundOutcome]:
+        """Federated evaluation on ``sites``' own test splits."""
+        subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
+        messages = list(strategy.configure_evaluate(server_round, arrays, self.config(), subset))
+        if not messages:
+            return {}, RoundOutcome()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        outcome = self._sort_replies(sites, replies, None)
+        metrics = strategy.aggregate_evaluate(server_round, [m for _, m in outcome.accepted])
+        return _metrics_dict(metrics), outcome
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) every round, checkpointing after each; return the summary."""
+        if resume:
+            state = ckpt.load_checkpoint(self.run_dir)
+            strategy, weights = state.strategy, state.weights
+            self.history = list(state.state.get("history", []))
+            first_round = state.round + 1
+            run_folder.write_metrics(self.run_dir, self.history)
+        else:
+            strategy = build_strategy(self.experiment.strategy)
+            weights = self.initial_weights
+            first_round = 1
+            run_folder.write_experiment(self.run_dir, self.experiment)
+        self.reporter.run_started(self.experiment, self.run_dir, first_round)
+        self.discover()
+        arrays = numpy_to_arrays(weights)
+        stopped = None
+        started = time.monotonic()
+        for server_round in range(first_round, self.experiment.rounds + 1):
+            if (self.run_dir / STOP_FILE).exists():
+                stopped = f"stopped by the operator before round {server_round}"
+                break
+            sites = self.sample_sites(server_round)
+            new_arrays, train_metrics, train_outcome = self.train_round(strategy, server_round, arrays, sites)
+            if new_arrays is None:
+                stopped = (
+                    f"round {server_round}: {len(train_outcome.accepted)} usable replies, fewer than the "
+                    f"minimum {self.min_nodes} (train.min_nodes); refused: {train_outcome.refused}"
+                )
+                self.reporter.note(stopped)
+                break
+            arrays = new_arrays
+            record = self._round_record(server_round, started, train_metrics, train_outcome, sites)
+            if self.experiment.evaluate.federated:
+                participants = [s for s, _ in train_outcome.accepted]
+                eval_metrics, eval_outcome = self.evaluate_round(strategy, server_round, arrays, participants)
+                record["evaluate"] = eval_metrics
+                for site, reply in eval_outcome.accepted:
+                    site_metrics = _metrics_dict(next(iter(reply.content.metric_records.values())))
+                    record["sites"].setdefault(site, {}).update({f"eval-{k}": v for k, v in site_metrics.items()})
+            if self.central_evaluator is not None:
+                record["central"] = self.central_evaluator(arrays_to_numpy(arrays))
+            record["time"] = round(time.monotonic() - started, 3)
+            self.history.append(record)
+            ckpt.save_checkpoint(
+                self.run_dir,
+                ckpt.Checkpoint(server_round, arrays_to_numpy(arrays), strategy, {"history": self.history}),
+            )
+            run_folder.write_metrics(self.run_dir, self.history)
+            self.reporter.round_finished(record, self.experiment.rounds)
+        return self.finish(strategy, arrays, stopped)
+
+    def _round_record(
+        self, server_round: int, started: float, train_metrics: dict, outcome: RoundOutcome, sampled: list[str]
+    ) -> dict[str, Any]:
+        sites: dict[str, dict[str, Any]] = {}
+        for site, reply in outcome.accepted:
+            values = _metrics_dict(next(iter(reply.content.metric_records.values())))
+            sites[site] = {f"train-{k}" if k == "num-examples" else k: v for k, v in values.items()}
+        epsilons = [v["epsilon"] for v in sites.values() if "epsilon" in v]
+        return {
+            "round": server_round,
+            "sampled": sampled,
+            "participants": [s for s, _ in outcome.accepted],
+            "refused": outcome.refused,
+            "train": train_metrics,
+            "evaluate": {},
+            "central": {},
+            "sites": sites,
+            "epsilon_max": max(epsilons) if epsilons else None,
+        }
+
+    def finish(self, strategy: Strategy, arrays: ArrayRecord, stopped: str | None) -> dict[str, Any]:
+        """Final evaluation on every site, the summary, and the final model."""
+        weights = arrays_to_numpy(arrays)
+        self.final_weights = weights
+        final_sites: dict[str, dict[str, Any]] = {}
+        final_federated: dict[str, Any] = {}
+        live = sorted(s for s in self.site_nodes if s not in self.excluded)
+        if self.experiment.evaluate.federated and live:
+            final_federated, outcome = self.evaluate_round(strategy, self.experiment.rounds, arrays, live)
+            for site, reply in outcome.accepted:
+                final_sites[site] = _metrics_dict(next(iter(reply.content.metric_records.values())))
+        epsilon: dict[str, float] = {}
+        refusals: dict[str, str] = {}
+        for record in self.history:
+            for site, values in record["sites"].items():
+                if "epsilon" in values:
+                    epsilon[site] = max(epsilon.get(site, 0.0), float(values["epsilon"]))
+            for site, reason in record["refused"].items():
+                refusals.setdefault(site, f"round {record['round']}: {reason}")
+        summary: dict[str, Any] = {
+            "name": self.experiment.name,
+            "run_dir": str(self.run_dir),
+            "rounds_planned": self.experiment.rounds,
+            "rounds_completed": self.history[-1]["round"] if self.history else 0,
+            "stopped": stopped,
+            "strategy": self.experiment.strategy.name,
+            "final": {
+                "federated": final_federated,
+                "sites": final_sites,
+                "central": self.central_evaluator(weights) if self.central_evaluator else {},
+            },
+            "epsilon": {"per_site": epsilon, "max": max(epsilon.values()) if epsilon else None},
+            "refused": refusals,
+            "excluded": self.excluded,
+        }
+        return summary

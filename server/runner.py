@@ -1,0 +1,52 @@
+"""Run a federation end to end over any Grid: initial model, round loop, final model, summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from flowerbed.experiment import Experiment
+from flowerbed.seeds import derive_seed
+from flowerbed.server import run_folder
+from flowerbed.server.federation import CentralEvaluator, Federation, Reporter
+from flowerbed.simulations.datasets import dataset_schema
+from flowerbed.tasks import resolve_task
+
+
+def initial_model(experiment: Experiment):
+    """The global model before round 1: the same weights for the same seed, everywhere."""
+    task = resolve_task(experiment.task.name, experiment.task.args)
+    schema = dataset_schema(experiment.data, experiment.seed)
+    return task.build_model(schema, seed=derive_seed(experiment.seed, "init"))
+
+
+def run_federation(
+    grid: Grid,
+    experiment: Experiment,
+    run_dir: Path,
+    *,
+    expected_nodes: int,
+    resume: bool = False,
+    central_evaluator: CentralEvaluator | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Run or resume every round, then save ``model.safetensors``, ``model.pt`` and ``summary.json``."""
+    model = initial_model(experiment)
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    federation = Federation(
+        grid,
+        experiment,
+        run_dir,
+        expected_nodes=expected_nodes,
+        initial_weights=weights,
+        central_evaluator=central_evaluator,
+        reporter=reporter,
+    )
+    summary = federation.run(resume=resume)
+    run_folder.save_final_model(run_dir, federation.final_weights, model)
+    run_folder.write_summary(run_dir, summary)
+    if reporter is not None:
+        reporter.run_finished(summary)
+    return summary

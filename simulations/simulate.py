@@ -1,0 +1,103 @@
+"""``flowerbed simulate``: run an experiment's federation on one machine and leave a report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from flowerbed.client.app import app as client_app
+from flowerbed.exception import ConfigError
+from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.server.federation import SilentReporter
+from flowerbed.server.progress import ConsoleReporter
+from flowerbed.server.run_folder import new_run_dir, read_experiment, read_summary, write_summary
+from flowerbed.server.runner import run_federation
+from flowerbed.simulations.central import make_central_evaluator
+from flowerbed.simulations.datasets import load_federation
+from flowerbed.tasks.task import SiteData
+
+
+def _server_app(experiment: Experiment, run_dir: Path, sites: list[SiteData], resume: bool, reporter, outcome: dict):
+    app = ServerApp()
+    central = make_central_evaluator(experiment, sites) if experiment.evaluate.central else None
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["summary"] = run_federation(
+                grid,
+                experiment,
+                run_dir,
+                expected_nodes=len(sites),
+                resume=resume,
+                central_evaluator=central,
+                reporter=reporter,
+            )
+        except BaseException as exc:  # re-raised in the caller's thread, with its own message
+            outcome["error"] = exc
+
+    return app
+
+
+def run_backend(experiment: Experiment, server_app: ServerApp, num_nodes: int) -> None:
+    """Execute the apps on the experiment's backend (the seam between harness and engine)."""
+    if experiment.backend.name == "flower":
+        from flowerbed.simulations.flower_backend import run_on_flower
+
+        run_on_flower(server_app, client_app, num_nodes, experiment.backend)
+        return
+    if experiment.backend.name == "inline":
+        from flowerbed.simulations.inline_backend import run_inline
+
+        run_inline(experiment, server_app, client_app, num_nodes)
+        return
+    raise ConfigError("experiment", [f"backend.name = {experiment.backend.name!r} is unknown"])
+
+
+def simulate(
+    experiment: Experiment,
+    *,
+    quiet: bool = False,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> Path:
+    """Run (or resume) a simulated federation; return its run folder.
+
+    The data is loaded and checked before any engine starts, so a bad dataset or partition fails
+    in a second with a message that names the key.
+    """
+    sites = load_federation(experiment.data, experiment.seed)
+    if not quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    else:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    if run_dir is None:
+        run_dir = new_run_dir(experiment)
+    reporter = SilentReporter() if quiet else ConsoleReporter(console)
+    outcome: dict[str, Any] = {}
+    server_app = _server_app(experiment, run_dir, sites, resume, reporter, outcome)
+    run_backend(experiment, server_app, len(sites))
+    if "error" in outcome:
+        raise outcome["error"]
+    summary = outcome.get("summary") or read_summary(run_dir)
+    if experiment.evaluate.local_baselines and summary:
+        from flowerbed.simulations.baselines import local_only_baselines
+        from flowerbed.simulations.comparison import comparison_summary, print_comparison
+
+        summary["comparison"] = comparison_summary(summary, local_only_baselines(experiment, sites))
+        write_summary(run_dir, summary)
+        if not quiet:
+            print_comparison(summary["comparison"], console or Console(highlight=False))
+    return run_dir
+
+
+def resume_simulation(run_dir: Path, *, quiet: bool = False, console: Console | None = None) -> Path:
+    """Continue a simulated run from its last complete round."""
+    experiment = parse_experiment(read_experiment(run_dir), str(run_dir / "experiment.json"))
+    return simulate(experiment, quiet=quiet, run_dir=run_dir, resume=True, console=console)

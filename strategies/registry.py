@@ -1,0 +1,81 @@
+"""Flower strategies by name, with the experiment's arguments, or a user strategy by reference."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from flwr.serverapp import strategy as flower_strategies
+from flwr.serverapp.strategy import Strategy
+
+from flowerbed.exception import ConfigError
+from flowerbed.experiment import StrategyConfig
+
+#: Strategies that aggregate by a weighted mean of the replies (secure aggregation can feed them a sum).
+WEIGHTED_MEAN = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
+#: Strategies that need every individual update (median, trimming, distances between updates).
+ROBUST = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
+#: Keys flowerbed sets itself: node sampling is the round loop's job (seeded, by site).
+MANAGED_ARGS = (
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+)
+
+
+def available_strategies() -> list[str]:
+    """Names of Flower's message-API strategies that flowerbed can drive."""
+    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST + ("QFedAvg",)]
+
+
+def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strategy:
+    """Instantiate the strategy named by ``strategy.name`` with ``strategy.args``.
+
+    Sampling arguments are fixed so that the strategy takes exactly the nodes the round loop chose
+    (``train.clients_per_round`` controls sampling instead).
+    """
+    managed = sorted(set(config.args) & set(MANAGED_ARGS))
+    if managed:
+        raise ConfigError(
+            source,
+            [f"strategy.args.{k}: flowerbed samples nodes itself; use train.clients_per_round instead" for k in managed],
+        )
+    cls = _resolve(config.name, source)
+    args: dict[str, Any] = dict(config.args)
+    params = inspect.signature(cls.__init__).parameters
+    for key in MANAGED_ARGS:
+        if key in params:
+            args[key] = 1.0 if key.startswith("fraction") else 1
+    unknown = [k for k in config.args if k not in params]
+    if unknown:
+        allowed = ", ".join(p for p in params if p not in ("self", *MANAGED_ARGS))
+        raise ConfigError(
+            source, [f"strategy.args.{k}: {config.name} has no such argument (allowed: {allowed})" for k in unknown]
+        )
+    try:
+        return cls(**args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(source, [f"strategy.args for {config.name}: {exc}"]) from None
+
+
+def _resolve(name: str, source: str) -> type[Strategy]:
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(source, [f"strategy.name = {name!r} cannot be imported: {exc}"]) from None
+    else:
+        cls = getattr(flower_strategies, name, None) if name in flower_strategies.__all__ else None
+        if cls is None:
+            raise ConfigError(
+                source,
+                [f"strategy.name = {name!r} is unknown: use one of {', '.join(available_strategies())} "
+                 "or 'package.module:ClassName'"],
+            )
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise ConfigError(source, [f"strategy.name = {name!r} is not a flwr.serverapp.strategy.Strategy"])
+    return cls

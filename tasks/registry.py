@@ -1,0 +1,57 @@
+"""Resolve a task by name: built-ins, or a user task given as ``package.module:attr``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from flowerbed.exception import TaskError
+from flowerbed.tasks.models import logistic_regression, mlp, small_cnn
+from flowerbed.tasks.task import Task, with_args
+
+BUILTIN_MODELS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
+    "tabular-logreg": (logistic_regression, ("tabular",)),
+    "tabular-mlp": (mlp, ("tabular",)),
+    "image-cnn": (small_cnn, ("image",)),
+}
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of flowerbed's own tasks (always allowed on a node)."""
+    return name in BUILTIN_MODELS
+
+
+def resolve_task(name: str, args: dict[str, Any] | None = None) -> Task:
+    """Build the ``Task`` named by the experiment's ``task.name`` and ``task.args``.
+
+    A user task ``package.module:attr`` may be a ``Task`` or a callable returning one (called with
+    ``task.args`` as keyword arguments).
+    """
+    args = dict(args or {})
+    if name in BUILTIN_MODELS:
+        model_fn, kinds = BUILTIN_MODELS[name]
+        try:
+            model_fn(_probe_schema(kinds[0]), **args)
+        except TypeError as exc:
+            raise TaskError(f"task.args for {name!r} are invalid: {exc}") from None
+        return Task(name=name, model_fn=with_args(model_fn, args), kinds=kinds)
+    if ":" not in name:
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise TaskError(f"task.name = {name!r} is unknown: use one of {known} or 'package.module:attr'")
+    module_name, _, attr = name.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise TaskError(f"task.name = {name!r} cannot be imported: {exc}") from None
+    task = obj if isinstance(obj, Task) else obj(**args) if callable(obj) else None
+    if not isinstance(task, Task):
+        raise TaskError(f"task.name = {name!r} must be a flowerbed Task or a callable returning one")
+    return task
+
+
+def _probe_schema(kind: str):
+    from flowerbed.tasks.task import DataSchema
+
+    shape = (4,) if kind == "tabular" else (1, 8, 8)
+    return DataSchema(kind=kind, input_shape=shape, num_classes=2)  # type: ignore[arg-type]

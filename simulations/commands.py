@@ -10,7 +10,40 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("simulate")(simulate)
+    app.command("resume")(resume)
     app.command("report")(report)
+
+
+def simulate(
+    experiment: Annotated[Path, typer.Argument(help="Experiment file (TOML), e.g. simulations/experiments/heart.toml.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a key, e.g. --set rounds=5 --set strategy.name=FedAdam."),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Parent folder of the run folder.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; print only the run folder.")] = False,
+) -> None:
+    """Run a simulated federation on this machine and leave a report folder."""
+    from flowerbed.experiment import load_experiment
+    from flowerbed.simulations.simulate import simulate as run_simulation
+
+    extra = list(overrides or [])
+    if output is not None:
+        extra.append(f"output={str(output)!r}")
+    run_dir = run_simulation(load_experiment(experiment, extra), quiet=quiet)
+    typer.echo(str(run_dir) if quiet else f"run folder: {run_dir}")
+
+
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="A simulated run's folder (runs/<name>-<time>).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Continue a simulated run from its last complete round (after a crash or kill)."""
+    from flowerbed.simulations.simulate import resume_simulation
+
+    resume_simulation(run_dir, quiet=quiet)
+    typer.echo(f"run folder: {run_dir}")
 
 
 def report(

@@ -1,0 +1,130 @@
+"""Clipping and quantization of updates for secure summation, and the inverse on the sum.
+
+A node turns its float update ``u`` and weight ``w`` into one integer vector
+
+    ``[W * q(u_0), ..., W * q(u_{d-1}), W, out_of_range]``
+
+with ``q(x) = round(clip(x, -c, c) / step)`` in ``[-L, L]`` and
+``W = round(w / weight_resolution)``.
+The coordinator sums these vectors modulo ``2**modulus_bits`` and reads the sum back as signed
+integers: ``SecAggParams.required_bits`` guarantees the true sum never wraps, so the decoded sum
+is exact. Values outside ``[-c, c]`` are clipped *and counted*; the count travels inside the
+masked vector, so the coordinator learns only the total over all nodes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flowerbed.exception import SecureAggregationError
+from flowerbed.privacy.secagg_crypto import uniform_floats
+from flowerbed.privacy.secagg_params import SecAggParams
+
+
+def quantize(
+    update: np.ndarray, *, clip_range: float, levels: int, stochastic: bool
+) -> tuple[np.ndarray, int]:
+    """Clip to ``[-clip_range, clip_range]`` and quantize to integers in ``[-levels, levels]``.
+
+    Parameters
+    ----------
+    update : numpy.ndarray
+        Finite floats (any shape; flattened).
+    clip_range : float
+        Clipping bound ``c``.
+    levels : int
+        ``L``; the step is ``c / L``.
+    stochastic : bool
+        Round up with probability equal to the fractional part (unbiased, error < 1 step), using
+        ``os.urandom``-keyed AES-CTR randomness; otherwise round to nearest (error <= 1/2 step).
+
+    Returns
+    -------
+    (numpy.ndarray of int64, int)
+        The quantized entries and how many entries were outside the clipping range.
+    """
+    x = np.asarray(update, dtype=np.float64).ravel()
+    out_of_range = int(np.count_nonzero(np.abs(x) > clip_range))
+    scaled = np.clip(x, -clip_range, clip_range)
+    scaled *= levels / clip_range
+    if stochastic:
+        scaled += uniform_floats(scaled.size)
+        np.floor(scaled, out=scaled)
+    else:
+        np.rint(scaled, out=scaled)
+    np.clip(scaled, -levels, levels, out=scaled)
+    return scaled.astype(np.int64), out_of_range
+
+
+def weight_units(weight: float, params: SecAggParams, node_id: int | str = "?") -> int:
+    """The integer weight ``round(weight / weight_resolution)``, checked against ``max_weight``.
+
+    Raises
+    ------
+    SecureAggregationError
+        If the weight is negative, not finite or above ``secagg.max_weight``.
+    """
+    if not math.isfinite(weight) or weight < 0:
+        raise SecureAggregationError(
+            f"node {node_id}: weight {weight} must be a finite number >= 0"
+        )
+    units = round(weight / params.weight_resolution)
+    if units > params.max_weight_units:
+        raise SecureAggregationError(
+            f"node {node_id}: weight {weight:g} exceeds secagg.max_weight = {params.max_weight:g}; "
+            "raise secagg.max_weight in the experiment (costs modulus bits)"
+        )
+    return int(units)
+
+
+def encode_input(
+    update: np.ndarray, weight: float, params: SecAggParams, node_id: int | str = "?"
+) -> tuple[np.ndarray, int]:
+    """A node's integer vector (dtype ``params.dtype``) and its out-of-range count.
+
+    Raises
+    ------
+    SecureAggregationError
+        If the update has the wrong length or non-finite entries, or the weight is invalid.
+    """
+    flat = np.asarray(update).ravel()
+    if flat.size != params.dimension:
+        raise SecureAggregationError(
+            f"node {node_id}: update has {flat.size} entries, the round expects "
+            f"{params.dimension} (same model on every node?)"
+        )
+    if not np.all(np.isfinite(flat)):
+        raise SecureAggregationError(
+            f"node {node_id}: update has NaN or infinite entries; training diverged "
+            "(lower the learning rate)"
+        )
+    units = weight_units(weight, params, node_id)
+    q, out_of_range = quantize(
+        flat,
+        clip_range=params.clip_range,
+        levels=params.levels,
+        stochastic=params.stochastic_rounding,
+    )
+    if units != 1:
+        q *= units
+    vector = np.empty(params.vector_length, dtype=np.int64)
+    vector[: params.dimension] = q
+    vector[params.dimension] = units
+    vector[params.dimension + 1] = out_of_range
+    return vector.astype(params.dtype), out_of_range
+
+
+def decode_sum(total: np.ndarray, params: SecAggParams) -> tuple[np.ndarray, float, int]:
+    """Read an unmasked modular sum back as ``(sum_i w_i * u_i, sum_i w_i, out_of_range)``.
+
+    The first entry is float64 of length ``params.dimension``; the weight sum is in the same
+    units as the nodes' weights.
+    """
+    signed = total.view(np.int32 if params.modulus_bits == 32 else np.int64)
+    scale = params.step * params.weight_resolution
+    weighted_sum = signed[: params.dimension].astype(np.float64) * scale
+    total_weight = float(signed[params.dimension]) * params.weight_resolution
+    out_of_range = int(signed[params.dimension + 1])
+    return weighted_sum, total_weight, out_of_range

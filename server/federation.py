@@ -236,7 +236,14 @@ class Federation:
         if len(outcome.accepted) < self.min_nodes:
             return None, {}, outcome
         new_arrays, metrics = strategy.aggregate_train(server_round, [m for _, m in outcome.accepted])
+        if new_arrays is not None:
+            new_arrays = self._as_model_dtypes(new_arrays)
         return new_arrays, _metrics_dict(metrics), outcome
+
+    def _as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Cast an aggregate back to the model's dtypes (some strategies compute in float64)."""
+        values = arrays_to_numpy(arrays)
+        return numpy_to_arrays({k: values[k].astype(ref.dtype, copy=False) for k, ref in self.initial_weights.items()})
 
     def evaluate_round(
         self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str]
@@ -282,7 +289,6 @@ class Federation:
                     f"round {server_round}: {len(train_outcome.accepted)} usable replies, fewer than the "
                     f"minimum {self.min_nodes} (train.min_nodes); refused: {train_outcome.refused}"
                 )
-                self.reporter.note(stopped)
                 break
             arrays = new_arrays
             record = self._round_record(server_round, started, train_metrics, train_outcome, sites)

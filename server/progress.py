@@ -35,7 +35,7 @@ class ConsoleReporter:
     """Per-round progress on the terminal (rich)."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
 
     def run_started(self, experiment: Experiment, run_dir: Path, first_round: int) -> None:
         """Say what runs and where it writes."""

@@ -71,9 +71,17 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_final_model(run_dir: Path, weights: dict[str, np.ndarray], model: torch.nn.Module) -> None:
-    """``model.safetensors`` plus a TorchScript export ``model.pt`` of the same weights."""
+def save_final_model(
+    run_dir: Path, weights: dict[str, np.ndarray], model: torch.nn.Module, input_shape: tuple[int, ...]
+) -> None:
+    """``model.safetensors`` plus ``model.pt2``, a ``torch.export`` program of the same weights.
+
+    ``torch.export.load(path).module()(x)`` runs the model without flowerbed installed.
+    """
     save_safetensors(weights, run_dir / "model.safetensors")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    model.eval()
-    torch.jit.script(model).save(str(run_dir / "model.pt"))
+    model.eval().cpu()
+    example = torch.zeros((2, *input_shape))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(run_dir / "model.pt2"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.serverapp import Grid
 
 from flowerbed.experiment import Experiment
@@ -15,7 +16,7 @@ from flowerbed.simulations.datasets import dataset_schema
 from flowerbed.tasks import resolve_task
 
 
-def initial_model(experiment: Experiment):
+def initial_model(experiment: Experiment) -> torch.nn.Module:
     """The global model before round 1: the same weights for the same seed, everywhere."""
     task = resolve_task(experiment.task.name, experiment.task.args)
     schema = dataset_schema(experiment.data, experiment.seed)
@@ -45,7 +46,8 @@ def run_federation(
         reporter=reporter,
     )
     summary = federation.run(resume=resume)
-    run_folder.save_final_model(run_dir, federation.final_weights, model)
+    input_shape = dataset_schema(experiment.data, experiment.seed).input_shape
+    run_folder.save_final_model(run_dir, federation.final_weights, model, input_shape)
     run_folder.write_summary(run_dir, summary)
     if reporter is not None:
         reporter.run_finished(summary)

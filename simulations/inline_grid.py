@@ -1,0 +1,98 @@
+"""An in-process Grid: the ServerApp's messages go straight to ClientApp calls, no Ray, no copies.
+
+Each virtual node has its own ``Context`` (node config with ``partition-id``, persistent state), as
+on Flower's simulation engine, and runs the very same ClientApp. Messages are handled one after
+another in this process; see ``inline_backend`` for the vectorized path.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+MessageHandler = Callable[[list[tuple[Message, Context]]], list[Message]]
+
+
+class InlineGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app every virtual node runs.
+    num_nodes : int
+        Virtual nodes; node ``i`` gets ``partition-id = i``.
+    batch_handler : callable, optional
+        Handles a whole batch of (message, context) pairs at once (e.g. vectorized training);
+        returns one reply per pair or raises ``NotImplementedError`` to fall back to one call each.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, batch_handler: MessageHandler | None = None) -> None:
+        self.client_app = client_app
+        self.batch_handler = batch_handler
+        self._run = Run.create_empty(run_id=secrets.randbits(63))
+        TaskIdentity.run_id = self._run.run_id
+        TaskIdentity.task_id = secrets.randbits(63)
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.contexts: dict[int, Context] = {}
+        for partition_id in range(num_nodes):
+            node_id = secrets.randbits(63)
+            self.contexts[node_id] = Context(
+                run_id=self._run.run_id,
+                node_id=node_id,
+                node_config={"partition-id": partition_id, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        """Use ``run``'s identity."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """The run."""
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl=None):
+        """Deprecated Flower helper, kept for strategies that still call it."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """Every virtual node."""
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Handle the messages now; their replies wait for ``pull_messages``."""
+        pending: list[tuple[Message, Context]] = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            pending.append((message, self.contexts[message.metadata.dst_node_id]))
+        replies = None
+        if self.batch_handler is not None and pending:
+            try:
+                replies = self.batch_handler(pending)
+            except NotImplementedError:
+                replies = None
+        if replies is None:
+            replies = [self.client_app(message, context) for message, context in pending]
+        for (message, _), reply in zip(pending, replies, strict=True):
+            self._replies[message.metadata.message_id] = reply
+        return [message.metadata.message_id for message, _ in pending]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies to ``message_ids``."""
+        return [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Handle every message and return every reply (no polling, no waiting)."""
+        return self.pull_messages(self.push_messages(messages))

@@ -1,0 +1,131 @@
+"""The round loop on the in-process backend: strategies, seeds, validation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowerbed.client.app import app as real_client_app
+from flowerbed.server.checkpoint import latest_round, load_checkpoint
+from flowerbed.server.run_folder import read_metrics, read_summary
+from flowerbed.simulations.simulate import resume_simulation, simulate
+from flowerbed.weights import load_safetensors
+
+
+def final_weights(run_dir):
+    return load_safetensors(run_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["FedAvg", "FedAdam", "FedMedian", "FedAvgM"])
+def test_strategies_by_name_train_the_heart_federation(heart_experiment, strategy):
+    args = "{eta=0.01}" if strategy == "FedAdam" else "{}"
+    run_dir = simulate(heart_experiment(f"strategy.name={strategy!r}", f"strategy.args={args}"), quiet=True)
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(r["participants"] == ["cleveland", "hungarian", "switzerland", "va"] for r in records)
+    summary = read_summary(run_dir)
+    assert summary["strategy"] == strategy and summary["rounds_completed"] == 3
+    assert summary["final"]["central"]["accuracy"] > 0.6
+    assert set(summary["final"]["sites"]) == {"cleveland", "hungarian", "switzerland", "va"}
+    for name in ("model.safetensors", "model.pt2", "experiment.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file()
+    exported = __import__("torch").export.load(str(run_dir / "model.pt2")).module()
+    assert exported(__import__("torch").zeros(5, 22)).shape == (5, 2)
+
+
+def test_same_seed_same_metrics_and_weights(heart_experiment):
+    a = simulate(heart_experiment("train.clients_per_round=2"), quiet=True)
+    b = simulate(heart_experiment("train.clients_per_round=2"), quiet=True)
+    strip = lambda run: [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run)]  # noqa: E731
+    assert strip(a) == strip(b)
+    for key, value in final_weights(a).items():
+        assert np.array_equal(value, final_weights(b)[key])
+    c = simulate(heart_experiment("train.clients_per_round=2", "seed=7"), quiet=True)
+    assert [r["sampled"] for r in read_metrics(c)] != [r["sampled"] for r in read_metrics(a)]
+
+
+def test_seeded_sampling_takes_clients_per_round(heart_experiment):
+    run_dir = simulate(heart_experiment("train.clients_per_round=2", "rounds=4"), quiet=True)
+    sampled = [r["sampled"] for r in read_metrics(run_dir)]
+    assert all(len(s) == 2 for s in sampled)
+    assert len({tuple(s) for s in sampled}) > 1
+
+
+def test_checkpoint_after_every_round_and_resume_equals_uninterrupted(heart_experiment, tmp_path):
+    full = simulate(heart_experiment("rounds=4"), quiet=True)
+    partial = simulate(heart_experiment("rounds=2"), quiet=True)
+    assert latest_round(partial) == 2
+    # Continue the 2-round run to 4 rounds from its checkpoint, as after a crash.
+    experiment = json.loads((partial / "experiment.json").read_text())
+    experiment["rounds"] = 4
+    (partial / "experiment.json").write_text(json.dumps(experiment))
+    resume_simulation(partial, quiet=True)
+    assert [r["round"] for r in read_metrics(partial)] == [1, 2, 3, 4]
+    for key, value in final_weights(full).items():
+        assert np.array_equal(value, final_weights(partial)[key]), key
+    checkpoint = load_checkpoint(partial)
+    assert checkpoint.round == 4 and len(checkpoint.state["history"]) == 4
+
+
+def test_invalid_replies_are_rejected_with_the_site_named(heart_experiment):
+    bad_app = ClientApp()
+
+    @bad_app.query()
+    def query(message: Message, context):
+        return real_client_app(message, context)
+
+    @bad_app.evaluate()
+    def evaluate(message: Message, context):
+        return real_client_app(message, context)
+
+    @bad_app.train()
+    def train(message: Message, context):
+        reply = real_client_app(message, context)
+        if context.node_config["partition-id"] == 2:  # switzerland sends NaN weights
+            arrays = reply.content["arrays"]
+            poisoned = {k: arrays[k].numpy() * np.nan for k in arrays}
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({k: __import__("torch").from_numpy(v) for k, v in poisoned.items()}),
+                    "metrics": MetricRecord(dict(reply.content["metrics"])),
+                    "site": ConfigRecord({"name": "switzerland"}),
+                }
+            )
+            return Message(content, reply_to=message)
+        return reply
+
+    from flowerbed.simulations import simulate as simulate_module
+
+    original = simulate_module.client_app
+    simulate_module.client_app = bad_app
+    try:
+        run_dir = simulate(heart_experiment("rounds=2"), quiet=True)
+    finally:
+        simulate_module.client_app = original
+    record = read_metrics(run_dir)[0]
+    assert record["participants"] == ["cleveland", "hungarian", "va"]
+    assert "NaN" in record["refused"]["switzerland"]
+    assert all(np.isfinite(v).all() for v in final_weights(run_dir).values())
+    assert "switzerland" in read_summary(run_dir)["refused"]
+
+
+def test_node_without_data_answers_with_a_clear_error():
+    from flwr.app import Context
+
+    from flowerbed.simulations.inline_grid import InlineGrid
+
+    grid = InlineGrid(real_client_app, 1)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    from flowerbed.experiment import Experiment
+
+    config = ConfigRecord({"flowerbed.experiment": json.dumps(Experiment().to_dict())})
+    message = Message(RecordDict({"config": config}), dst_node_id=5, message_type="query")
+    message.metadata.__dict__["_message_id"] = "m1"
+    reply = real_client_app(message, context)
+    assert reply.has_error()
+    assert "the node config names no data" in reply.error.reason
+    assert grid.get_node_ids()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -220,3 +221,19 @@ def test_batchnorm_is_fixed_identically_everywhere() -> None:
     assert FastPerSample.supports(a)
     plain = mlp(TABULAR)
     assert make_private_compatible(plain) is plain
+
+
+def test_overhead_benchmark_writes_its_figures(tmp_path) -> None:
+    from flowerbed.benchmarks.dp_overhead import main
+
+    out = tmp_path / "dp.json"
+    results = main(["--repeats", "1", "--json", str(out)])
+    written = json.loads(out.read_text())["results"]
+    assert (
+        [r["model"] for r in written]
+        == ["heart-mlp", "digits-cnn"]
+        == [r["model"] for r in results]
+    )
+    for r in written:
+        assert r["dp_ratio"] == pytest.approx(r["dp_s"] / r["plain_s"])
+        assert r["plain_s"] > 0 and r["opacus_s"] > 0

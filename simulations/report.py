@@ -32,7 +32,7 @@ __all__ = [
 
 #: Where each aggregate of a round line comes from, and how panels name it.
 SOURCES = {"train": "train", "evaluate": "federated", "central": "central"}
-_SKIP = {"num-examples", "num_examples"}
+_SKIP_SUFFIXES = ("num-examples", "num_examples")
 
 
 @dataclass
@@ -94,13 +94,16 @@ def load_run(path: str | Path) -> RunRecord:
     )
 
 
-def global_panels(runs: Sequence[RunRecord]) -> dict[str, dict[str, Series]]:
+def global_panels(
+    runs: Sequence[RunRecord], labels: Sequence[str] | None = None
+) -> dict[str, dict[str, Series]]:
     """Aggregated metrics per round: ``{"central accuracy": {run label: (rounds, values)}}``.
 
-    A ``participants`` panel is added when the number of replying sites changes between rounds
+    ``labels`` name the runs' lines (default: experiment names, else folder names). A
+    ``participants`` panel is added when the number of replying sites changes between rounds
     (dropouts, refusals, late joiners).
     """
-    labels = _labels(runs)
+    labels = list(labels) if labels is not None else _labels(runs)
     panels: dict[str, dict[str, Series]] = {}
     for run, label in zip(runs, labels, strict=True):
         for key, prefix in SOURCES.items():
@@ -130,10 +133,13 @@ def site_panels(run: RunRecord) -> dict[str, dict[str, Series]]:
     return panels
 
 
-def epsilon_panels(runs: Sequence[RunRecord]) -> dict[str, dict[str, Series]]:
+def epsilon_panels(
+    runs: Sequence[RunRecord], labels: Sequence[str] | None = None
+) -> dict[str, dict[str, Series]]:
     """Epsilon spent: per site and the maximum for one run, the maximum per run for several.
 
-    Empty when no run recorded an epsilon (DP off).
+    ``labels`` name the runs' lines when there are several. Empty when no run recorded an
+    epsilon (DP off).
     """
     panels: dict[str, dict[str, Series]] = {}
     if len(runs) == 1:
@@ -152,7 +158,7 @@ def epsilon_panels(runs: Sequence[RunRecord]) -> dict[str, dict[str, Series]]:
         return panels
     lines = {
         label: _series(run.rounds, lambda r: r.get("epsilon_max"))
-        for run, label in zip(runs, _labels(runs), strict=True)
+        for run, label in zip(runs, labels if labels is not None else _labels(runs), strict=True)
     }
     lines = {k: v for k, v in lines.items() if v[0]}
     if lines:
@@ -168,12 +174,10 @@ def final_metrics(run: RunRecord) -> dict[str, float]:
     last = run.rounds[-1]
     for key in SOURCES:
         for metric, value in (last.get(key) or {}).items():
-            if metric not in _SKIP and _number(value) is not None:
+            if not metric.endswith(_SKIP_SUFFIXES) and _number(value) is not None:
                 out[f"{key}.{metric}"] = float(value)
     if _number(last.get("epsilon_max")) is not None:
         out["epsilon_max"] = float(last["epsilon_max"])
-    if _number(last.get("time")) is not None:
-        out["time"] = float(last["time"])
     return out
 
 
@@ -240,7 +244,7 @@ def _metric_names(dicts: Any) -> list[str]:
     names: dict[str, None] = {}
     for d in dicts:
         for key, value in (d or {}).items():
-            if key not in _SKIP and _number(value) is not None:
+            if not key.endswith(_SKIP_SUFFIXES) and _number(value) is not None:
                 names[key] = None
     return list(names)
 

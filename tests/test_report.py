@@ -33,7 +33,7 @@ def _write_run(
         present = [s for s in sites if not (drop == s and r % 2 == 0)]
         per_site = {
             s: {
-                "num-examples": 50 + i,
+                "train-num-examples": 50 + i,
                 "train-loss": 1.0 / (r + i),
                 "accuracy": 0.5 + 0.04 * r + 0.01 * i,
                 **({"epsilon": 0.3 * r + 0.05 * i} if dp else {}),

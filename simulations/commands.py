@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
     app.command("resume")(resume)
     app.command("report")(report)
+    app.command("sweep")(sweep)
 
 
 def simulate(
@@ -69,3 +70,34 @@ def report(
     console.print(table)
     for path in written:
         console.print(f"wrote {path}")
+
+
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep file (TOML): base experiment, [grid].")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Sweep folder (default: <output>/<name>-<timestamp>)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate every combination, list them, run nothing.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the summary table.")] = False,
+) -> None:
+    """Run an experiment over a grid of settings; write summary.csv, summary.md and overlay.png."""
+    from rich.console import Console
+
+    from flowerbed.simulations.sweep import load_sweep, run_sweep
+
+    console = Console(highlight=False)
+    if dry_run:
+        plan = load_sweep(sweep_file)
+        for index in range(len(plan.experiments)):
+            console.print(f"[{index + 1}/{len(plan.experiments)}] {plan.label(index)}")
+        return
+    result = run_sweep(sweep_file, folder=out, progress=None if quiet else console.print)
+    console.print(result.markdown_path.read_text(), markup=False)
+    console.print(f"sweep folder: {result.folder}")
+    failed = [row for row in result.rows if row.error]
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {len(result.rows)} runs failed[/]: see summary")
+        raise typer.Exit(1)

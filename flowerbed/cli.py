@@ -38,7 +38,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FlowerbedError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)

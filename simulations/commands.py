@@ -17,7 +17,10 @@ def register(app: typer.Typer) -> None:
 
 
 def simulate(
-    experiment: Annotated[Path, typer.Argument(help="Experiment file (TOML), e.g. simulations/experiments/heart.toml.")],
+    experiment: Annotated[
+        Path | None,
+        typer.Argument(help="Experiment file (TOML). Default: the bundled four-hospital heart-disease federation."),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", help="Override a key, e.g. --set rounds=5 --set strategy.name=FedAdam."),
@@ -27,8 +30,10 @@ def simulate(
 ) -> None:
     """Run a simulated federation on this machine and leave a report folder."""
     from flowerbed.experiment import load_experiment
+    from flowerbed.simulations.simulate import bundled_experiment
     from flowerbed.simulations.simulate import simulate as run_simulation
 
+    experiment = experiment or bundled_experiment("heart")
     extra = list(overrides or [])
     if output is not None:
         extra.append(f"output={str(output)!r}")

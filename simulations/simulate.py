@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ def _server_app(experiment: Experiment, run_dir: Path, sites: list[SiteData], re
             outcome["error"] = exc
 
     return app
+
+
+def bundled_experiment(name: str) -> Path:
+    """Path of an experiment file shipped with flowerbed (``heart``, ``digits_dirichlet``, ...)."""
+    return Path(str(resources.files("flowerbed.simulations").joinpath("experiments", f"{name}.toml")))
 
 
 def run_backend(experiment: Experiment, server_app: ServerApp, num_nodes: int) -> None:

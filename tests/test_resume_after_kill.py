@@ -1,0 +1,58 @@
+"""A coordinator killed with SIGKILL mid-run resumes from its last checkpoint, losing nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flowerbed.experiment import load_experiment
+from flowerbed.server.checkpoint import latest_round
+from flowerbed.server.run_folder import read_metrics
+from flowerbed.simulations.simulate import simulate
+from flowerbed.weights import load_safetensors
+
+from .conftest import HEART_TOML
+
+SETTINGS = ["rounds=12", "backend.name='inline'", "evaluate.local_baselines=false", "evaluate.central=false"]
+
+
+def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_path: Path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "flowerbed.cli", "simulate", str(HEART_TOML), "-q", "-o", str(out)]
+    for item in SETTINGS:
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_dir = None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            runs = list(out.glob("heart-*"))
+            if runs and len(read_metrics(runs[0])) >= 3:
+                run_dir = runs[0]
+                break
+            time.sleep(0.05)
+        assert run_dir is not None, f"no round completed: {process.stderr.read().decode() if process.stderr else ''}"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    killed_at = latest_round(run_dir)
+    assert killed_at is not None and 3 <= killed_at < 12
+
+    subprocess.run([sys.executable, "-m", "flowerbed.cli", "resume", str(run_dir), "-q"], check=True, timeout=300)
+    assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, 13))
+
+    reference = simulate(load_experiment(HEART_TOML, [*SETTINGS, f"output={str(tmp_path / 'ref')!r}"]), quiet=True)
+    resumed, expected = load_safetensors(run_dir / "model.safetensors"), load_safetensors(reference / "model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(resumed[key], expected[key]), key

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from flowerbed.client.local_data import resolve_site
+from flowerbed.client.private_round import train_private_round
 from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.exception import FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
@@ -69,10 +70,25 @@ def train(message: Message, context: Context) -> Message:
         load_arrays(model, message.content["arrays"])
         server_round = int(message.content["config"]["server-round"])
         seed = derive_seed(experiment.seed, "train", server_round, site.name)
-        result = train_local(model, task, site.x_train, site.y_train, experiment.train, seed=seed, device=device)
+        dp_metrics: dict[str, float] = {}
+        if experiment.privacy.enabled:  # DP-SGD under the node's own budget
+            private = train_private_round(
+                model,
+                task,
+                site,
+                experiment,
+                node_config=context.node_config,
+                run_id=str(message.content["config"].get(RUN_ID_KEY, "run")),
+                server_round=server_round,
+                device=device,
+            )
+            result = private.train
+            dp_metrics = {"epsilon": private.epsilon, "delta": private.delta}
+        else:
+            result = train_local(model, task, site.x_train, site.y_train, experiment.train, seed=seed, device=device)
     except FlowerbedError as exc:
         return _error_reply(message, context, exc)
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss})
+    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss, **dp_metrics})
     content = RecordDict(
         {"arrays": model_to_arrays(model), "metrics": metrics, "site": ConfigRecord({"name": site.name})}
     )

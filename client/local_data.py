@@ -51,5 +51,5 @@ def resolve_site(context: Context, experiment: Experiment) -> SiteData:
         return sites[pid]
     raise NodeError(
         "the node config names no data: start the SuperNode with "
-        "--node-config 'data-path=\"/path/to/data.csv\" site=\"name\"'"
+        '--node-config \'data-path="/path/to/data.csv" site="name"\''
     )

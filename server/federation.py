@@ -33,6 +33,8 @@ from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 EXPERIMENT_KEY = "flowerbed.experiment"
 RUN_ID_KEY = "flowerbed.run-id"
 STOP_FILE = "STOP"
+BUDGET_EXHAUSTED = "privacy budget exhausted"  # the node's refusal (privacy/ledger.py)
+PER_SITE_ONLY = ("epsilon", "delta")
 
 CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, float]]
 
@@ -128,6 +130,7 @@ class Federation:
         self.reporter = reporter or SilentReporter()
         self.site_nodes: dict[str, int] = {}
         self.excluded: dict[str, str] = {}
+        self.exhausted: dict[str, str] = {}  # site -> why its privacy budget stopped it
         self.history: list[dict[str, Any]] = []
         self.final_weights: dict[str, np.ndarray] = initial_weights
         self._base_config = {
@@ -196,7 +199,7 @@ class Federation:
 
     def sample_sites(self, server_round: int) -> list[str]:
         """The sites that train this round: seeded by the run's seed and the round, sorted."""
-        pool = sorted(s for s in self.site_nodes if s not in self.excluded)
+        pool = sorted(s for s in self.site_nodes if s not in self.excluded and s not in self.exhausted)
         k = min(self.experiment.train.clients_per_round or len(pool), len(pool))
         rng = random.Random(derive_seed(self.experiment.seed, "sample", server_round))
         return sorted(rng.sample(pool, k))
@@ -283,7 +286,14 @@ class Federation:
                 stopped = f"stopped by the operator before round {server_round}"
                 break
             sites = self.sample_sites(server_round)
+            if len(sites) < self.min_nodes:
+                stopped = (
+                    f"round {server_round}: {len(sites)} sites left to train, fewer than the minimum "
+                    f"{self.min_nodes}; privacy budgets spent: {self.exhausted}"
+                )
+                break
             new_arrays, train_metrics, train_outcome = self.train_round(strategy, server_round, arrays, sites)
+            self._exclude_exhausted(server_round, train_outcome)
             if new_arrays is None:
                 stopped = (
                     f"round {server_round}: {len(train_outcome.accepted)} usable replies, fewer than the "
@@ -311,6 +321,13 @@ class Federation:
             self.reporter.round_finished(record, self.experiment.rounds)
         return self.finish(strategy, arrays, stopped)
 
+    def _exclude_exhausted(self, server_round: int, outcome: RoundOutcome) -> None:
+        """Leave out of later rounds every site whose privacy budget is spent, and say why."""
+        for site, reason in outcome.refused.items():
+            if BUDGET_EXHAUSTED in reason and site not in self.exhausted:
+                self.exhausted[site] = f"round {server_round}: {reason}"
+                self.reporter.note(f"site {site} leaves the run: {reason}")
+
     def _round_record(
         self, server_round: int, started: float, train_metrics: dict, outcome: RoundOutcome, sampled: list[str]
     ) -> dict[str, Any]:
@@ -324,7 +341,8 @@ class Federation:
             "sampled": sampled,
             "participants": [s for s, _ in outcome.accepted],
             "refused": outcome.refused,
-            "train": train_metrics,
+            # epsilon is per site (never averaged): drop the strategy's mean of it
+            "train": {k: v for k, v in train_metrics.items() if k not in PER_SITE_ONLY},
             "evaluate": {},
             "central": {},
             "sites": sites,
@@ -365,5 +383,6 @@ class Federation:
             "epsilon": {"per_site": epsilon, "max": max(epsilon.values()) if epsilon else None},
             "refused": refusals,
             "excluded": self.excluded,
+            "budget_exhausted": self.exhausted,
         }
         return summary

@@ -66,7 +66,14 @@ class LogReporter:
 
     def run_started(self, experiment: Experiment, run_dir: Path, first_round: int) -> None:
         """Log the start."""
-        log(INFO, "flowerbed %s: round %d of %d, run folder %s", experiment.name, first_round, experiment.rounds, run_dir)
+        log(
+            INFO,
+            "flowerbed %s: round %d of %d, run folder %s",
+            experiment.name,
+            first_round,
+            experiment.rounds,
+            run_dir,
+        )
 
     def round_finished(self, record: dict[str, Any], total_rounds: int) -> None:
         """Log the round's line."""

@@ -91,9 +91,7 @@ def _csv(data: DataConfig, seed: int) -> list[SiteData]:
     y_int = _check_labels(y, data.num_classes, data.path)
     if data.site_column:
         if data.site_column not in names:
-            raise ConfigError(
-                "experiment", [f"data.site_column = {data.site_column!r} is not a column of {data.path}"]
-            )
+            raise ConfigError("experiment", [f"data.site_column = {data.site_column!r} is not a column of {data.path}"])
         pos = names.index(data.site_column)
         site_values = x[:, pos]
         x = np.delete(x, pos, axis=1)

@@ -150,7 +150,4 @@ def load_site(path: str | Path, site: str, *, split_seed: int = 0, test_fraction
 
 def load_federation(*, split_seed: int = 0, test_fraction: float = 0.25) -> list[SiteData]:
     """All four bundled hospitals, in a fixed order."""
-    return [
-        load_site(bundled_path(site), site, split_seed=split_seed, test_fraction=test_fraction)
-        for site in SITES
-    ]
+    return [load_site(bundled_path(site), site, split_seed=split_seed, test_fraction=test_fraction) for site in SITES]

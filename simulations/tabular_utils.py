@@ -19,7 +19,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     for value in np.unique(labels):
         idx = np.flatnonzero(labels == value)
         rng.shuffle(idx)
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = round(len(idx) * test_fraction)
         if len(idx) >= 2:
             n_test = min(max(n_test, 1), len(idx) - 1)
         test.append(idx[:n_test])

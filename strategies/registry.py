@@ -41,7 +41,10 @@ def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strate
     if managed:
         raise ConfigError(
             source,
-            [f"strategy.args.{k}: flowerbed samples nodes itself; use train.clients_per_round instead" for k in managed],
+            [
+                f"strategy.args.{k}: flowerbed samples nodes itself; use train.clients_per_round instead"
+                for k in managed
+            ],
         )
     cls = _resolve(config.name, source)
     args: dict[str, Any] = dict(config.args)
@@ -73,8 +76,10 @@ def _resolve(name: str, source: str) -> type[Strategy]:
         if cls is None:
             raise ConfigError(
                 source,
-                [f"strategy.name = {name!r} is unknown: use one of {', '.join(available_strategies())} "
-                 "or 'package.module:ClassName'"],
+                [
+                    f"strategy.name = {name!r} is unknown: use one of {', '.join(available_strategies())} "
+                    "or 'package.module:ClassName'"
+                ],
             )
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise ConfigError(source, [f"strategy.name = {name!r} is not a flwr.serverapp.strategy.Strategy"])

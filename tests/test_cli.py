@@ -38,9 +38,7 @@ def test_every_command_has_help(path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flowerbed.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "flowerbed.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_missing_experiment_file_is_one_clear_error(tmp_path):

@@ -52,7 +52,8 @@ def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_p
     assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, 13))
 
     reference = simulate(load_experiment(HEART_TOML, [*SETTINGS, f"output={str(tmp_path / 'ref')!r}"]), quiet=True)
-    resumed, expected = load_safetensors(run_dir / "model.safetensors"), load_safetensors(reference / "model.safetensors")
+    resumed = load_safetensors(run_dir / "model.safetensors")
+    expected = load_safetensors(reference / "model.safetensors")
     assert resumed.keys() == expected.keys()
     for key in expected:
         assert np.array_equal(resumed[key], expected[key]), key

@@ -1,0 +1,51 @@
+"""The wheel: every folder is a ``flowerbed.*`` package, data ships, nothing lands at the top level."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from .conftest import ROOT
+
+SUBPACKAGES = ("server", "client", "strategies", "privacy", "simulations", "tasks", "tests", "benchmarks")
+
+CHECK = """
+import importlib.util, sys, pathlib, flowerbed
+site = pathlib.Path(flowerbed.__file__).parents[1]
+assert 'site-packages' in str(site), site
+for name in {names}:
+    spec = importlib.util.find_spec('flowerbed.' + name)
+    assert spec is not None and str(site) in spec.origin, (name, spec)
+    assert not (site / name).exists(), 'top-level ' + name + ' in site-packages'
+data = site / 'flowerbed' / 'simulations' / 'data' / 'heart_disease'
+assert len(list(data.glob('processed.*.data'))) == 4 and (data / 'README.md').is_file()
+assert (site / 'flowerbed' / 'simulations' / 'experiments' / 'heart.toml').is_file()
+print('ok')
+"""
+
+
+def test_wheel_installs_every_folder_under_flowerbed(tmp_path: Path):
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    wheel = next(dist.glob("flowerbed-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.split("/")[0] in SUBPACKAGES], "a folder escaped the flowerbed package"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        timeout=300,
+    )
+    result = subprocess.run(
+        [str(python), "-c", CHECK.format(names=SUBPACKAGES)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

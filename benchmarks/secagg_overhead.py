@@ -1,0 +1,397 @@
+"""What secure aggregation costs: one round with and without it, and against Flower's SecAgg+.
+
+For each number of nodes n and model size m, every repetition:
+
+1. trains every node locally (``--local-batches`` SGD batches of 64 on an MLP with about m
+   parameters) from the same global model; the update is new weights - global weights;
+2. then, interleaved in the order A B C, aggregates those updates
+   A. in the clear (the plain weighted sum, float64),
+   B. with flowerbed's secure aggregation (``run_secure_sum``: every node's and the
+      coordinator's work, in this process, one node after the other),
+   C. with Flower 1.42's SecAgg+ at equivalent parameters: the node side is the stage functions of
+      ``flwr.client.mod.secure_aggregation.secaggplus_mod`` called directly; the coordinator side
+      is the computation of ``SecAggPlusWorkflow`` (routing, summing, Shamir recombination, mask
+      regeneration, dequantization) replayed from its source. Flower's workflow runs only under
+      its legacy API and a Grid, so it is not run end to end here.
+
+Round times (medians over repetitions) are given two ways:
+
+- ``sequential``: the whole round on one machine, nodes one after the other (what a simulation
+  pays): sum of the nodes' training + aggregation.
+- ``parallel``: the critical path of a deployment where nodes work at the same time: the median
+  node's training + the slowest node's secure-aggregation work + the coordinator's work. Network
+  time is not included.
+
+Usage::
+
+    python benchmarks/secagg_overhead.py                 # n = 10, 50, 100; m = 10k, 1M
+    python benchmarks/secagg_overhead.py --quick         # a smoke run in seconds
+    python benchmarks/secagg_overhead.py --json out.json
+
+Timings are never asserted; ratios compare figures measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowerbed.privacy.secagg_params import derive_params
+from flowerbed.privacy.secagg_protocol import RoundTimings, run_secure_sum
+
+BATCH = 64
+IN_FEATURES = 100
+CLASSES = 10
+
+
+# ------------------------------------------------------------------ local training (baseline)
+def make_model(params: int) -> torch.nn.Module:
+    """An MLP 100 -> h -> 10 with about ``params`` parameters (111 h + 10)."""
+    hidden = max(1, round((params - CLASSES) / (IN_FEATURES + 1 + CLASSES)))
+    return torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, CLASSES))
+
+
+def flat(model: torch.nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+
+
+def train_node(model: torch.nn.Module, global_flat: np.ndarray, node: int, batches: int):
+    """Local SGD from the global weights; returns (update, examples, cpu seconds)."""
+    start = time.thread_time()
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(global_flat), model.parameters())
+    gen = torch.Generator().manual_seed(node)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(batches):
+        x = torch.randn(BATCH, IN_FEATURES, generator=gen)
+        y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    update = (flat(model) - global_flat).astype(np.float32)
+    return update, float(batches * BATCH), time.thread_time() - start
+
+
+def plain_sum(updates: dict[int, np.ndarray], weights: dict[int, float]) -> np.ndarray:
+    total = np.zeros(next(iter(updates.values())).size, dtype=np.float64)
+    for node, update in updates.items():
+        total += weights[node] * update
+    return total
+
+
+# ------------------------------------------------------------------ Flower 1.42 SecAgg+
+def flower_secaggplus(
+    updates: dict[int, np.ndarray],
+    weights: dict[int, float],
+    *,
+    num_shares: int,
+    threshold: int,
+    clipping_range: float,
+    quantization_range: int,
+    modulus_range: int,
+    max_weight: float,
+) -> tuple[np.ndarray, dict[int, float], float]:
+    """One SecAgg+ round with Flower's own code; returns (weighted sum, node CPU, server CPU)."""
+    from flwr.app import ConfigRecord
+
+    # the package re-exports the function under the module's name: import the module itself
+    mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        factor_extract,
+        get_parameters_shape,
+        parameters_addition,
+        parameters_mod,
+        parameters_subtraction,
+    )
+    from flwr.common.secure_aggregation.quantization import dequantize
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    node_cpu: dict[int, float] = dict.fromkeys(updates, 0.0)
+    server_cpu = 0.0
+
+    def on_node(node: int, fn, *args):
+        start = time.thread_time()
+        out = fn(*args)
+        node_cpu[node] += time.thread_time() - start
+        return out
+
+    ids = sorted(updates)
+    n = len(ids)
+    # server: setup (ring of neighbours, itself included, as in SecAggPlusWorkflow.setup_stage)
+    t0 = time.thread_time()
+    order = list(ids)
+    random.Random(0).shuffle(order)
+    half = num_shares >> 1
+    nbrs = {nid: {order[(i + o) % n] for o in range(-half, half + 1)} for i, nid in enumerate(order)}
+    setup = {
+        Key.SAMPLE_NUMBER: n,
+        Key.SHARE_NUMBER: num_shares,
+        Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: clipping_range,
+        Key.TARGET_RANGE: quantization_range,
+        Key.MOD_RANGE: modulus_range,
+        Key.MAX_WEIGHT: max_weight,
+    }
+    server_cpu += time.thread_time() - t0
+    states = {}
+    pks = {}
+    for nid in ids:
+        state = mod.SecAggPlusState()
+        state.nid = nid
+        states[nid] = state
+        res = on_node(nid, mod._setup, state, ConfigRecord(dict(setup)))
+        pks[nid] = [res[Key.PUBLIC_KEY_1], res[Key.PUBLIC_KEY_2]]
+    # share keys
+    fwd: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in ids}
+    for nid in ids:
+        cfg = ConfigRecord({str(j): pks[j] for j in nbrs[nid]})
+        res = on_node(nid, mod._share_keys, states[nid], cfg)
+        t0 = time.thread_time()
+        for dst, ct in zip(res[Key.DESTINATION_LIST], res[Key.CIPHERTEXT_LIST], strict=True):
+            fwd[dst][0].append(nid)
+            fwd[dst][1].append(ct)
+        server_cpu += time.thread_time() - t0
+    # collect masked vectors
+    masked_vector = None
+    for nid in ids:
+        cfg = ConfigRecord({Key.SOURCE_LIST: fwd[nid][0], Key.CIPHERTEXT_LIST: fwd[nid][1]})
+        params = ndarrays_to_parameters([updates[nid]])
+        res = on_node(nid, mod._collect_masked_vectors, states[nid], cfg, int(weights[nid]), params)
+        t0 = time.thread_time()
+        vec = [bytes_to_ndarray(b) for b in res[Key.MASKED_PARAMETERS]]
+        masked_vector = vec if masked_vector is None else parameters_addition(masked_vector, vec)
+        server_cpu += time.thread_time() - t0
+    t0 = time.thread_time()
+    masked_vector = parameters_mod(masked_vector, modulus_range)
+    server_cpu += time.thread_time() - t0
+    # unmask (nobody dropped)
+    shares: dict[int, list[bytes]] = {nid: [] for nid in ids}
+    for nid in ids:
+        cfg = ConfigRecord({Key.ACTIVE_NODE_ID_LIST: sorted(nbrs[nid]), Key.DEAD_NODE_ID_LIST: []})
+        res = on_node(nid, mod._unmask, states[nid], cfg)
+        t0 = time.thread_time()
+        for owner, share in zip(res[Key.NODE_ID_LIST], res[Key.SHARE_LIST], strict=True):
+            shares[owner].append(share)
+        server_cpu += time.thread_time() - t0
+    t0 = time.thread_time()
+    shapes = get_parameters_shape(masked_vector)
+    for nid in ids:
+        secret = combine_shares(shares[nid])
+        masked_vector = parameters_subtraction(masked_vector, pseudo_rand_gen(secret, modulus_range, shapes))
+    recon = parameters_mod(masked_vector, modulus_range)
+    q_total_ratio, recon = factor_extract(recon)
+    inv = quantization_range / q_total_ratio
+    agg = dequantize(recon, clipping_range, quantization_range)
+    agg[0] = (agg[0] - (n - 1) * clipping_range) * inv
+    server_cpu += time.thread_time() - t0
+    _ = (generate_shared_key, bytes_to_private_key, bytes_to_public_key)  # used on dropouts only
+    return agg[0] * sum(weights.values()), node_cpu, server_cpu
+
+
+# ------------------------------------------------------------------ one configuration
+@dataclass
+class Series:
+    """Per-repetition figures of one aggregation method (CPU seconds unless named wall)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    server: list[float] = field(default_factory=list)
+    node_median: list[float] = field(default_factory=list)
+    node_max: list[float] = field(default_factory=list)
+    error: float = 0.0
+
+    def add(self, wall: float, server: float, nodes: list[float]) -> None:
+        self.wall.append(wall)
+        self.server.append(server)
+        self.cpu.append(server + sum(nodes))
+        self.node_median.append(statistics.median(nodes) if nodes else 0.0)
+        self.node_max.append(max(nodes) if nodes else 0.0)
+
+
+def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[str, Any]:
+    """Train, then aggregate A (plain) B (flowerbed) C (Flower), ``reps`` times."""
+    model = make_model(m)
+    m_real = sum(p.numel() for p in model.parameters())
+    global_flat = flat(model)
+    params = derive_params(n, m_real, max_weight=float(batches * BATCH))
+    train_node(model, global_flat, 0, batches)  # warm-up: first torch call pays one-off costs
+    train_total, train_median = [], []
+    plain, secure, theirs = Series(), Series(), Series()
+    for rep in range(reps):
+        updates, weights, train_cpu = {}, {}, []
+        for i in range(n):
+            node = 1000 + i
+            updates[node], weights[node], cpu = train_node(model, global_flat, node + rep, batches)
+            train_cpu.append(cpu)
+        train_total.append(sum(train_cpu))
+        train_median.append(statistics.median(train_cpu))
+        total_weight = sum(weights.values())
+        # A: plain weighted sum
+        wall, cpu = time.perf_counter(), time.thread_time()
+        reference = plain_sum(updates, weights)
+        plain.add(time.perf_counter() - wall, time.thread_time() - cpu, [])
+        # B: flowerbed secure aggregation
+        timings = RoundTimings()
+        result = run_secure_sum(updates, weights, params, round_id=rep, timings=timings)
+        secure.add(timings.wall, timings.server, list(timings.client.values()))
+        err = float(np.max(np.abs(result.weighted_sum - reference))) / total_weight
+        secure.error = max(secure.error, err)
+        # C: Flower SecAgg+
+        if flower:
+            wall = time.perf_counter()
+            agg, node_cpu, server_cpu = flower_secaggplus(
+                updates,
+                weights,
+                num_shares=params.neighbours + 1,
+                threshold=params.threshold,
+                clipping_range=params.clip_range,
+                quantization_range=1 << params.quantization_bits,
+                modulus_range=1 << 32,
+                max_weight=params.max_weight,
+            )
+            theirs.add(time.perf_counter() - wall, server_cpu, list(node_cpu.values()))
+            err = float(np.max(np.abs(agg - reference))) / total_weight
+            theirs.error = max(theirs.error, err)
+    med = statistics.median
+    secagg = params.to_payload() | {
+        "required_bits": params.required_bits,
+        "modulus_bits": params.modulus_bits,
+        "mean_error_bound": params.mean_error_bound,
+    }
+    per_batch = med(train_median) / batches
+    seq = [(t + s) / (t + p) - 1 for t, s, p in zip(train_total, secure.cpu, plain.cpu, strict=True)]
+    par = [
+        (t + x + s) / (t + p) - 1
+        for t, x, s, p in zip(train_median, secure.node_max, secure.server, plain.cpu, strict=True)
+    ]
+    out: dict[str, Any] = {
+        "nodes": n,
+        "params": m_real,
+        "local_batches": batches,
+        "secagg": secagg,
+        "train_cpu_s_per_node": med(train_median),
+        "plain": {"cpu_s": med(plain.cpu), "wall_s": med(plain.wall)},
+        "secure": _series(secure),
+        "overhead_sequential": med(seq),
+        "overhead_parallel": med(par),
+        "batches_for_25pct": {
+            "sequential": _break_even(n * per_batch, med(plain.cpu), med(secure.cpu)),
+            "parallel": _break_even(per_batch, med(plain.cpu), med(secure.node_max) + med(secure.server)),
+        },
+    }
+    if flower:
+        out["flower"] = _series(theirs) | {
+            "method": "secaggplus_mod stage functions + SecAggPlusWorkflow computation replayed",
+            "cpu_ratio_flower_over_flowerbed": med(theirs.cpu) / med(secure.cpu),
+            "wall_ratio_flower_over_flowerbed": med(theirs.wall) / med(secure.wall),
+        }
+    return out
+
+
+def _series(s: Series) -> dict[str, float]:
+    med = statistics.median
+    return {
+        "cpu_s": med(s.cpu),
+        "wall_s": med(s.wall),
+        "server_cpu_s": med(s.server),
+        "node_cpu_s_median": med(s.node_median),
+        "node_cpu_s_max": med(s.node_max),
+        "max_error_of_mean": s.error,
+    }
+
+
+def _break_even(train_per_batch: float, plain: float, secure: float) -> float:
+    """Local batches b with (b * per_batch + secure) / (b * per_batch + plain) = 1.25."""
+    return max(0.0, (secure - 1.25 * plain) / (0.25 * train_per_batch))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repetition")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--nodes", type=int, nargs="*", default=None)
+    ap.add_argument("--sizes", type=int, nargs="*", default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--local-batches", type=int, default=None)
+    ap.add_argument("--no-flower", action="store_true", help="skip Flower's SecAgg+")
+    args = ap.parse_args(argv)
+    nodes = args.nodes or ([5, 10] if args.quick else [10, 50, 100])
+    sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 1_000_000])
+    reps = args.reps or (1 if args.quick else 3)
+    batches = args.local_batches or (2 if args.quick else 50)
+    torch.set_num_threads(1)
+    print(
+        f"secure aggregation overhead: {reps} repetitions (medians), local training = {batches} "
+        f"SGD batches of {BATCH} per node on an MLP 100-h-10 (1 torch thread)\n"
+        f"Flower: {sys.modules['flwr'].__version__ if 'flwr' in sys.modules else '1.42'} "
+        "SecAgg+ via its mod's stage functions + its workflow's computation (not end to end)\n"
+    )
+    results = []
+    header = (
+        f"{'n':>4} {'params':>9} | {'train/node':>10} {'plain':>8} | {'secure':>8} "
+        f"{'server':>8} {'node':>8} | {'seq ovh':>7} {'par ovh':>7} {'b@25% s/p':>11} | "
+        f"{'flower':>8} {'server':>8} {'node':>8} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for m in sizes:
+        for n in nodes:
+            r = run_config(n, m, reps, batches, flower=not args.no_flower)
+            results.append(r)
+            s, fl, be = r["secure"], r.get("flower"), r["batches_for_25pct"]
+            line = (
+                f"{n:>4} {r['params']:>9} | {r['train_cpu_s_per_node']:>9.4f}s "
+                f"{r['plain']['cpu_s']:>7.4f}s | {s['cpu_s']:>7.3f}s "
+                f"{s['server_cpu_s']:>7.3f}s {s['node_cpu_s_median']:>7.4f}s | "
+                f"{r['overhead_sequential']:>6.0%} {r['overhead_parallel']:>7.0%} "
+                f"{be['sequential']:>5.0f}/{be['parallel']:<5.0f} |"
+            )
+            if fl:
+                line += (
+                    f" {fl['cpu_s']:>7.3f}s {fl['server_cpu_s']:>7.3f}s "
+                    f"{fl['node_cpu_s_median']:>7.4f}s {fl['cpu_ratio_flower_over_flowerbed']:>5.1f}x"
+                )
+            print(line, flush=True)
+    print(
+        "\nAll figures are CPU seconds (thread time), medians over repetitions; wall times are in "
+        "the JSON.\ntrain/node: one node's local training; plain: the coordinator's weighted sum; "
+        "secure / flower: the whole secure aggregation\n(every node + coordinator); server: the "
+        "coordinator's part; node: the median node's part; ratio: flower / secure.\n"
+        "seq ovh: (all training + secure) / (all training + plain) - 1, nodes one after the other."
+        "\npar ovh: (median training + slowest node's secure part + coordinator) / (median "
+        "training + plain) - 1, nodes in parallel.\nb@25%: local batches per node at which the "
+        "overhead would be 25% (sequential / parallel)."
+    )
+    if args.json:
+        doc = {
+            "benchmark": "secagg_overhead",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"python": platform.python_version(), "cpus": torch.get_num_threads()},
+            "local_batches": batches,
+            "batch_size": BATCH,
+            "repetitions": reps,
+            "results": results,
+        }
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

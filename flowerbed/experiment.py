@@ -127,6 +127,8 @@ class BackendConfig(_Section):
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
     ray_address: str | None = None
+    vectorize: bool = True  # inline: train built-in models as vectorized cohorts
+    workers: int = Field(default=1, ge=1)  # inline: Ray actors sharing each round's clients
 
 
 class Experiment(_Section):

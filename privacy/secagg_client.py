@@ -26,12 +26,12 @@ import numpy as np
 from flowerbed.exception import SecureAggregationError
 from flowerbed.privacy import shamir
 from flowerbed.privacy.secagg_crypto import (
-    MaskExpander,
     agree,
     decrypt_share,
     derive_key,
     encrypt_share,
     generate_keypair,
+    mask_expander,
     public_key_of,
     share_associated_data,
 )
@@ -238,7 +238,7 @@ class SecAggClient:
                 f"{params.threshold}; not sending an input"
             )
         vector, self.out_of_range = encode_input(update, weight, params, me)
-        expander = MaskExpander(params.vector_length, params.dtype)
+        expander = mask_expander(params.vector_length, params.dtype)
         expander.add(vector, derive_key(self.self_seed, session=self.session, purpose=b"self-mask"))
         for peer in senders:
             seed = agree(

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -178,11 +179,24 @@ class MaskExpander:
             np.subtract(target, stream, out=target)
 
 
-def uniform_floats(length: int) -> np.ndarray:
-    """``length`` independent uniform floats in [0, 1) from a fresh random AES-CTR key.
+_LOCAL = threading.local()
 
-    Used for stochastic rounding: multiples of ``2**-32`` from 32-bit keystream words.
+
+def mask_expander(length: int, dtype: np.dtype | type) -> MaskExpander:
+    """A ``MaskExpander`` reused by this thread (buffers of large vectors cost page faults)."""
+    cache: dict[tuple[int, str], MaskExpander] = getattr(_LOCAL, "expanders", None) or {}
+    key = (int(length), np.dtype(dtype).str)
+    if key not in cache:
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = MaskExpander(length, dtype)
+    _LOCAL.expanders = cache
+    return cache[key]
+
+
+def keystream_words(length: int) -> np.ndarray:
+    """``length`` uniform uint32 words from AES-CTR under a fresh ``os.urandom`` key.
+
+    The array is a view of a reused buffer: use it before the next call in this thread.
     """
-    expander = MaskExpander(length, np.uint32)
-    words = expander.expand(os.urandom(KEY_BYTES))
-    return words.astype(np.float64) * (1.0 / (1 << 32))
+    return mask_expander(length, np.uint32)._stream(os.urandom(KEY_BYTES))

@@ -19,8 +19,10 @@ import math
 import numpy as np
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy.secagg_crypto import uniform_floats
+from flowerbed.privacy.secagg_crypto import keystream_words
 from flowerbed.privacy.secagg_params import SecAggParams
+
+_TWO32 = float(1 << 32)
 
 
 def quantize(
@@ -45,16 +47,22 @@ def quantize(
     (numpy.ndarray of int64, int)
         The quantized entries and how many entries were outside the clipping range.
     """
-    x = np.asarray(update, dtype=np.float64).ravel()
+    x = np.asarray(update).ravel()
     out_of_range = int(np.count_nonzero(np.abs(x) > clip_range))
-    scaled = np.clip(x, -clip_range, clip_range)
-    scaled *= levels / clip_range
     if stochastic:
-        scaled += uniform_floats(scaled.size)
+        # floor(x / step + u) with u = word / 2**32, computed in place in float64: x / step is
+        # scaled by 2**32 (exact), the uint32 word added, the sum scaled back and floored.
+        bound = float(levels) * _TWO32
+        scaled = np.multiply(x, levels / clip_range * _TWO32, dtype=np.float64)
+        np.clip(scaled, -bound, bound, out=scaled)
+        np.add(scaled, keystream_words(scaled.size), out=scaled)
+        np.multiply(scaled, 1.0 / _TWO32, out=scaled)
         np.floor(scaled, out=scaled)
+        np.minimum(scaled, levels, out=scaled)
     else:
+        scaled = np.multiply(x, levels / clip_range, dtype=np.float64)
+        np.clip(scaled, -levels, levels, out=scaled)
         np.rint(scaled, out=scaled)
-    np.clip(scaled, -levels, levels, out=scaled)
     return scaled.astype(np.int64), out_of_range
 
 
@@ -107,13 +115,16 @@ def encode_input(
         levels=params.levels,
         stochastic=params.stochastic_rounding,
     )
-    if units != 1:
-        q *= units
-    vector = np.empty(params.vector_length, dtype=np.int64)
-    vector[: params.dimension] = q
+    vector = np.empty(params.vector_length, dtype=params.dtype)
+    body = vector[: params.dimension]
+    if params.modulus_bits == 64:
+        np.multiply(q, units, out=body.view(np.int64))  # two's complement = mod 2**64
+    else:
+        np.multiply(q, units, out=q)
+        body[:] = q.astype(np.uint32)  # keeps the low 32 bits: mod 2**32
     vector[params.dimension] = units
     vector[params.dimension + 1] = out_of_range
-    return vector.astype(params.dtype), out_of_range
+    return vector, out_of_range
 
 
 def decode_sum(total: np.ndarray, params: SecAggParams) -> tuple[np.ndarray, float, int]:

@@ -19,7 +19,7 @@ import numpy as np
 from flowerbed.exception import SecureAggregationError
 from flowerbed.privacy import shamir
 from flowerbed.privacy.secagg_client import PARAM_PREFIX
-from flowerbed.privacy.secagg_crypto import MaskExpander, agree, derive_key, public_key_of
+from flowerbed.privacy.secagg_crypto import agree, derive_key, mask_expander, public_key_of
 from flowerbed.privacy.secagg_graph import graph_seed, neighbour_graph
 from flowerbed.privacy.secagg_params import SecAggParams
 from flowerbed.privacy.secagg_quantize import decode_sum
@@ -302,7 +302,7 @@ class SecAggServer:
         total = self._total
         if total is None:
             raise self._fail("the masked inputs were already released")
-        expander = MaskExpander(params.vector_length, params.dtype)
+        expander = mask_expander(params.vector_length, params.dtype)
         for node in self.survivors:
             seed = self._combine(seed_shares[node], node, "self-mask seed")
             expander.add(total, derive_key(seed, session=self.session, purpose=b"self-mask"), -1)

@@ -1,0 +1,120 @@
+"""The simulation harness end to end: a 20-client Dirichlet federation on digits, reproducibility,
+reports from a real run, and bad experiment files rejected before anything runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowerbed.exception import ConfigError
+from flowerbed.experiment import load_experiment
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits_dirichlet.toml"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The bundled experiment, run once for the tests below: (run folder, seconds)."""
+    from flowerbed.simulations.simulate import simulate
+
+    output = tmp_path_factory.mktemp("digits")
+    experiment = load_experiment(EXPERIMENT, [f"output={str(output)!r}"])
+    start = time.perf_counter()
+    run_dir = simulate(experiment, quiet=True)
+    return run_dir, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_twenty_client_dirichlet_digits_runs_in_under_two_minutes(
+    digits_run: tuple[Path, float],
+) -> None:
+    from flowerbed.simulations.report import write_report
+
+    run_dir, seconds = digits_run
+    experiment = load_experiment(EXPERIMENT)
+    assert experiment.data.partition.kind == "dirichlet"
+    assert experiment.data.partition.num_clients == 20
+    print(f"20-client Dirichlet digits, {experiment.rounds} rounds: {seconds:.1f} s")
+    assert seconds < 120
+
+    rounds = _metrics(run_dir)
+    assert [r["round"] for r in rounds] == list(range(1, experiment.rounds + 1))
+    assert all(len(r["participants"]) == experiment.train.clients_per_round for r in rounds)
+    assert len({s for r in rounds for s in r["participants"]}) > 15, "sampling reaches most clients"
+    assert rounds[-1]["central"]["accuracy"] > 0.5, "ten classes: chance is 0.1"
+    assert rounds[-1]["central"]["accuracy"] > rounds[0]["central"]["accuracy"]
+
+    written = write_report([run_dir])
+    assert [p.name for p in written] == ["global.png", "sites.png"], "no DP, so no epsilon plot"
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+@pytest.mark.slow
+def test_same_experiment_and_seed_give_identical_metrics(digits_run: tuple[Path, float], tmp_path: Path) -> None:
+    from flowerbed.simulations.simulate import simulate
+
+    again = simulate(load_experiment(EXPERIMENT, [f"output={str(tmp_path)!r}"]), quiet=True)
+    first, second = _metrics(digits_run[0]), _metrics(again)
+    assert len(first) == len(second) == 10
+    for a, b in zip(first, second, strict=True):
+        # `time` is the wall-clock duration of the round; everything the federation computed,
+        # including every site's losses and accuracies, must match to the last bit
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ("rounds", r"train\.learning_rate: unknown key"),
+        ("type", r"rounds = 'ten'"),
+        ("alpha", r"data\.partition\.alpha = 0"),
+        ("clients", r"data\.partition\.num_clients = 5000"),
+        ("dataset", r"data\.dataset = 'digitz'"),
+    ],
+)
+def test_bad_experiment_files_are_rejected_before_anything_runs(tmp_path: Path, edit: str, expected: str) -> None:
+    from flowerbed.simulations.simulate import simulate
+
+    text = EXPERIMENT.read_text()
+    text = {
+        "rounds": text.replace("lr = 0.05", "learning_rate = 0.05"),
+        "type": text.replace("rounds = 10", 'rounds = "ten"'),
+        "alpha": text.replace("alpha = 0.5", "alpha = 0"),
+        "clients": text.replace("num_clients = 20", "num_clients = 5000"),
+        "dataset": text.replace('dataset = "digits"', 'dataset = "digitz"'),
+    }[edit]
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    output = tmp_path / "runs"
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=expected) as err:
+        simulate(load_experiment(path, [f"output={str(output)!r}"]), quiet=True)
+    assert time.perf_counter() - start < 20, "rejected up front, not after an engine started"
+    assert not output.exists(), "no run folder is made for a rejected experiment"
+    if edit in ("rounds", "type", "alpha"):
+        assert err.value.source == str(path), "schema errors name the file"
+
+
+def test_cli_reports_a_bad_key_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowerbed.cli import main
+
+    path = tmp_path / "typo.toml"
+    path.write_text(EXPERIMENT.read_text().replace("[data.partition]", "[data.partiton]"))
+    monkeypatch.setattr(sys, "argv", ["flowerbed", "simulate", str(path), "-o", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.partiton: unknown key" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()

@@ -1,4 +1,10 @@
-"""The ``inline`` backend: the ServerApp and every virtual node in this one process."""
+"""The ``inline`` backend: the ServerApp and every virtual node in this one process.
+
+Train and evaluate messages of built-in tasks are answered as vectorized cohorts
+(``flowerbed.simulations.cohort_handler``); everything else goes to the ClientApp, one message at
+a time. With ``backend.workers > 1`` the cohorts are shared among that many Ray actors
+(``flowerbed.simulations.inline_workers``).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,35 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from flowerbed.experiment import Experiment
+from flowerbed.simulations.cohort_handler import CohortHandler
 from flowerbed.simulations.inline_grid import InlineGrid
 
 
-def run_inline(experiment: Experiment, server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> None:
-    """Run ``server_app`` against ``num_nodes`` in-process nodes."""
-    grid = InlineGrid(client_app, num_nodes)
+def run_inline(
+    experiment: Experiment,
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_nodes: int,
+) -> InlineGrid:
+    """Run ``server_app`` against ``num_nodes`` in-process nodes; return the grid (for its stats).
+
+    ``backend.vectorize = false`` answers every message with the ClientApp, one at a time (the
+    reference path).
+    """
+    vectorize = experiment.backend.vectorize
+    workers = experiment.backend.workers
+    if vectorize and workers > 1:
+        from flowerbed.simulations.inline_workers import WorkerPool
+
+        handler = WorkerPool(workers, experiment.backend)
+    else:
+        handler = CohortHandler(client_app, vectorize=vectorize)
+    grid = InlineGrid(client_app, num_nodes, batch_handler=handler)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server_app(grid, context)
+    try:
+        server_app(grid, context)
+    finally:
+        close = getattr(handler, "close", None)
+        if close is not None:
+            close()
+    return grid

@@ -1,0 +1,223 @@
+"""The inline grid's batch handler: a round's train and evaluate messages as vectorized cohorts.
+
+Messages that carry the same global weights and the same experiment, whose task is a built-in
+model, are answered together (``flowerbed.simulations.vectorized``); the replies are the very
+Messages the ClientApp would build (weights, ``num-examples``, ``train-loss``, the ``site``
+record), so the server cannot tell the paths apart. Everything else (other message types such as
+discovery or secure-aggregation stages, user tasks, secure-aggregation rounds, any node whose data
+or weights the ClientApp would refuse) is handed to the ClientApp, one message at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowerbed.client.app import EXPERIMENT_KEY, RUN_ID_KEY, _error_reply
+from flowerbed.client.local_data import resolve_site
+from flowerbed.exception import FlowerbedError
+from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.seeds import derive_seed
+from flowerbed.simulations.inline_privacy import charge_release, node_plan
+from flowerbed.simulations.vectorized import (
+    Unsupported,
+    check_functional,
+    cohort_logits,
+    stack_cohort,
+    train_cohort,
+)
+from flowerbed.simulations.vectorized_dp import PrivateCohortPlan, train_cohort_private
+from flowerbed.tasks import is_builtin, resolve_device, resolve_task
+from flowerbed.tasks.task import SiteData, Task
+from flowerbed.weights import arrays_to_numpy
+
+Pair = tuple[Message, Context]
+
+
+@functools.lru_cache(maxsize=16)
+def _experiment(text: str) -> Experiment:
+    return parse_experiment(json.loads(text), "experiment sent by the server")
+
+
+class CohortHandler:
+    """Answer a push of messages, vectorizing what it can (an ``InlineGrid`` ``batch_handler``).
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app that answers everything the vectorized path does not take.
+    vectorize : bool (default: True)
+        ``False`` sends every message to the ClientApp (the sequential reference).
+    """
+
+    def __init__(self, client_app: ClientApp, *, vectorize: bool = True) -> None:
+        self.client_app = client_app
+        self.vectorize = vectorize
+        self.stats = {"vectorized": 0, "sequential": 0}
+
+    def __call__(self, pairs: list[Pair]) -> list[Message]:
+        """One reply per (message, context) pair, in order."""
+        replies: list[Message | None] = [None] * len(pairs)
+        if self.vectorize:
+            groups: dict[tuple, list[int]] = {}
+            for i, (message, _) in enumerate(pairs):
+                key = self._group_key(message)
+                if key is not None:
+                    groups.setdefault(key, []).append(i)
+            for key, members in groups.items():
+                try:
+                    answered = self._answer_group(key[0], [pairs[i] for i in members])
+                except Unsupported:
+                    continue
+                for i, reply in zip(members, answered, strict=True):
+                    replies[i] = reply
+        for i, pair in enumerate(pairs):
+            if replies[i] is None:
+                replies[i] = self.client_app(*pair)
+                self.stats["sequential"] += 1
+            else:
+                self.stats["vectorized"] += 1
+        return replies  # type: ignore[return-value]
+
+    @staticmethod
+    def _group_key(message: Message) -> tuple | None:
+        kind = message.metadata.message_type
+        if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or message.has_error():
+            return None
+        content = message.content
+        if "arrays" not in content or "config" not in content:
+            return None
+        config = content["config"]
+        if EXPERIMENT_KEY not in config:
+            return None
+        server_round = config.get("server-round", 0)
+        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), server_round
+
+    def _answer_group(self, kind: str, pairs: list[Pair]) -> list[Message | None]:
+        message = pairs[0][0]
+        try:
+            experiment = _experiment(str(message.content["config"][EXPERIMENT_KEY]))
+        except FlowerbedError:
+            raise Unsupported("the experiment does not parse") from None
+        if not is_builtin(experiment.task.name):
+            raise Unsupported(f"task {experiment.task.name!r} is not a built-in model")
+        if kind == MessageType.TRAIN and experiment.secagg.enabled:
+            raise Unsupported("secure-aggregation rounds go through the ClientApp")
+        replies: list[Message | None] = [None] * len(pairs)
+        sites: list[tuple[int, SiteData]] = []
+        for i, (_, context) in enumerate(pairs):
+            try:
+                sites.append((i, resolve_site(context, experiment)))
+            except FlowerbedError:
+                continue  # the ClientApp builds the error reply
+        if not sites:
+            return replies
+        task = resolve_task(experiment.task.name, experiment.task.args)
+        device = resolve_device(experiment.task.device)
+        by_schema: dict[Any, list[tuple[int, SiteData]]] = {}
+        for i, site in sites:
+            by_schema.setdefault(site.schema, []).append((i, site))
+        for schema, members in by_schema.items():
+            model = task.build_model(schema)
+            names = check_functional(model)
+            weights = self._weights(message, names, device)
+            if weights is None:
+                continue  # the ClientApp reports the mismatch
+            chosen = [pairs[i] for i, _ in members]
+            site_list = [s for _, s in members]
+            if kind == MessageType.TRAIN:
+                out = self._train(experiment, task, model, weights, chosen, site_list, device)
+            else:
+                out = self._evaluate(task, model, weights, chosen, site_list, device)
+            for (i, _), reply in zip(members, out, strict=True):
+                replies[i] = reply
+        return replies
+
+    @staticmethod
+    def _weights(message: Message, names: list[str], device: torch.device) -> dict[str, torch.Tensor] | None:
+        arrays = arrays_to_numpy(message.content["arrays"])
+        if set(arrays) != set(names):
+            return None
+        return {name: torch.from_numpy(arrays[name].copy()).to(device) for name in names}
+
+    def _train(
+        self,
+        experiment: Experiment,
+        task: Task,
+        model: torch.nn.Module,
+        weights: dict[str, torch.Tensor],
+        pairs: list[Pair],
+        sites: list[SiteData],
+        device: torch.device,
+    ) -> list[Message]:
+        config = pairs[0][0].content["config"]
+        server_round = int(config["server-round"])
+        cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
+        if experiment.privacy.enabled:
+            if any(s.num_train == 0 for s in sites):
+                raise Unsupported("DP-SGD needs training rows at every node")
+            plans = [node_plan(experiment, s.num_train) for s in sites]
+            result = train_cohort_private(
+                model,
+                task.loss_fn,
+                cohort,
+                weights,
+                experiment.train,
+                PrivateCohortPlan.from_plans(plans, [s.num_train for s in sites], device),
+            )
+        else:
+            seeds = [derive_seed(experiment.seed, "train", server_round, s.name) for s in sites]
+            result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds)
+        run_id = str(config.get(RUN_ID_KEY, ""))
+        replies = []
+        for j, ((message, context), site) in enumerate(zip(pairs, sites, strict=True)):
+            metrics: dict[str, Any] = {"num-examples": site.num_train, "train-loss": result.loss[j]}
+            if experiment.privacy.enabled:
+                try:
+                    metrics["epsilon"] = charge_release(
+                        context, site, plans[j], run_id=run_id, server_round=server_round
+                    )
+                except FlowerbedError as exc:
+                    replies.append(_error_reply(message, context, exc))
+                    continue
+            arrays = ArrayRecord({name: result.params[name][j].cpu() for name in weights})
+            content = RecordDict(
+                {"arrays": arrays, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
+            )
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+    @staticmethod
+    def _evaluate(
+        task: Task,
+        model: torch.nn.Module,
+        weights: dict[str, torch.Tensor],
+        pairs: list[Pair],
+        sites: list[SiteData],
+        device: torch.device,
+    ) -> list[Message]:
+        xs = [torch.as_tensor(s.x_test, device=device) for s in sites]
+        logits = cohort_logits(model, weights, xs)
+        replies = []
+        for (message, _), site, out in zip(pairs, sites, logits, strict=True):
+            if len(site.y_test) == 0:
+                metrics: dict[str, Any] = {"loss": float("nan"), "num-examples": 0}
+            else:
+                labels = torch.as_tensor(site.y_test, device=device)
+                metrics = {"loss": float(task.loss_fn(out, labels))}
+                metrics.update(task.metrics_fn(out, labels))
+                metrics["num-examples"] = len(site.y_test)
+            content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def make_handler(client_app: ClientApp, *, vectorize: bool = True) -> Callable[[list[Pair]], list[Message]]:
+    """A ``batch_handler`` for ``InlineGrid``."""
+    return CohortHandler(client_app, vectorize=vectorize)

@@ -1,0 +1,255 @@
+"""Vectorized cohorts: many clients of one model architecture train together on stacked weights.
+
+Every client keeps exactly the semantics of ``flowerbed.client.training.train_local``: a fresh
+optimizer, batches in the order of ``torch.randperm(n, generator=Generator().manual_seed(seed))``
+drawn per epoch, the task's loss (a mean over the batch), and the mean of the step losses. The
+weights of ``K`` clients are stacked along a leading dimension and one step of all of them is one
+``torch.func.vmap`` of ``grad_and_value`` over ``functional_call``.
+
+Clients of different sizes are ragged: at a given step, some clients are already done and the
+others may have batches of different sizes (the last batch of an epoch is short). Each step is
+therefore run per group of clients that share a batch size, so every loss is the task's own loss
+on an unpadded batch and the results equal the sequential path up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from flowerbed.experiment import TrainConfig
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+
+class Unsupported(Exception):
+    """This cohort cannot take the vectorized path; the caller falls back to the ClientApp."""
+
+
+@dataclass
+class Cohort:
+    """The training rows of ``K`` clients, padded to the largest client.
+
+    Attributes
+    ----------
+    x : torch.Tensor
+        Features, ``[K, n_max, *feature_shape]`` (rows past a client's size repeat row 0).
+    y : torch.Tensor
+        Labels, ``[K, n_max]``.
+    n : torch.Tensor
+        Rows per client, ``[K]`` (int64).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    n: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        """Number of clients."""
+        return int(self.n.shape[0])
+
+
+def stack_cohort(xs: Sequence, ys: Sequence, device: torch.device) -> Cohort:
+    """Pad and stack per-client arrays (numpy or torch) into one ``Cohort`` on ``device``."""
+    feats = [torch.as_tensor(x) for x in xs]
+    labels = [torch.as_tensor(y) for y in ys]
+    n = torch.tensor([len(y) for y in labels], dtype=torch.int64)
+    n_max = max(1, int(n.max()) if len(n) else 1)
+    shape = feats[0].shape[1:]
+    x = torch.zeros((len(feats), n_max, *shape), dtype=feats[0].dtype)
+    y = torch.zeros((len(labels), n_max), dtype=labels[0].dtype)
+    for i, (f, lab) in enumerate(zip(feats, labels, strict=True)):
+        if len(lab):
+            x[i, : len(lab)] = f
+            y[i, : len(lab)] = lab
+            x[i, len(lab) :] = f[0]
+            y[i, len(lab) :] = lab[0]
+    return Cohort(x.to(device), y.to(device), n.to(device))
+
+
+def check_functional(model: nn.Module) -> list[str]:
+    """Parameter names of a model that ``functional_call`` can run on stacked weights.
+
+    Raises
+    ------
+    Unsupported
+        When the model has buffers (BatchNorm statistics) or frozen parameters.
+    """
+    if any(True for _ in model.buffers()):
+        raise Unsupported("the model has buffers")
+    names = [name for name, _ in model.named_parameters()]
+    if set(names) != set(model.state_dict()) or not all(p.requires_grad for p in model.parameters()):
+        raise Unsupported("the model's state is not exactly its trainable parameters")
+    return names
+
+
+def stacked(weights: Params, k: int) -> Params:
+    """``k`` independent copies of one set of weights, stacked on a new leading dimension."""
+    return {name: w.unsqueeze(0).repeat(k, *([1] * w.dim())) for name, w in weights.items()}
+
+
+class StackedOptimizer:
+    """``torch.optim.SGD`` (with momentum) or ``Adam`` for stacked weights, one state per client.
+
+    All clients start together, so a client active at step ``t`` has taken exactly ``t`` steps
+    before; the state of clients that are not stepped is left untouched.
+
+    Parameters
+    ----------
+    train : TrainConfig
+        ``optimizer``, ``lr`` and ``momentum`` as ``flowerbed.client.training.make_optimizer`` reads them.
+    params : dict[str, torch.Tensor]
+        The stacked weights (updated in place by ``step``).
+    """
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, train: TrainConfig, params: Params) -> None:
+        self.kind = train.optimizer
+        self.lr = train.lr
+        self.momentum = train.momentum
+        self.params = params
+        self.state: dict[str, list[torch.Tensor]] = {}
+        if self.kind == "adam":
+            self.state = {k: [torch.zeros_like(p), torch.zeros_like(p)] for k, p in params.items()}
+        elif self.momentum > 0:
+            self.state = {k: [torch.zeros_like(p)] for k, p in params.items()}
+
+    def step(self, grads: Params, rows: torch.Tensor | None, t: int) -> None:
+        """Apply step number ``t`` (1-based) to the clients in ``rows`` (``None``: all)."""
+        for name, grad in grads.items():
+            p = self.params[name]
+            state = self.state.get(name, [])
+            cur_p = p if rows is None else p[rows]
+            cur_s = [s if rows is None else s[rows] for s in state]
+            new_p, new_s = self._update(cur_p, grad, cur_s, t)
+            if rows is None:
+                p.copy_(new_p)
+                for s, v in zip(state, new_s, strict=True):
+                    s.copy_(v)
+            else:
+                p[rows] = new_p
+                for s, v in zip(state, new_s, strict=True):
+                    s[rows] = v
+
+    def _update(
+        self, p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], t: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.kind == "adam":
+            beta1, beta2 = self.BETAS
+            exp_avg = state[0].lerp(g, 1 - beta1)
+            exp_avg_sq = state[1].mul(beta2).addcmul(g, g, value=1 - beta2)
+            step_size = self.lr / (1 - beta1**t)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add(self.EPS)
+            return p.addcdiv(exp_avg, denom, value=-step_size), [exp_avg, exp_avg_sq]
+        if self.momentum > 0:
+            buf = g.clone() if t == 1 else state[0].mul(self.momentum).add(g)
+            return p.add(buf, alpha=-self.lr), [buf]
+        return p.add(g, alpha=-self.lr), []
+
+
+def loss_function(model: nn.Module, loss_fn: LossFn) -> Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(params, x, y) -> loss`` of ``model`` with the given weights (for ``torch.func``)."""
+
+    def loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    return loss
+
+
+def epoch_orders(n: Sequence[int], seeds: Sequence[int], epochs: int, device: torch.device) -> torch.Tensor:
+    """Each client's batch order, ``[K, epochs, n_max]``, drawn exactly as ``train_local`` draws it."""
+    n_max = max(1, max(n, default=1))
+    orders = torch.zeros((len(n), epochs, n_max), dtype=torch.int64)
+    for i, (size, seed) in enumerate(zip(n, seeds, strict=True)):
+        generator = torch.Generator().manual_seed(int(seed))
+        for e in range(epochs):
+            orders[i, e, :size] = torch.randperm(size, generator=generator)
+    return orders.to(device)
+
+
+@dataclass
+class CohortResult:
+    """What a cohort's local training did: final stacked weights, mean loss and steps per client."""
+
+    params: Params
+    loss: list[float]
+    steps: list[int]
+
+
+def train_cohort(
+    model: nn.Module,
+    loss_fn: LossFn,
+    cohort: Cohort,
+    weights: Params,
+    train: TrainConfig,
+    seeds: Sequence[int],
+) -> CohortResult:
+    """``train_local`` for every client of ``cohort`` at once, starting from the same ``weights``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A module of the task's architecture (its own weights are not used).
+    loss_fn : callable
+        The task's loss, a mean over the batch.
+    cohort : Cohort
+        The clients' training rows.
+    weights : dict[str, torch.Tensor]
+        The global weights every client starts from (names as ``model.named_parameters``).
+    train : TrainConfig
+        Epochs, batch size and optimizer.
+    seeds : sequence of int
+        One batch-order seed per client (``derive_seed(seed, "train", round, site)``).
+    """
+    model.train()
+    device = cohort.x.device
+    k, size = cohort.size, train.batch_size
+    params = stacked({name: w.to(device) for name, w in weights.items()}, k)
+    optimizer = StackedOptimizer(train, params)
+    n_list = [int(v) for v in cohort.n.tolist()]
+    orders = epoch_orders(n_list, seeds, train.local_epochs, device)
+    per_epoch = (cohort.n + size - 1) // size
+    total_steps = per_epoch * train.local_epochs
+    grad_fn = vmap(grad_and_value(loss_function(model, loss_fn)))
+    losses = torch.zeros(k, dtype=torch.float64, device=device)
+    for t in range(int(total_steps.max()) if k else 0):
+        active = (total_steps > t).nonzero().reshape(-1)
+        epoch = t // per_epoch[active]
+        start = (t % per_epoch[active]) * size
+        batch = torch.clamp(cohort.n[active] - start, max=size)
+        for b in torch.unique(batch).tolist():
+            pick = batch == b
+            rows = active[pick]
+            pos = start[pick, None] + torch.arange(b, device=device)
+            idx = orders[rows, epoch[pick]].gather(1, pos)
+            everyone = len(rows) == k
+            cur = params if everyone else {name: p[rows] for name, p in params.items()}
+            grads, loss = grad_fn(cur, cohort.x[rows[:, None], idx], cohort.y[rows[:, None], idx])
+            optimizer.step(grads, None if everyone else rows, t + 1)
+            losses[rows] += loss.detach().double()
+    steps = total_steps.tolist()
+    mean = [float(total) / max(s, 1) for total, s in zip(losses.tolist(), steps, strict=True)]
+    return CohortResult(params=params, loss=mean, steps=[int(s) for s in steps])
+
+
+@torch.no_grad()
+def cohort_logits(
+    model: nn.Module, weights: Params, xs: Sequence[torch.Tensor], chunk: int = 65536
+) -> list[torch.Tensor]:
+    """Logits of the same global weights on every client's rows (one forward pass per chunk)."""
+    model.eval()
+    sizes = [len(x) for x in xs]
+    if not sum(sizes):
+        return [torch.zeros(0) for _ in xs]
+    rows = torch.cat([x for x in xs if len(x)])
+    out = torch.cat([functional_call(model, weights, (rows[i : i + chunk],)) for i in range(0, len(rows), chunk)])
+    return list(torch.split(out, sizes))

@@ -27,6 +27,7 @@ from flowerbed.seeds import derive_seed
 from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
+from flowerbed.simulations.scenarios import select_round_participants
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 
@@ -232,6 +233,10 @@ class Federation:
         self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str]
     ) -> tuple[ArrayRecord | None, dict[str, Any], RoundOutcome]:
         """Configure, exchange, validate and aggregate one training round."""
+        if self.experiment.secagg.enabled:  # several exchanges in place of the plain one
+            from flowerbed.server.secure_train_phase import secure_train_round
+
+            return secure_train_round(self, strategy, server_round, arrays, sites)
         subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
         messages = strategy.configure_train(server_round, arrays, self.config(), subset)
         replies = self.exchange_train(server_round, messages)
@@ -292,7 +297,18 @@ class Federation:
                     f"{self.min_nodes}; privacy budgets spent: {self.exhausted}"
                 )
                 break
-            new_arrays, train_metrics, train_outcome = self.train_round(strategy, server_round, arrays, sites)
+            decision = select_round_participants(
+                sites, server_round, self.experiment.scenario, self.experiment.seed, population=sorted(self.site_nodes)
+            )
+            on_time = list(decision.on_time(self.timeout))
+            if not on_time:
+                self.reporter.note(f"round {server_round}: no sampled site is available (scenario); round skipped")
+                continue
+            new_arrays, train_metrics, train_outcome = self.train_round(strategy, server_round, arrays, on_time)
+            for site in decision.dropped:
+                train_outcome.refused[site] = "dropped out (simulated scenario)"
+            for site in decision.timed_out(self.timeout):
+                train_outcome.refused[site] = f"straggler: {decision.delays[site]:g} s >= round timeout (simulated)"
             self._exclude_exhausted(server_round, train_outcome)
             if new_arrays is None:
                 stopped = (

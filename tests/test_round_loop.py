@@ -129,3 +129,30 @@ def test_node_without_data_answers_with_a_clear_error():
     assert reply.has_error()
     assert "the node config names no data" in reply.error.reason
     assert grid.get_node_ids()
+
+
+def test_scenario_dropouts_stragglers_and_late_joiners(heart_experiment):
+    run_dir = simulate(
+        heart_experiment(
+            "rounds=6",
+            "scenario.dropout=0.3",
+            "scenario.late_join_fraction=0.25",
+            "scenario.late_join_round=3",
+            "scenario.straggler_fraction=0.3",
+            "scenario.straggler_delay=1000.0",
+            "train.round_timeout=60",
+            "evaluate.federated=false",
+        ),
+        quiet=True,
+    )
+    records = read_metrics(run_dir)
+    late = set(records[0]["sampled"]) - set(records[0]["participants"]) - set(records[0]["refused"])
+    assert len(late) == 1, "one of four sites joins late"
+    for record in records:
+        reasons = record["refused"].values()
+        assert all("simulated" in r for r in reasons)
+        if record["round"] < 3:
+            assert not late & set(record["participants"])
+    assert any("dropped out" in r for rec in records for r in rec["refused"].values())
+    assert any("straggler" in r for rec in records for r in rec["refused"].values())
+    assert late & {s for rec in records for s in rec["participants"]}, "the late site takes part once it joined"

@@ -110,3 +110,7 @@ def evaluate(message: Message, context: Context) -> Message:
         return _error_reply(message, context, exc)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     return Message(content, reply_to=message)
+
+
+# Secure aggregation registers its train actions (train.secagg_*) on this app.
+from flowerbed.client import secagg_handlers  # noqa: E402, F401

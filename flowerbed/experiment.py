@@ -108,6 +108,8 @@ class SecAggConfig(_Section):
     threshold: int | None = Field(default=None, gt=0)
     clip_range: float = Field(default=8.0, gt=0)
     quantization_bits: int = Field(default=16, ge=2, le=30)
+    max_weight: float | None = Field(default=None, gt=0)
+    stochastic_rounding: bool = True
 
 
 class ScenarioConfig(_Section):
@@ -147,6 +149,17 @@ class Experiment(_Section):
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _secagg_needs_a_weighted_mean(self) -> Experiment:
+        robust = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
+        if self.secagg.enabled and self.strategy.name in robust:
+            raise ValueError(
+                f"strategy.name = {self.strategy.name!r} needs every node's individual update, but with "
+                "secagg.enabled = true the coordinator only learns their sum: use FedAvg, FedProx, FedAvgM, "
+                "FedAdam, FedYogi or FedAdagrad, or set secagg.enabled = false"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (the resolved configuration)."""

@@ -1,0 +1,499 @@
+"""Provisioning: a federation's certificate authority, the coordinator's TLS certificate, node keys.
+
+``provision`` turns a federation file into this folder (``output`` in the file)::
+
+    ca/ca.pem, ca/ca.key                   the federation's certificate authority (key 0600)
+    coordinator/ca.pem                     the CA certificate, for ``flowerbed run`` commands
+    coordinator/server.pem, server.key     the coordinator's TLS certificate and key (key 0600)
+    coordinator/node-keys/<site>.pub       every hospital's public key, registered at start
+    kits/<site>/                           one start-up kit per hospital:
+        kit.toml                           site name, federation, coordinator address
+        ca.pem                             the CA certificate that vouches for the coordinator
+        node.key, node.pub                 the node's authentication key pair (key 0600)
+        README.md                          what the hospital's IT does with the kit
+
+Flower's SuperNode authenticates with an elliptic-curve key on a NIST curve in OpenSSH format
+(``ssh-keygen -t ecdsa -b 384``): the private key is read with ``load_ssh_private_key`` and the
+public key is registered at the SuperLink with ``flwr supernode register``. TLS keys and
+certificates are PEM. Existing keys are never overwritten unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from flowerbed.exception import ConfigError, NodeError
+from flowerbed.privacy.federation_config import FederationConfig
+
+NODE_CURVE = ec.SECP384R1()
+TLS_CURVE = ec.SECP256R1()
+KIT_FILE = "kit.toml"
+
+
+@dataclass
+class ProvisionReport:
+    """What ``provision`` wrote and what it left alone (paths)."""
+
+    created: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    kits: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeKit:
+    """A hospital's start-up kit, as read by ``flowerbed node``.
+
+    Parameters
+    ----------
+    folder : Path
+        The kit's folder.
+    site : str
+        The hospital's site name (the node reports it in every reply).
+    federation : str
+        The federation's name.
+    coordinator : str
+        The coordinator's address, ``host:port``.
+    ca_cert : Path
+        The CA certificate that the coordinator's TLS certificate must chain to.
+    node_key : Path
+        The node's private authentication key (OpenSSH format).
+    """
+
+    folder: Path
+    site: str
+    federation: str
+    coordinator: str
+    ca_cert: Path
+    node_key: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# keys and certificates
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _name(common_name: str, organization: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def generate_ca(federation: str, validity_days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed certificate authority for one federation.
+
+    Parameters
+    ----------
+    federation : str
+        The federation's name (goes in the certificate's subject).
+    validity_days : int
+        How long the CA certificate stays valid.
+    """
+    key = ec.generate_private_key(TLS_CURVE)
+    subject = _name(f"{federation} federation CA", federation)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=validity_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue_server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    validity_days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The coordinator's TLS certificate, signed by the federation CA.
+
+    Parameters
+    ----------
+    ca_key, ca_cert
+        The federation CA.
+    dns_names, ip_addresses : list[str]
+        Subject alternative names: every name and address hospitals use to reach the coordinator.
+    validity_days : int
+        How long the certificate stays valid (public CAs allow at most 397 days).
+    """
+    if not dns_names and not ip_addresses:
+        raise ValueError("a server certificate needs at least one DNS name or IP address")
+    key = ec.generate_private_key(TLS_CURVE)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    organization = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    now = _now()
+    not_after = min(now + dt.timedelta(days=validity_days), ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(dns_names[0] if dns_names else ip_addresses[0], str(organization)))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                key_agreement=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def generate_node_key_pair(site: str) -> tuple[bytes, bytes]:
+    """A node-authentication key pair in the format Flower's SuperNode expects.
+
+    Returns
+    -------
+    tuple[bytes, bytes]
+        The private key (OpenSSH PEM, unencrypted: the SuperNode reads it without a passphrase)
+        and the public key (one OpenSSH line, ``ecdsa-sha2-nistp384 AAAA... flowerbed:<site>``).
+    """
+    key = ec.generate_private_key(NODE_CURVE)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + f" flowerbed:{site}\n".encode()
+
+
+def _pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only (0600), replacing any file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a certificate, public key or text file (0644), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """Read a PEM certificate."""
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def certificate_sans(cert: x509.Certificate) -> tuple[set[str], set[str]]:
+    """The DNS names and IP addresses a certificate carries."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set(), set()
+    return set(ext.get_values_for_type(x509.DNSName)), {str(a) for a in ext.get_values_for_type(x509.IPAddress)}
+
+
+def is_signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """Whether ``cert`` was issued by ``ca_cert`` (signature check)."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, Exception):  # InvalidSignature has no common base
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the provisioning folder
+
+
+class ProvisionPaths:
+    """Where every provisioned file lives under the output folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca_cert = root / "ca" / "ca.pem"
+        self.ca_key = root / "ca" / "ca.key"
+        self.coordinator = root / "coordinator"
+        self.coordinator_ca = self.coordinator / "ca.pem"
+        self.server_cert = self.coordinator / "server.pem"
+        self.server_key = self.coordinator / "server.key"
+        self.node_keys = self.coordinator / "node-keys"
+
+    def kit(self, site: str) -> Path:
+        """A site's start-up kit folder."""
+        return self.root / "kits" / site
+
+    def registered_key(self, site: str) -> Path:
+        """A site's public key as the coordinator registers it."""
+        return self.node_keys / f"{site}.pub"
+
+
+def provision(
+    federation: FederationConfig,
+    *,
+    sites: list[str] | None = None,
+    force: bool = False,
+    ca_days: int | None = None,
+    server_days: int | None = None,
+) -> ProvisionReport:
+    """Create whatever the federation still lacks: CA, coordinator certificate, kits.
+
+    Parameters
+    ----------
+    federation : FederationConfig
+        The validated federation file.
+    sites : list[str] | None (default: None)
+        Only (re)provision these sites' kits; the CA and the coordinator certificate are then
+        left alone. ``None`` means every site and the coordinator.
+    force : bool (default: False)
+        Replace existing node keys and the coordinator certificate (key rotation). The CA is never
+        replaced: to start a new CA, move the old ``ca/`` folder away first.
+    ca_days, server_days : int | None (default: None)
+        Override the file's ``validity`` section.
+
+    Raises
+    ------
+    ConfigError
+        A named site is not in the file, or an existing coordinator certificate no longer matches
+        the file or the CA and ``force`` is not set.
+    """
+    paths = ProvisionPaths(federation.output_dir)
+    report = ProvisionReport()
+    source = str(federation.base_dir)
+    unknown = [s for s in sites or [] if s not in federation.site_names()]
+    if unknown:
+        raise ConfigError(
+            source,
+            [f"site {s!r} is not in the federation file (add it with --add-site {s})" for s in unknown],
+        )
+    ca_key, ca_cert = _ensure_ca(federation, paths, report, ca_days)
+    write_public(paths.coordinator_ca, _pem(ca_cert))
+    if sites is None:
+        _ensure_server_certificate(federation, paths, report, ca_key, ca_cert, force, server_days)
+    for site in sites if sites is not None else federation.site_names():
+        _ensure_kit(federation, paths, site, report, force)
+    return report
+
+
+def _ensure_ca(
+    federation: FederationConfig,
+    paths: ProvisionPaths,
+    report: ProvisionReport,
+    ca_days: int | None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    if paths.ca_key.exists() and paths.ca_cert.exists():
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(str(paths.ca_key), ["not an elliptic-curve CA key"])
+        report.kept += [paths.ca_cert, paths.ca_key]
+        return key, load_certificate(paths.ca_cert)
+    if paths.ca_key.exists() or paths.ca_cert.exists():
+        raise ConfigError(
+            str(paths.ca_cert.parent),
+            ["has only one of ca.pem and ca.key: restore the missing file or move the folder away"],
+        )
+    key, cert = generate_ca(federation.name, ca_days or federation.validity.ca_days)
+    write_private(paths.ca_key, _pem(key))
+    write_public(paths.ca_cert, _pem(cert))
+    report.created += [paths.ca_cert, paths.ca_key]
+    return key, cert
+
+
+def _ensure_server_certificate(
+    federation: FederationConfig,
+    paths: ProvisionPaths,
+    report: ProvisionReport,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    force: bool,
+    server_days: int | None,
+) -> None:
+    dns, ips = federation.coordinator.subject_alt_names()
+    if paths.server_cert.exists() and paths.server_key.exists() and not force:
+        cert = load_certificate(paths.server_cert)
+        problems = []
+        if not is_signed_by(cert, ca_cert):
+            problems.append("coordinator/server.pem was not issued by ca/ca.pem")
+        have_dns, have_ips = certificate_sans(cert)
+        missing = sorted((set(dns) - have_dns) | (set(ips) - have_ips))
+        if missing:
+            problems.append(f"coordinator/server.pem lacks {', '.join(missing)} from [coordinator]")
+        if problems:
+            raise ConfigError(
+                str(paths.root),
+                [*problems, "re-run with --force to issue a new coordinator certificate"],
+            )
+        report.kept += [paths.server_cert, paths.server_key]
+        return
+    key, cert = issue_server_certificate(ca_key, ca_cert, dns, ips, server_days or federation.validity.server_days)
+    write_private(paths.server_key, _pem(key))
+    write_public(paths.server_cert, _pem(cert))
+    report.created += [paths.server_cert, paths.server_key]
+
+
+def _ensure_kit(
+    federation: FederationConfig,
+    paths: ProvisionPaths,
+    site: str,
+    report: ProvisionReport,
+    force: bool,
+) -> None:
+    kit = paths.kit(site)
+    key_path, pub_path = kit / "node.key", kit / "node.pub"
+    if key_path.exists() and pub_path.exists() and not force:
+        report.kept += [key_path, pub_path]
+        public = pub_path.read_bytes()
+    else:
+        private, public = generate_node_key_pair(site)
+        write_private(key_path, private)
+        write_public(pub_path, public)
+        report.created += [key_path, pub_path]
+    write_public(paths.registered_key(site), public)
+    write_public(kit / "ca.pem", paths.ca_cert.read_bytes())
+    kit_toml = (
+        f'site = "{site}"\n'
+        f'federation = "{federation.name}"\n'
+        f'coordinator = "{federation.coordinator.address}"\n'
+        'ca = "ca.pem"\n'
+        'node_key = "node.key"\n'
+    )
+    write_public(kit / KIT_FILE, kit_toml.encode())
+    write_public(kit / "README.md", kit_readme(federation, site).encode())
+    report.kits[site] = kit
+
+
+def kit_readme(federation: FederationConfig, site: str) -> str:
+    """The start-up kit's README for the hospital's IT staff."""
+    return f"""# Start-up kit: {site} in federation "{federation.name}"
+
+This folder lets this hospital's computer join the federation. It contains no patient data and
+sends none: only model updates leave the hospital, and only for tasks this node allows.
+
+- `node.key`: this node's private key; it proves to the coordinator that you are {site}.
+  Keep it secret, readable only by the account that runs the node (mode 0600).
+- `node.pub`: the matching public key (the coordinator already has a copy).
+- `ca.pem`: the federation's certificate authority; the node talks only to a coordinator that
+  this authority vouches for.
+- `kit.toml`: site name, federation name and the coordinator's address
+  ({federation.coordinator.address}).
+
+## Steps
+
+1. Install flowerbed on the machine that can read the hospital's data (Python 3.11+):
+   `pip install flowerbed`. Open outgoing TCP to {federation.coordinator.address}; nothing incoming.
+2. Copy this folder to that machine, e.g. `/opt/flowerbed/kit`, and check that `node.key` is
+   readable only by the account that runs the node: `chmod 600 node.key`.
+3. Check your data without any network access:
+   `flowerbed node check --kit /opt/flowerbed/kit --data /path/to/data.csv`
+4. Join the federation:
+   `flowerbed node start --kit /opt/flowerbed/kit --data /path/to/data.csv \\
+      --ledger /var/lib/flowerbed/ledger.db --budget-epsilon 8`
+   The node runs flowerbed's built-in tasks. A task written by a researcher runs only after you
+   approve its source: `flowerbed node approve package.module:attr`.
+5. Run it as a service (systemd, Windows service) that restarts on failure.
+
+If `node.key` leaks, tell the coordinator's operator: they issue a new kit and the old key stops
+working. Contact: {next((s.contact for s in federation.sites if s.name == site), "") or "the coordinator's operator"}.
+See docs/deployment.md in the flowerbed documentation for details.
+"""
+
+
+def load_kit(folder: str | Path) -> NodeKit:
+    """Read and check a start-up kit folder.
+
+    Raises
+    ------
+    NodeError
+        Naming the kit file that is missing or malformed and what to do.
+    """
+    folder = Path(folder).expanduser().resolve()
+    kit_file = folder / KIT_FILE
+    if not kit_file.is_file():
+        raise NodeError(f"{folder}: not a start-up kit ({KIT_FILE} missing); use the folder the coordinator sent")
+    try:
+        data = tomllib.loads(kit_file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeError(f"{kit_file}: not valid TOML: {exc}") from None
+    missing = [k for k in ("site", "coordinator", "ca", "node_key") if not isinstance(data.get(k), str)]
+    if missing:
+        raise NodeError(f"{kit_file}: missing {', '.join(missing)}; ask the coordinator for a new kit")
+    kit = NodeKit(
+        folder=folder,
+        site=data["site"],
+        federation=str(data.get("federation", "")),
+        coordinator=data["coordinator"],
+        ca_cert=folder / data["ca"],
+        node_key=folder / data["node_key"],
+    )
+    for path in (kit.ca_cert, kit.node_key):
+        if not path.is_file():
+            raise NodeError(f"{path}: missing from the kit; ask the coordinator for a new kit")
+    if os.name == "posix" and kit.node_key.stat().st_mode & 0o077:
+        raise NodeError(f"{kit.node_key}: private key is readable by other users; run chmod 600 {kit.node_key}")
+    return kit

@@ -1,0 +1,158 @@
+"""Provisioning: federation file validation, CA and certificates, node keys, kits, no overwrites."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.cli.supernode.register import try_load_public_key
+
+from flowerbed.exception import ConfigError, NodeError
+from flowerbed.privacy.federation_config import append_site, load_federation
+from flowerbed.privacy.provisioning import (
+    ProvisionPaths,
+    certificate_sans,
+    is_signed_by,
+    load_certificate,
+    load_kit,
+    provision,
+)
+
+FEDERATION = """
+name = "heart-study"
+output = "out"
+
+[coordinator]
+address = "fl.example.org:9093"
+dns_names = ["fl-alt.example.org"]
+ip_addresses = ["10.1.2.3"]
+
+[validity]
+ca_days = 30
+server_days = 7
+
+[[sites]]
+name = "cleveland"
+
+[[sites]]
+name = "hungary"
+contact = "it@hungary.example.org"
+"""
+
+
+@pytest.fixture
+def fed_file(tmp_path: Path) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(FEDERATION)
+    return path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_federation_errors_name_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text(
+        '[coordinator]\naddress = "no-port"\nbind = "x"\n[validity]\nca_days = -1\n'
+        '[[sites]]\nname = "a b"\n[[sites]]\nname = "ok"\n[[sites]]\nname = "OK"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_federation(path)
+    text = str(info.value)
+    assert "coordinator.address = 'no-port'" in text
+    assert "coordinator.bind: unknown key" in text
+    assert "validity.ca_days = -1" in text
+    assert "sites.0.name = 'a b'" in text
+    assert str(path) in text
+
+
+def test_federation_missing_coordinator(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text('name = "x"\n')
+    with pytest.raises(ConfigError, match="coordinator: required key is missing"):
+        load_federation(path)
+
+
+def test_provision_creates_ca_certificate_and_kits(fed_file: Path) -> None:
+    fed = load_federation(fed_file)
+    report = provision(fed)
+    paths = ProvisionPaths(fed_file.parent / "out")
+    assert set(report.kits) == {"cleveland", "hungary"}
+    for private in (paths.ca_key, paths.server_key, *(paths.kit(s) / "node.key" for s in report.kits)):
+        assert _mode(private) == 0o600, private
+    ca, server = load_certificate(paths.ca_cert), load_certificate(paths.server_cert)
+    assert is_signed_by(server, ca)
+    dns, ips = certificate_sans(server)
+    assert dns == {"fl.example.org", "fl-alt.example.org", "localhost"}
+    assert ips == {"10.1.2.3", "127.0.0.1"}
+    lifetime = server.not_valid_after_utc - server.not_valid_before_utc
+    assert 6 < lifetime.days <= 7
+
+    kit = load_kit(paths.kit("hungary"))
+    assert (kit.site, kit.coordinator, kit.federation) == ("hungary", "fl.example.org:9093", "heart-study")
+    assert "it@hungary.example.org" in (kit.folder / "README.md").read_text()
+    # the formats Flower's SuperNode and `flwr supernode register` read
+    private = load_ssh_private_key(kit.node_key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    public_line = (kit.folder / "node.pub").read_bytes()
+    assert load_ssh_public_key(public_line).public_numbers() == private.public_key().public_numbers()
+    assert try_load_public_key(paths.registered_key("hungary"))
+    assert (kit.folder / "ca.pem").read_bytes() == paths.ca_cert.read_bytes()
+
+
+def test_provision_never_overwrites_without_force(fed_file: Path) -> None:
+    fed = load_federation(fed_file)
+    provision(fed)
+    paths = ProvisionPaths(fed.output_dir)
+    keys = [paths.ca_key, paths.server_key, paths.kit("cleveland") / "node.key"]
+    before = [k.read_bytes() for k in keys]
+    again = provision(fed)
+    assert again.created == []
+    assert [k.read_bytes() for k in keys] == before
+
+    rotated = provision(fed, sites=["cleveland"], force=True)
+    assert paths.kit("cleveland") / "node.key" in rotated.created
+    assert (paths.kit("cleveland") / "node.key").read_bytes() != before[2]
+    assert paths.registered_key("cleveland").read_bytes() == (paths.kit("cleveland") / "node.pub").read_bytes()
+    assert paths.ca_key.read_bytes() == before[0]  # the CA is never replaced
+    assert paths.server_key.read_bytes() == before[1]  # --site leaves the coordinator alone
+
+
+def test_changed_address_needs_force(fed_file: Path) -> None:
+    provision(load_federation(fed_file))
+    fed_file.write_text(FEDERATION.replace("fl.example.org:9093", "fl-new.example.org:9093"))
+    fed = load_federation(fed_file)
+    with pytest.raises(ConfigError, match="(?s)lacks fl-new.example.org.*--force"):
+        provision(fed)
+    provision(fed, force=True)
+    dns, _ = certificate_sans(load_certificate(ProvisionPaths(fed.output_dir).server_cert))
+    assert "fl-new.example.org" in dns
+
+
+def test_add_site_appends_and_provisions_only_that_site(fed_file: Path) -> None:
+    provision(load_federation(fed_file))
+    assert append_site(fed_file, "va-longbeach")
+    assert not append_site(fed_file, "va-longbeach")
+    fed = load_federation(fed_file)
+    assert fed.site_names()[-1] == "va-longbeach"
+    report = provision(fed, sites=["va-longbeach"])
+    assert set(report.kits) == {"va-longbeach"}
+    with pytest.raises(ConfigError, match="--add-site"):
+        append_site(fed_file, "bad name")
+    with pytest.raises(ConfigError, match="'zurich' is not in the federation file"):
+        provision(fed, sites=["zurich"])
+
+
+def test_kit_with_readable_key_is_refused(fed_file: Path) -> None:
+    fed = load_federation(fed_file)
+    provision(fed)
+    key = ProvisionPaths(fed.output_dir).kit("cleveland") / "node.key"
+    key.chmod(0o644)
+    with pytest.raises(NodeError, match="chmod 600"):
+        load_kit(key.parent)
+    with pytest.raises(NodeError, match="not a start-up kit"):
+        load_kit(fed.output_dir)

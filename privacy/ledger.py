@@ -12,6 +12,7 @@ over-counts; nothing under-counts. Releases cannot be updated or deleted (SQL tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
@@ -30,9 +31,7 @@ from flowerbed.exception import ConfigError, NodeError, PrivacyBudgetExceeded
 from flowerbed.privacy.planner import ACCOUNTANTS, DPPlan
 
 History = list[tuple[float, float, int]]
-_COLUMNS = (
-    "id, dataset, run_id, round, noise_multiplier, sample_rate, steps, accountant, site, time"
-)
+_COLUMNS = "id, dataset, run_id, round, noise_multiplier, sample_rate, steps, accountant, site, time"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -160,8 +159,15 @@ def compose(history: Iterable[tuple[float, float, int]], delta: float, accountan
             merged.append((float(sigma), float(q), int(steps)))
     if not merged:
         return 0.0
+    return _compose_merged(tuple(merged), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _compose_merged(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    # A pure function of its arguments: a check, the charge after it and the epsilon reported
+    # after that all compose the same history, and pay for it once.
     acc = create_accountant(mechanism=accountant)
-    acc.history = merged
+    acc.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta))
@@ -193,8 +199,7 @@ class PrivacyLedger:
                 con.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise NodeError(
-                f"privacy ledger {self.path}: cannot open ({exc}); set `ledger` in the node "
-                "config to a writable file"
+                f"privacy ledger {self.path}: cannot open ({exc}); set `ledger` in the node config to a writable file"
             ) from None
 
     @contextmanager
@@ -219,9 +224,7 @@ class PrivacyLedger:
         if dataset is None:
             rows = con.execute(f"SELECT {cols} FROM releases ORDER BY id").fetchall()
         else:
-            rows = con.execute(
-                f"SELECT {cols} FROM releases WHERE dataset = ? ORDER BY id", (dataset,)
-            ).fetchall()
+            rows = con.execute(f"SELECT {cols} FROM releases WHERE dataset = ? ORDER BY id", (dataset,)).fetchall()
         return [Release(*row) for row in rows]
 
     def history(self, dataset: str, run_id: str | None = None) -> History:
@@ -238,9 +241,7 @@ class PrivacyLedger:
             rows = con.execute("SELECT DISTINCT dataset FROM releases ORDER BY dataset").fetchall()
         return [r[0] for r in rows]
 
-    def epsilon(
-        self, dataset: str, delta: float, accountant: str = "prv", run_id: str | None = None
-    ) -> float:
+    def epsilon(self, dataset: str, delta: float, accountant: str = "prv", run_id: str | None = None) -> float:
         """Epsilon at ``delta`` spent on ``dataset`` by all its releases (or one run's)."""
         return compose(self.history(dataset, run_id), delta, accountant)
 
@@ -267,21 +268,17 @@ class PrivacyLedger:
     def load_plan(self, dataset: str, run_id: str) -> DPPlan | None:
         """The plan stored for a run on a dataset, if any."""
         with self._connect() as con:
-            row = con.execute(
-                "SELECT plan FROM plans WHERE dataset = ? AND run_id = ?", (dataset, run_id)
-            ).fetchone()
+            row = con.execute("SELECT plan FROM plans WHERE dataset = ? AND run_id = ?", (dataset, run_id)).fetchone()
         return None if row is None else DPPlan.from_dict(json.loads(row[0]))
 
     # ----------------------------------------------------------------- budget
-    def check(
-        self, dataset: str, plan: DPPlan, budget: Budget, *, rounds: int = 1, site: str = ""
-    ) -> tuple[float, float]:
+    def check(self, dataset: str, plan: DPPlan, budget: Budget, *, rounds: int = 1, site: str = "") -> float:
         """Refuse unless ``rounds`` more rounds of ``plan`` fit in ``budget``.
 
         Returns
         -------
-        tuple[float, float]
-            Epsilon spent so far and the projected epsilon, both at ``budget.delta``.
+        float
+            The projected epsilon at ``budget.delta`` (this dataset's releases plus the new ones).
 
         Raises
         ------
@@ -300,13 +297,13 @@ class PrivacyLedger:
         budget: Budget,
         rounds: int,
         site: str,
-    ) -> tuple[float, float]:
+    ) -> float:
         releases = self._releases(con, dataset)
         history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in releases]
-        spent = compose(history, budget.delta, budget.accountant)
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * rounds)
         projected = compose([*history, step], budget.delta, budget.accountant)
         if projected > budget.epsilon:
+            spent = compose(history, budget.delta, budget.accountant)
             where = f"site {site}, " if site else ""
             what = "the next round" if rounds == 1 else f"{rounds} more rounds"
             raise PrivacyBudgetExceeded(
@@ -315,7 +312,7 @@ class PrivacyLedger:
                 f"to {projected:.3g}; raise budget-epsilon in the node config, or lower rounds "
                 "or local epochs, or raise the noise"
             )
-        return spent, projected
+        return projected
 
     def charge(
         self,
@@ -364,9 +361,7 @@ class PrivacyLedger:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            row = con.execute(
-                f"SELECT {_COLUMNS} FROM releases WHERE id = ?", (cur.lastrowid,)
-            ).fetchone()
+            row = con.execute(f"SELECT {_COLUMNS} FROM releases WHERE id = ?", (cur.lastrowid,)).fetchone()
         return Release(*row)
 
     # ---------------------------------------------------------------- summary

@@ -1,0 +1,83 @@
+"""End to end: DP-SGD at every node, a node that runs out of budget refuses, the run goes on."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowerbed.privacy.ledger import PrivacyLedger
+from flowerbed.privacy.planner import epsilon_for, sampling
+from flowerbed.server.run_folder import read_metrics, read_summary
+from flowerbed.simulations import inline_backend
+from flowerbed.simulations.datasets import load_federation
+from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.simulate import simulate
+
+SIGMA = 1.0
+
+
+def _hospitals(monkeypatch: pytest.MonkeyPatch, configs: dict[int, dict]) -> None:
+    """Give each virtual hospital its own node config, as a SuperNode's --node-config would."""
+
+    class ConfiguredGrid(InlineGrid):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            for context in self.contexts.values():
+                pid = int(context.node_config["partition-id"])
+                context.node_config.update(configs.get(pid, {}))
+
+    monkeypatch.setattr(inline_backend, "InlineGrid", ConfiguredGrid)
+
+
+def test_a_node_out_of_budget_refuses_and_the_run_goes_on(heart_experiment, tmp_path, monkeypatch):
+    experiment = heart_experiment(
+        "rounds=4",
+        "privacy.enabled=true",
+        f"privacy.noise_multiplier={SIGMA}",
+        "privacy.max_grad_norm=1.0",
+        "evaluate.central=false",
+    )
+    sites = load_federation(experiment.data, experiment.seed)
+    names = [s.name for s in sites]
+    small = names.index("switzerland")
+    n = sites[small].num_train
+    q, per_epoch = sampling(n, experiment.train.batch_size)
+    steps = per_epoch * experiment.train.local_epochs
+    # Room for two rounds of this plan, not three.
+    two, three = (epsilon_for(SIGMA, q, k * steps, 1e-5) for k in (2, 3))
+    budget = (two + three) / 2
+    ledgers = {pid: tmp_path / f"ledger-{name}.sqlite" for pid, name in enumerate(names)}
+    configs = {pid: {"ledger": str(path), "budget-epsilon": 100.0} for pid, path in ledgers.items()}
+    configs[small]["budget-epsilon"] = budget
+    _hospitals(monkeypatch, configs)
+
+    run_dir = simulate(experiment, quiet=True)
+
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    for r in records[:2]:
+        assert r["participants"] == sorted(names)
+    third = records[2]
+    assert "switzerland" not in third["participants"]
+    reason = third["refused"]["switzerland"]
+    assert "privacy budget exhausted" in reason and "switzerland" in reason
+    assert f"of {budget:.3g}" in reason
+    # Left out of later rounds, while the other three go on.
+    assert "switzerland" not in records[3]["sampled"]
+    assert records[3]["participants"] == sorted(set(names) - {"switzerland"})
+    for r in records:
+        eps = [v["epsilon"] for v in r["sites"].values()]
+        assert len(eps) == len(r["participants"]) and r["epsilon_max"] == max(eps)
+        assert "epsilon" not in r["train"]  # never an average across sites
+    summary = read_summary(run_dir)
+    assert summary["rounds_completed"] == 4
+    assert "privacy budget exhausted" in summary["refused"]["switzerland"]
+    assert "switzerland" in summary["budget_exhausted"]
+    assert summary["epsilon"]["max"] == max(summary["epsilon"]["per_site"].values())
+    # The node's own ledger: two releases, within its budget, what it reported.
+    ledger = PrivacyLedger(ledgers[small])
+    (dataset,) = ledger.datasets()
+    assert len(ledger.releases(dataset)) == 2
+    spent = ledger.epsilon(dataset, 1e-5)
+    assert spent <= budget
+    assert summary["epsilon"]["per_site"]["switzerland"] == pytest.approx(spent)
+    assert spent == pytest.approx(two, abs=1e-6)

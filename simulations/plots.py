@@ -64,9 +64,7 @@ def plot_panels(
     names = list(panels) or ["(no metrics recorded)"]
     ncols = max(1, min(ncols, len(names)))
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False, constrained_layout=True
-    )
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False, constrained_layout=True)
     for ax, name in zip(axes.flat, names, strict=False):
         lines = panels.get(name, {})
         many = len(lines) > _MAX_LEGEND
@@ -74,7 +72,7 @@ def plot_panels(
             if label == highlight:
                 ax.plot(rounds, values, color="black", linewidth=2.2, label=label, zorder=3)
             elif many:
-                ax.plot(rounds, values, linewidth=0.8, alpha=0.55)
+                ax.plot(rounds, values, marker="o", markersize=2, linewidth=0.8, alpha=0.55)
             else:
                 ax.plot(rounds, values, marker="o", markersize=3, linewidth=1.4, label=label)
         ax.set_title(name, fontsize=10)

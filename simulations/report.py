@@ -75,8 +75,7 @@ def load_run(path: str | Path) -> RunRecord:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise RunError(
-            f"{path}: no metrics.jsonl here; give a run folder made by flowerbed simulate "
-            "(runs/<name>-<timestamp>/)"
+            f"{path}: no metrics.jsonl here; give a run folder made by flowerbed simulate (runs/<name>-<timestamp>/)"
         )
     rounds = []
     for number, line in enumerate(metrics.read_text().splitlines(), start=1):
@@ -89,14 +88,10 @@ def load_run(path: str | Path) -> RunRecord:
         if not isinstance(record, dict) or "round" not in record:
             raise RunError(f"{metrics}:{number}: expected a JSON object with a 'round' key")
         rounds.append(record)
-    return RunRecord(
-        path, rounds, _read_json(path / "experiment.json"), _read_json(path / "summary.json")
-    )
+    return RunRecord(path, rounds, _read_json(path / "experiment.json"), _read_json(path / "summary.json"))
 
 
-def global_panels(
-    runs: Sequence[RunRecord], labels: Sequence[str] | None = None
-) -> dict[str, dict[str, Series]]:
+def global_panels(runs: Sequence[RunRecord], labels: Sequence[str] | None = None) -> dict[str, dict[str, Series]]:
     """Aggregated metrics per round: ``{"central accuracy": {run label: (rounds, values)}}``.
 
     ``labels`` name the runs' lines (default: experiment names, else folder names). A
@@ -120,22 +115,22 @@ def global_panels(
 
 
 def site_panels(run: RunRecord) -> dict[str, dict[str, Series]]:
-    """Each site's metrics per round (epsilon excluded): ``{"site accuracy": {site: series}}``."""
+    """Each site's metrics per round: ``{"site accuracy": {site: series}}``.
+
+    Epsilon has its own plot; a metric with one value everywhere (such as ``delta``) is left out.
+    """
     sites = sorted({s for r in run.rounds for s in (r.get("sites") or {})})
     metrics = _metric_names(v for r in run.rounds for v in (r.get("sites") or {}).values())
     panels: dict[str, dict[str, Series]] = {}
     for metric in (m for m in metrics if m != "epsilon"):
-        lines = {
-            site: _series(run.rounds, lambda r, s=site, m=metric: _site_value(r, s, m))
-            for site in sites
-        }
-        panels[f"site {metric}"] = {k: v for k, v in lines.items() if v[0]}
+        lines = {site: _series(run.rounds, lambda r, s=site, m=metric: _site_value(r, s, m)) for site in sites}
+        lines = {k: v for k, v in lines.items() if v[0]}
+        if len({value for _, values in lines.values() for value in values}) > 1:
+            panels[f"site {metric}"] = lines
     return panels
 
 
-def epsilon_panels(
-    runs: Sequence[RunRecord], labels: Sequence[str] | None = None
-) -> dict[str, dict[str, Series]]:
+def epsilon_panels(runs: Sequence[RunRecord], labels: Sequence[str] | None = None) -> dict[str, dict[str, Series]]:
     """Epsilon spent: per site and the maximum for one run, the maximum per run for several.
 
     ``labels`` name the runs' lines when there are several. Empty when no run recorded an
@@ -145,10 +140,7 @@ def epsilon_panels(
     if len(runs) == 1:
         run = runs[0]
         sites = sorted({s for r in run.rounds for s in (r.get("sites") or {})})
-        lines = {
-            site: _series(run.rounds, lambda r, s=site: _site_value(r, s, "epsilon"))
-            for site in sites
-        }
+        lines = {site: _series(run.rounds, lambda r, s=site: _site_value(r, s, "epsilon")) for site in sites}
         lines = {k: v for k, v in lines.items() if v[0]}
         top = _series(run.rounds, lambda r: r.get("epsilon_max"))
         if top[0]:
@@ -206,11 +198,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
             written.append(plot_panels(sites, out / "sites.png", title=f"{title}: per site"))
     eps = epsilon_panels(runs)
     if eps:
-        written.append(
-            plot_panels(
-                eps, out / "epsilon.png", title=f"{title}: epsilon", highlight="max", ncols=1
-            )
-        )
+        written.append(plot_panels(eps, out / "epsilon.png", title=f"{title}: epsilon", highlight="max", ncols=1))
     return written
 
 

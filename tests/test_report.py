@@ -22,9 +22,7 @@ from flowerbed.simulations.report import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(
-    folder: Path, name: str, rounds: int, sites: list[str], dp: bool, drop: str | None = None
-) -> Path:
+def _write_run(folder: Path, name: str, rounds: int, sites: list[str], dp: bool, drop: str | None = None) -> Path:
     """A run folder as the round loop writes it: experiment.json, metrics.jsonl, summary.json."""
     folder.mkdir(parents=True)
     (folder / "experiment.json").write_text(json.dumps({"name": name, "seed": 0, "rounds": rounds}))
@@ -36,7 +34,7 @@ def _write_run(
                 "train-num-examples": 50 + i,
                 "train-loss": 1.0 / (r + i),
                 "accuracy": 0.5 + 0.04 * r + 0.01 * i,
-                **({"epsilon": 0.3 * r + 0.05 * i} if dp else {}),
+                **({"epsilon": 0.3 * r + 0.05 * i, "delta": 1e-5} if dp else {}),
             }
             for i, s in enumerate(sites)
             if s in present
@@ -93,7 +91,7 @@ def test_panels_carry_the_recorded_values(tmp_path: Path) -> None:
     assert panels["participants"]["r"][1] == [2, 1, 2, 1]
 
     sites = site_panels(run)
-    assert set(sites) == {"site train-loss", "site accuracy"}
+    assert set(sites) == {"site train-loss", "site accuracy"}, "epsilon apart, constant delta out"
     assert sites["site accuracy"]["b"][0] == [1, 3], "rounds where b did not reply are gaps"
 
     eps = epsilon_panels([run])["epsilon per site"]

@@ -1,0 +1,156 @@
+"""Vectorized cohorts give the ClientApp's answers: same weights, losses and reply Messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowerbed.client.app import app as client_app
+from flowerbed.client.training import train_local
+from flowerbed.experiment import DataConfig, PartitionConfig, TrainConfig
+from flowerbed.server.federation import EXPERIMENT_KEY, RUN_ID_KEY
+from flowerbed.simulations.cohort_handler import CohortHandler
+from flowerbed.simulations.datasets import load_federation
+from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.simulate import simulate
+from flowerbed.simulations.vectorized import check_functional, stack_cohort, train_cohort
+from flowerbed.tasks import resolve_task
+from flowerbed.weights import load_safetensors
+
+CPU = torch.device("cpu")
+
+
+def _digits_sites(num_clients: int = 8):
+    data = DataConfig(
+        dataset="digits", num_classes=10, partition=PartitionConfig(kind="dirichlet", num_clients=num_clients)
+    )
+    return load_federation(data, 0)
+
+
+def _compare_with_train_local(task_name: str, sites, train: TrainConfig, args: dict | None = None) -> None:
+    task = resolve_task(task_name, args or {})
+    model = task.build_model(sites[0].schema, seed=1)
+    names = check_functional(model)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seeds = [1000 + i for i in range(len(sites))]
+    cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], CPU)
+    result = train_cohort(model, task.loss_fn, cohort, weights, train, seeds)
+    for j, site in enumerate(sites):
+        ref = task.build_model(site.schema)
+        ref.load_state_dict(weights)
+        expected = train_local(ref, task, site.x_train, site.y_train, train, seed=seeds[j], device=CPU)
+        assert result.steps[j] == expected.steps
+        assert result.loss[j] == pytest.approx(expected.loss, rel=1e-5, abs=1e-6)
+        for name in names:
+            got = result.params[name][j]
+            assert torch.allclose(got, ref.state_dict()[name], atol=1e-5, rtol=0), (site.name, name)
+
+
+def test_cnn_cohort_of_ragged_digits_clients_equals_train_local():
+    sites = _digits_sites()
+    assert len({s.num_train for s in sites}) > 3  # ragged: several dataset sizes, short last batches
+    train = TrainConfig(local_epochs=2, batch_size=16, lr=0.05, momentum=0.9)
+    _compare_with_train_local("image-cnn", sites, train)
+
+
+@pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.0), ("adam", 0.0)])
+def test_mlp_cohort_of_heart_sites_equals_train_local(optimizer, momentum):
+    sites = load_federation(DataConfig(), 0)
+    train = TrainConfig(local_epochs=2, batch_size=16, lr=0.01, optimizer=optimizer, momentum=momentum)
+    _compare_with_train_local("tabular-mlp", sites, train, {"hidden": 64})
+
+
+def _message(kind: str, experiment_json: str, arrays: ArrayRecord, node_id: int, server_round: int = 1) -> Message:
+    config = ConfigRecord({EXPERIMENT_KEY: experiment_json, RUN_ID_KEY: "run-x", "server-round": server_round})
+    content = RecordDict({"arrays": arrays, "config": config})
+    return Message(content, dst_node_id=node_id, message_type=kind)
+
+
+def _contexts(num: int) -> list[Context]:
+    """The virtual nodes of an in-process grid (which also sets Flower's task identity)."""
+    return list(InlineGrid(client_app, num).contexts.values())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as Ray gives each of Flower's virtual nodes (fast on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_replies_are_the_messages_the_client_app_builds(heart_experiment):
+    experiment = heart_experiment("train.momentum=0.5")
+    text = json.dumps(experiment.to_dict())
+    task = resolve_task(experiment.task.name, experiment.task.args)
+    model = task.build_model(load_federation(experiment.data, experiment.seed)[0].schema, seed=3)
+    arrays = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
+    contexts = _contexts(4)
+    handler = CohortHandler(client_app)
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        # Every message of one push carries the same record, as FedAvg builds them.
+        content = _message(kind, text, arrays, contexts[0].node_id).content
+        messages = [Message(content, dst_node_id=c.node_id, message_type=kind) for c in contexts]
+        fast = handler(list(zip(messages, contexts, strict=True)))
+        slow = [client_app(m, c) for m, c in zip(messages, contexts, strict=True)]
+        for a, b in zip(fast, slow, strict=True):
+            assert set(a.content.keys()) == set(b.content.keys())
+            assert a.metadata.reply_to_message_id == b.metadata.reply_to_message_id
+            assert a.metadata.message_type == b.metadata.message_type == kind
+            assert dict(a.content["site"]) == dict(b.content["site"])
+            ma, mb = dict(a.content["metrics"]), dict(b.content["metrics"])
+            assert set(ma) == set(mb) and ma["num-examples"] == mb["num-examples"]
+            for key in ma:
+                assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-6), key
+            if kind == MessageType.TRAIN:
+                for key in b.content["arrays"]:
+                    fa, fb = a.content["arrays"][key].numpy(), b.content["arrays"][key].numpy()
+                    assert fa.dtype == fb.dtype and fa.shape == fb.shape
+                    assert np.allclose(fa, fb, atol=1e-6, rtol=0)
+    assert handler.stats == {"vectorized": 8, "sequential": 0}
+
+
+def test_other_message_types_and_user_tasks_go_to_the_client_app(heart_experiment):
+    seen: list[str] = []
+    app = ClientApp()
+
+    @app.train("secagg_setup")
+    def setup(message: Message, context: Context) -> Message:
+        seen.append(message.metadata.message_type)
+        return Message(RecordDict(), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        seen.append(message.metadata.message_type)
+        return Message(RecordDict(), reply_to=message)
+
+    contexts = _contexts(4)
+    handler = CohortHandler(app)
+    experiment = heart_experiment()
+    text = json.dumps(experiment.to_dict())
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    first = _message("train.secagg_setup", text, arrays, contexts[0].node_id)
+    pairs = [(Message(first.content, dst_node_id=c.node_id, message_type="train.secagg_setup"), c) for c in contexts]
+    handler(pairs)
+    user = json.loads(text)
+    user["task"] = {"name": "my_pkg.tasks:custom", "args": {}, "device": "cpu"}
+    first = _message(MessageType.TRAIN, json.dumps(user), arrays, contexts[0].node_id)
+    handler([(Message(first.content, dst_node_id=c.node_id, message_type=MessageType.TRAIN), c) for c in contexts])
+    assert seen == ["train.secagg_setup"] * 4 + ["train"] * 4
+    assert handler.stats == {"vectorized": 0, "sequential": 8}
+
+
+def test_inline_vectorized_run_equals_sequential_inline_run(heart_experiment):
+    base = ("rounds=2", "train.momentum=0.9", "evaluate.central=false")
+    fast = simulate(heart_experiment(*base), quiet=True)
+    slow = simulate(heart_experiment(*base, "backend.vectorize=false"), quiet=True)
+    a, b = load_safetensors(fast / "model.safetensors"), load_safetensors(slow / "model.safetensors")
+    assert set(a) == set(b)
+    for key in a:
+        assert np.allclose(a[key], b[key], atol=1e-5, rtol=0), key

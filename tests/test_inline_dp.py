@@ -1,0 +1,171 @@
+"""Vectorized DP-SGD: Opacus's clipped gradients, the planned noise scale, and the node's accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from flowerbed.exception import PrivacyBudgetExceeded
+from flowerbed.experiment import TrainConfig
+from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_arrays
+from flowerbed.privacy.planner import DPPlan, epsilon_for, make_plan
+from flowerbed.server.run_folder import read_summary
+from flowerbed.simulations.inline_privacy import charge_release
+from flowerbed.simulations.simulate import simulate
+from flowerbed.simulations.vectorized import Cohort, stack_cohort, stacked
+from flowerbed.simulations.vectorized_dp import (
+    PrivateCohortPlan,
+    clipped_sums,
+    per_sample_function,
+    train_cohort_private,
+)
+from flowerbed.tasks import resolve_task
+from flowerbed.tasks.task import DataSchema, SiteData
+
+CPU = torch.device("cpu")
+TABULAR = DataSchema("tabular", (13,), 2)
+IMAGE = DataSchema("image", (1, 8, 8), 10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _opacus_grads(model: torch.nn.Module, loss_fn, x, y, max_grad_norm: float, expected: int) -> dict:
+    """The gradient Opacus's optimizer steps with, for zero noise."""
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected,
+        loss_reduction="mean",
+    )
+    optimizer.zero_grad()
+    loss_fn(wrapped(x), y).backward()
+    optimizer.step()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    wrapped.to_standard_module()
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("task_name,schema", [("tabular-mlp", TABULAR), ("image-cnn", IMAGE)])
+def test_vectorized_clipped_step_equals_opacus_for_zero_noise(task_name, schema):
+    task = resolve_task(task_name, {})
+    gen = torch.Generator().manual_seed(0)
+    sizes = [5, 1, 9, 3]  # ragged Poisson batches: padding must not leak into the sums
+    models = [task.build_model(schema, seed=s) for s in range(len(sizes))]
+    names = [n for n, _ in models[0].named_parameters()]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n in names}
+    m = max(sizes)
+    x = torch.randn((len(sizes), m, *schema.input_shape), generator=gen) * 3
+    y = torch.randint(0, schema.num_classes, (len(sizes), m), generator=gen)
+    valid = torch.arange(m) < torch.tensor(sizes)[:, None]
+    max_grad_norm, expected = 0.7, 4
+    sample_grads, _ = torch.func.vmap(per_sample_function(models[0], task.loss_fn))(params, x, y)
+    sums, factor = clipped_sums(sample_grads, valid, max_grad_norm)
+    assert (factor < 1).any() and (factor[~valid] == 0).all()  # clipping is active; padding is masked
+    for j, size in enumerate(sizes):
+        reference = _opacus_grads(models[j], task.loss_fn, x[j, :size], y[j, :size], max_grad_norm, expected)
+        for name in names:
+            assert torch.allclose(sums[name][j] / expected, reference[name], atol=1e-6, rtol=1e-5), (j, name)
+
+
+def test_noise_has_the_planned_scale():
+    """One step with lr = 1 from zero weights and a zero-gradient task exposes the noise itself."""
+    task = resolve_task("tabular-logreg", {})
+    model = task.build_model(TABULAR)
+    k, n, sigma, clip = 64, 40, 1.3, 0.5
+    weights = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    cohort = Cohort(torch.zeros((k, n, 13)), torch.zeros((k, n), dtype=torch.int64), torch.full((k,), n))
+    plan = DPPlan(noise_multiplier=sigma, sample_rate=0.25, steps_per_round=1, rounds=1, max_grad_norm=clip, delta=1e-5)
+    stacked_plan = PrivateCohortPlan.from_plans([plan] * k, [n] * k, CPU)
+
+    def zero_loss(logits, labels):
+        return logits.sum() * 0.0
+
+    train = TrainConfig(lr=1.0, batch_size=10)
+    result = train_cohort_private(model, zero_loss, cohort, weights, train, stacked_plan, seed=3)
+    expected_batch = int(n * 0.25)
+    noise = torch.cat([-p.reshape(-1) * expected_batch for p in result.params.values()])
+    assert noise.numel() == k * 28
+    assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.06)
+    assert abs(float(noise.mean())) < 0.05
+
+
+def _site(n: int, seed: int = 0) -> SiteData:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 13)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    return SiteData("alpha", x, y, x[:2], y[:2], TABULAR)
+
+
+def test_private_cohort_trains_every_client_its_planned_steps():
+    task = resolve_task("tabular-mlp", {"hidden": 16})
+    sites = [_site(n, i) for i, n in enumerate((40, 17, 64))]
+    train = TrainConfig(local_epochs=2, batch_size=8, lr=0.1)
+    plans = [
+        make_plan(n=s.num_train, batch_size=8, local_epochs=2, rounds=3, max_grad_norm=1.0, noise_multiplier=0.8)
+        for s in sites
+    ]
+    model = task.build_model(TABULAR, seed=0)
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], CPU)
+    result = train_cohort_private(
+        model,
+        task.loss_fn,
+        cohort,
+        weights,
+        train,
+        PrivateCohortPlan.from_plans(plans, [s.num_train for s in sites], CPU),
+        seed=1,
+    )
+    assert result.steps == [p.steps_per_round for p in plans] == [10, 6, 16]
+    assert all(np.isfinite(v) for v in result.loss)
+    start = stacked(weights, 3)
+    for j in range(3):
+        assert any(not torch.equal(result.params[k][j], start[k][j]) for k in weights)
+
+
+def test_release_accounting_in_node_state_and_in_a_ledger(tmp_path):
+    site = _site(50)
+    plan = make_plan(n=50, batch_size=10, local_epochs=1, rounds=5, max_grad_norm=1.0, noise_multiplier=1.1)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    eps = [charge_release(ctx, site, plan, run_id="r1", server_round=r) for r in (1, 2)]
+    assert eps[1] == pytest.approx(epsilon_for(1.1, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
+    assert 0 < eps[0] < eps[1]
+    ledger_path = tmp_path / "ledger.sqlite"
+    config = {"partition-id": 0, "ledger": str(ledger_path), "budget-epsilon": eps[0] * 1.2, "budget-delta": 1e-5}
+    node = Context(run_id=1, node_id=2, node_config=config, state=RecordDict(), run_config={})
+    first = charge_release(node, site, plan, run_id="r1", server_round=1)
+    ledger = PrivacyLedger(ledger_path)
+    dataset = fingerprint_arrays(site.x_train, site.y_train)
+    assert first == pytest.approx(ledger.epsilon(dataset, 1e-5))
+    with pytest.raises(PrivacyBudgetExceeded, match="site alpha"):
+        charge_release(node, site, plan, run_id="r1", server_round=2)
+    assert len(ledger.releases(dataset)) == 1
+
+
+def test_inline_dp_run_reports_the_planned_epsilon(heart_experiment):
+    experiment = heart_experiment(
+        "privacy.enabled=true", "privacy.noise_multiplier=1.2", "rounds=2", "evaluate.central=false"
+    )
+    summary = read_summary(simulate(experiment, quiet=True))
+    from flowerbed.simulations.datasets import load_federation
+
+    sites = {s.name: s.num_train for s in load_federation(experiment.data, experiment.seed)}
+    assert set(summary["epsilon"]["per_site"]) == set(sites)
+    for name, eps in summary["epsilon"]["per_site"].items():
+        plan = make_plan(
+            n=sites[name], batch_size=16, local_epochs=2, rounds=2, max_grad_norm=1.0, noise_multiplier=1.2
+        )
+        assert eps == pytest.approx(epsilon_for(1.2, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))

@@ -79,9 +79,7 @@ def partition(
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ConfigError(
-            source, [f"labels must be one value per sample, got shape {labels.shape}"]
-        )
+        raise ConfigError(source, [f"labels must be one value per sample, got shape {labels.shape}"])
     n = labels.shape[0]
     floor = _min_samples(config, min_samples)
     rng = np.random.default_rng(seed)
@@ -91,8 +89,8 @@ def partition(
             raise ConfigError(
                 source,
                 [
-                    f"{_KEY}.kind = 'natural' needs a site column: set data.site_column "
-                    "(or data.partition.column), or choose iid, dirichlet, pathological or quantity"
+                    f"{_KEY}.kind = 'natural' needs a site column (data.site_column, CSV data); "
+                    "for a pooled dataset choose iid, dirichlet, pathological or quantity"
                 ],
             )
         return _natural(np.asarray(groups), n, source)
@@ -131,9 +129,7 @@ def class_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes, ids.reshape(-1)
 
 
-def label_histograms(
-    labels: np.ndarray, parts: list[np.ndarray], classes: np.ndarray | None = None
-) -> np.ndarray:
+def label_histograms(labels: np.ndarray, parts: list[np.ndarray], classes: np.ndarray | None = None) -> np.ndarray:
     """Count each class in each client: an ``int64`` array of shape ``(clients, classes)``.
 
     Parameters
@@ -195,9 +191,7 @@ def _iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]
     return list(np.array_split(rng.permutation(n), num_clients))
 
 
-def _dirichlet(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
+def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
     _, ids = class_ids(labels)
     chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for k in range(int(ids.max()) + 1 if ids.size else 0):
@@ -246,9 +240,7 @@ def _pathological(
     return [np.concatenate(c) for c in chunks]
 
 
-def _quantity(
-    n: int, num_clients: int, power: float, floor: int, rng: np.random.Generator
-) -> list[np.ndarray]:
+def _quantity(n: int, num_clients: int, power: float, floor: int, rng: np.random.Generator) -> list[np.ndarray]:
     weights = np.arange(1, num_clients + 1, dtype=np.float64) ** -power
     counts = floor + _largest_remainder(weights / weights.sum(), n - floor * num_clients)
     return list(np.split(rng.permutation(n), np.cumsum(counts)[:-1]))

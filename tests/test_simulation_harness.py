@@ -14,6 +14,13 @@ from flowerbed.exception import ConfigError
 from flowerbed.experiment import load_experiment
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "simulations" / "experiments" / "digits_dirichlet.toml"
+# Failures on top of the bundled experiment, so that both runs below also exercise the scenario
+# path of the round loop: dropouts, and stragglers slower than the 600 s round timeout.
+SCENARIO = [
+    "scenario.dropout=0.15",
+    "scenario.straggler_fraction=0.1",
+    "scenario.straggler_delay=900.0",
+]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -26,7 +33,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     from flowerbed.simulations.simulate import simulate
 
     output = tmp_path_factory.mktemp("digits")
-    experiment = load_experiment(EXPERIMENT, [f"output={str(output)!r}"])
+    experiment = load_experiment(EXPERIMENT, [*SCENARIO, f"output={str(output)!r}"])
     start = time.perf_counter()
     run_dir = simulate(experiment, quiet=True)
     return run_dir, time.perf_counter() - start
@@ -47,7 +54,12 @@ def test_twenty_client_dirichlet_digits_runs_in_under_two_minutes(
 
     rounds = _metrics(run_dir)
     assert [r["round"] for r in rounds] == list(range(1, experiment.rounds + 1))
-    assert all(len(r["participants"]) == experiment.train.clients_per_round for r in rounds)
+    sampled = experiment.train.clients_per_round
+    assert all(len(r["sampled"]) == sampled for r in rounds)
+    assert all(len(r["participants"]) + len(r["refused"]) == sampled for r in rounds)
+    reasons = [why for r in rounds for why in r["refused"].values()]
+    assert any("dropped out" in why for why in reasons)
+    assert any("straggler" in why for why in reasons)
     assert len({s for r in rounds for s in r["participants"]}) > 15, "sampling reaches most clients"
     assert rounds[-1]["central"]["accuracy"] > 0.5, "ten classes: chance is 0.1"
     assert rounds[-1]["central"]["accuracy"] > rounds[0]["central"]["accuracy"]
@@ -61,7 +73,8 @@ def test_twenty_client_dirichlet_digits_runs_in_under_two_minutes(
 def test_same_experiment_and_seed_give_identical_metrics(digits_run: tuple[Path, float], tmp_path: Path) -> None:
     from flowerbed.simulations.simulate import simulate
 
-    again = simulate(load_experiment(EXPERIMENT, [f"output={str(tmp_path)!r}"]), quiet=True)
+    experiment = load_experiment(EXPERIMENT, [*SCENARIO, f"output={str(tmp_path)!r}"])
+    again = simulate(experiment, quiet=True)
     first, second = _metrics(digits_run[0]), _metrics(again)
     assert len(first) == len(second) == 10
     for a, b in zip(first, second, strict=True):

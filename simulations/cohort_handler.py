@@ -24,7 +24,7 @@ from flowerbed.client.local_data import resolve_site
 from flowerbed.exception import FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
-from flowerbed.simulations.inline_privacy import charge_release, node_plan
+from flowerbed.simulations.inline_privacy import NodeRelease, charge_release, prepare_release
 from flowerbed.simulations.vectorized import (
     Unsupported,
     check_functional,
@@ -156,42 +156,66 @@ class CohortHandler:
         sites: list[SiteData],
         device: torch.device,
     ) -> list[Message]:
+        if experiment.privacy.enabled:
+            return self._train_private(experiment, task, model, weights, pairs, sites, device)
+        server_round = int(pairs[0][0].content["config"]["server-round"])
+        cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
+        seeds = [derive_seed(experiment.seed, "train", server_round, s.name) for s in sites]
+        result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds)
+        return [
+            _train_reply(
+                message, site, result.params, j, {"num-examples": site.num_train, "train-loss": result.loss[j]}
+            )
+            for j, ((message, _), site) in enumerate(zip(pairs, sites, strict=True))
+        ]
+
+    def _train_private(
+        self,
+        experiment: Experiment,
+        task: Task,
+        model: torch.nn.Module,
+        weights: dict[str, torch.Tensor],
+        pairs: list[Pair],
+        sites: list[SiteData],
+        device: torch.device,
+    ) -> list[Message]:
+        """DP-SGD with the ClientApp's node guards: budget check before, charge before the reply."""
+        if any(s.num_train == 0 for s in sites):
+            raise Unsupported("DP-SGD needs training rows at every node")
         config = pairs[0][0].content["config"]
         server_round = int(config["server-round"])
-        cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
-        if experiment.privacy.enabled:
-            if any(s.num_train == 0 for s in sites):
-                raise Unsupported("DP-SGD needs training rows at every node")
-            plans = [node_plan(experiment, s.num_train) for s in sites]
-            result = train_cohort_private(
-                model,
-                task.loss_fn,
-                cohort,
-                weights,
-                experiment.train,
-                PrivateCohortPlan.from_plans(plans, [s.num_train for s in sites], device),
-            )
-        else:
-            seeds = [derive_seed(experiment.seed, "train", server_round, s.name) for s in sites]
-            result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds)
-        run_id = str(config.get(RUN_ID_KEY, ""))
-        replies = []
+        run_id = str(config.get(RUN_ID_KEY, "run"))
+        replies: list[Message | None] = [None] * len(pairs)
+        releases: dict[int, NodeRelease] = {}
         for j, ((message, context), site) in enumerate(zip(pairs, sites, strict=True)):
-            metrics: dict[str, Any] = {"num-examples": site.num_train, "train-loss": result.loss[j]}
-            if experiment.privacy.enabled:
-                try:
-                    metrics["epsilon"] = charge_release(
-                        context, site, plans[j], run_id=run_id, server_round=server_round
-                    )
-                except FlowerbedError as exc:
-                    replies.append(_error_reply(message, context, exc))
-                    continue
-            arrays = ArrayRecord({name: result.params[name][j].cpu() for name in weights})
-            content = RecordDict(
-                {"arrays": arrays, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
+            try:
+                releases[j] = prepare_release(context.node_config, site, experiment, run_id)
+            except FlowerbedError as exc:
+                replies[j] = _error_reply(message, context, exc)
+        members = sorted(releases)
+        if members:
+            chosen = [sites[j] for j in members]
+            cohort = stack_cohort([s.x_train for s in chosen], [s.y_train for s in chosen], device)
+            plans = [releases[j].plan for j in members]
+            seeds = [releases[j].test_seed for j in members if releases[j].test_seed is not None]
+            seed = derive_seed(seeds[0], "dp-cohort", server_round, chosen[0].name) if seeds else None
+            stacked_plan = PrivateCohortPlan.from_plans(plans, [s.num_train for s in chosen], device)
+            result = train_cohort_private(
+                model, task.loss_fn, cohort, weights, experiment.train, stacked_plan, seed=seed
             )
-            replies.append(Message(content, reply_to=message))
-        return replies
+            for row, j in enumerate(members):
+                message, context = pairs[j]
+                try:
+                    epsilon, delta = charge_release(
+                        releases[j], run_id=run_id, server_round=server_round, steps=result.steps[row]
+                    )
+                except FlowerbedError as exc:  # spent elsewhere meanwhile: the update is discarded
+                    replies[j] = _error_reply(message, context, exc)
+                    continue
+                # As the ClientApp: under DP the training loss stays at the node.
+                metrics = {"num-examples": sites[j].num_train, "epsilon": epsilon, "delta": delta}
+                replies[j] = _train_reply(message, sites[j], result.params, row, metrics)
+        return replies  # type: ignore[return-value]
 
     @staticmethod
     def _evaluate(
@@ -216,6 +240,17 @@ class CohortHandler:
             content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
             replies.append(Message(content, reply_to=message))
         return replies
+
+
+def _train_reply(
+    message: Message, site: SiteData, params: dict[str, torch.Tensor], row: int, metrics: dict[str, Any]
+) -> Message:
+    """The reply the ClientApp's ``train`` builds: weights, metrics and the site's name."""
+    arrays = ArrayRecord({name: tensor[row].cpu() for name, tensor in params.items()})
+    content = RecordDict(
+        {"arrays": arrays, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=message)
 
 
 def make_handler(client_app: ClientApp, *, vectorize: bool = True) -> Callable[[list[Pair]], list[Message]]:

@@ -1,52 +1,33 @@
-"""Privacy bookkeeping of inline nodes: the run's DP plan per node and what each release costs.
+"""Privacy bookkeeping of inline nodes, with the node semantics of ``flowerbed.client.private_round``.
 
-The plan is made once per run at each node with ``flowerbed.privacy.planner.make_plan`` (noise for
-``rounds x local steps``, never re-derived per round). Every round a node trains privately is one
-release, charged before its reply is built:
+For each node of a private cohort, exactly as the ClientApp does it: the node's own config (plus
+``FLOWERBED_SIM_NODE_CONFIG`` for simulated nodes) names its ledger and budget; the dataset is
+fingerprinted; the run's plan is made once and stored in the ledger (a restarted or resumed run
+reuses it); the budget is checked before training; the release is charged (durably) before the
+reply is built; epsilon composes every release of the dataset with Opacus's accountant.
 
-- a node whose config names a ``ledger`` charges that ``PrivacyLedger`` (dataset fingerprint, run,
-  round, plan), against the budget of its node config, and reports epsilon over ALL releases of
-  the dataset, across runs;
-- a virtual node without a ledger keeps its releases of this run in its own ``Context.state``, and
-  reports epsilon composed over them with Opacus's accountant at the plan's delta.
+Only the arithmetic is shared differently: nodes of one cohort whose release histories are the
+same (same plan, same rounds) share one accountant evaluation instead of one each.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from flwr.app import ConfigRecord, Context
-
+from flowerbed.client.private_round import (
+    NodePrivacy,
+    dataset_fingerprint,
+    node_privacy_config,
+    run_plan,
+)
+from flowerbed.exception import PrivacyBudgetExceeded
 from flowerbed.experiment import Experiment
-from flowerbed.privacy.ledger import Budget, PrivacyLedger, compose, fingerprint_arrays
-from flowerbed.privacy.planner import DPPlan, make_plan
+from flowerbed.privacy.ledger import compose
+from flowerbed.privacy.planner import DPPlan
 from flowerbed.tasks.task import SiteData
-
-STATE_KEY = "flowerbed.dp-releases"
-
-
-@functools.lru_cache(maxsize=4096)
-def _plan(n: int, batch_size: int, local_epochs: int, rounds: int, privacy_json: tuple) -> DPPlan:
-    max_grad_norm, target_epsilon, noise_multiplier, delta, accountant = privacy_json
-    return make_plan(
-        n=n,
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        rounds=rounds,
-        max_grad_norm=max_grad_norm,
-        target_epsilon=target_epsilon,
-        noise_multiplier=noise_multiplier,
-        delta=delta,
-        accountant=accountant,
-    )
-
-
-def node_plan(experiment: Experiment, n: int) -> DPPlan:
-    """The run's DP plan for a node with ``n`` training rows (cached: sites of one size share it)."""
-    p = experiment.privacy
-    key = (p.max_grad_norm, p.target_epsilon, p.noise_multiplier, p.delta, p.accountant)
-    t = experiment.train
-    return _plan(n, t.batch_size, t.local_epochs, experiment.rounds, key)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -54,28 +35,61 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     return compose(history, delta, accountant)
 
 
-def charge_release(context: Context, site: SiteData, plan: DPPlan, *, run_id: str, server_round: int) -> float:
-    """Record one round of DP-SGD by this node and return its epsilon so far.
+@dataclass
+class NodeRelease:
+    """One node's privacy state for the round being trained."""
+
+    privacy: NodePrivacy
+    dataset: str
+    plan: DPPlan
+    site: str
+
+    @property
+    def test_seed(self) -> int | None:
+        """The node's ``dp-test-seed`` (tests only)."""
+        return self.privacy.test_seed
+
+
+def prepare_release(node_config: Mapping[str, Any], site: SiteData, experiment: Experiment, run_id: str) -> NodeRelease:
+    """The node's ledger, dataset and run plan; refuse now if the next round exceeds its budget.
 
     Raises
     ------
     PrivacyBudgetExceeded
-        When the node's ledger budget cannot cover the release (nothing is recorded).
+        When the node's budget cannot cover one more round of the plan (nothing is trained).
     """
-    node_config = context.node_config
-    if "ledger" in node_config:
-        ledger = PrivacyLedger(str(node_config["ledger"]))
-        budget = Budget.from_node_config(node_config)
-        dataset = fingerprint_arrays(site.x_train, site.y_train)
-        stored = ledger.save_plan(dataset, run_id, plan)
-        ledger.charge(dataset=dataset, run_id=run_id, round=server_round, plan=stored, site=site.name, budget=budget)
-        delta = budget.delta if budget else stored.delta
-        accountant = budget.accountant if budget else stored.accountant
-        return ledger.epsilon(dataset, delta, accountant)
-    record = context.state[STATE_KEY] if STATE_KEY in context.state else ConfigRecord()
-    rounds = list(record[run_id]) if run_id in record else []
-    rounds.append(int(server_round))
-    record[run_id] = rounds
-    context.state[STATE_KEY] = record
-    history = ((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * len(rounds)),)
-    return _epsilon(history, plan.delta, plan.accountant)
+    config = node_privacy_config(node_config, site.name)
+    privacy = NodePrivacy.from_node_config(config, run_id)
+    dataset = dataset_fingerprint(site, config)
+    plan = run_plan(privacy, dataset, run_id, experiment, site.num_train)
+    if privacy.budget is not None:
+        history = tuple(privacy.ledger.history(dataset))
+        step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        budget = privacy.budget
+        projected = _epsilon((*history, step), budget.delta, budget.accountant)
+        if projected > budget.epsilon:
+            privacy.ledger.check(dataset, plan, budget, site=site.name)  # raises with the ledger's message
+            raise PrivacyBudgetExceeded(f"site {site.name}: next round would spend {projected:.3g}")
+    return NodeRelease(privacy=privacy, dataset=dataset, plan=plan, site=site.name)
+
+
+def charge_release(release: NodeRelease, *, run_id: str, server_round: int, steps: int) -> tuple[float, float]:
+    """Charge one round (durably, before the reply) and return (epsilon, delta) for the dataset.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        When another process spent the rest of the budget first (the update must be discarded).
+    """
+    privacy, plan = release.privacy, release.plan
+    privacy.ledger.charge(
+        dataset=release.dataset,
+        run_id=run_id,
+        round=server_round,
+        plan=plan,
+        steps=steps,
+        site=release.site,
+        budget=privacy.budget,
+    )
+    delta, accountant = privacy.delta(plan), privacy.accountant(plan)
+    return _epsilon(tuple(privacy.ledger.history(release.dataset)), delta, accountant), delta

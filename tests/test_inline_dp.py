@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
@@ -14,7 +13,7 @@ from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_arrays
 from flowerbed.privacy.planner import DPPlan, epsilon_for, make_plan
 from flowerbed.server.run_folder import read_summary
-from flowerbed.simulations.inline_privacy import charge_release
+from flowerbed.simulations.inline_privacy import charge_release, prepare_release
 from flowerbed.simulations.simulate import simulate
 from flowerbed.simulations.vectorized import Cohort, stack_cohort, stacked
 from flowerbed.simulations.vectorized_dp import (
@@ -136,36 +135,37 @@ def test_private_cohort_trains_every_client_its_planned_steps():
         assert any(not torch.equal(result.params[k][j], start[k][j]) for k in weights)
 
 
-def test_release_accounting_in_node_state_and_in_a_ledger(tmp_path):
+def test_release_accounting_follows_the_node_ledger(tmp_path, monkeypatch, heart_experiment):
+    monkeypatch.setenv("FLOWERBED_SIM_LEDGER_DIR", str(tmp_path / "sim"))
+    experiment = heart_experiment("privacy.enabled=true", "privacy.noise_multiplier=1.1", "rounds=5")
     site = _site(50)
-    plan = make_plan(n=50, batch_size=10, local_epochs=1, rounds=5, max_grad_norm=1.0, noise_multiplier=1.1)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    eps = [charge_release(ctx, site, plan, run_id="r1", server_round=r) for r in (1, 2)]
-    assert eps[1] == pytest.approx(epsilon_for(1.1, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
-    assert 0 < eps[0] < eps[1]
+    virtual = {"partition-id": 0}
+    eps = []
+    for server_round in (1, 2):
+        release = prepare_release(virtual, site, experiment, "r1")
+        eps.append(charge_release(release, run_id="r1", server_round=server_round, steps=release.plan.steps_per_round))
+    plan = release.plan
+    assert plan == make_plan(n=50, batch_size=16, local_epochs=2, rounds=5, max_grad_norm=1.0, noise_multiplier=1.1)
+    assert eps[1][0] == pytest.approx(epsilon_for(1.1, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
+    assert 0 < eps[0][0] < eps[1][0] and eps[1][1] == plan.delta
+    assert list((tmp_path / "sim").rglob("node-0.sqlite"))  # the ClientApp's per-run ledger of this node
     ledger_path = tmp_path / "ledger.sqlite"
-    config = {"partition-id": 0, "ledger": str(ledger_path), "budget-epsilon": eps[0] * 1.2, "budget-delta": 1e-5}
-    node = Context(run_id=1, node_id=2, node_config=config, state=RecordDict(), run_config={})
-    first = charge_release(node, site, plan, run_id="r1", server_round=1)
+    config = {"ledger": str(ledger_path), "budget-epsilon": eps[0][0] * 1.2, "budget-delta": plan.delta}
+    release = prepare_release(config, site, experiment, "r2")
+    first, _ = charge_release(release, run_id="r2", server_round=1, steps=plan.steps_per_round)
     ledger = PrivacyLedger(ledger_path)
     dataset = fingerprint_arrays(site.x_train, site.y_train)
-    assert first == pytest.approx(ledger.epsilon(dataset, 1e-5))
+    assert first == pytest.approx(ledger.epsilon(dataset, plan.delta))
     with pytest.raises(PrivacyBudgetExceeded, match="site alpha"):
-        charge_release(node, site, plan, run_id="r1", server_round=2)
+        prepare_release(config, site, experiment, "r2")
     assert len(ledger.releases(dataset)) == 1
 
 
-def test_inline_dp_run_reports_the_planned_epsilon(heart_experiment):
-    experiment = heart_experiment(
-        "privacy.enabled=true", "privacy.noise_multiplier=1.2", "rounds=2", "evaluate.central=false"
-    )
-    summary = read_summary(simulate(experiment, quiet=True))
-    from flowerbed.simulations.datasets import load_federation
-
-    sites = {s.name: s.num_train for s in load_federation(experiment.data, experiment.seed)}
-    assert set(summary["epsilon"]["per_site"]) == set(sites)
-    for name, eps in summary["epsilon"]["per_site"].items():
-        plan = make_plan(
-            n=sites[name], batch_size=16, local_epochs=2, rounds=2, max_grad_norm=1.0, noise_multiplier=1.2
-        )
-        assert eps == pytest.approx(epsilon_for(1.2, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
+def test_inline_dp_run_reports_the_clientapps_epsilon(heart_experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWERBED_SIM_LEDGER_DIR", str(tmp_path / "sim"))
+    base = ("privacy.enabled=true", "privacy.noise_multiplier=1.2", "rounds=2", "evaluate.central=false")
+    fast = read_summary(simulate(heart_experiment(*base), quiet=True))
+    slow = read_summary(simulate(heart_experiment(*base, "backend.vectorize=false"), quiet=True))
+    assert set(fast["epsilon"]["per_site"]) == {"cleveland", "hungarian", "switzerland", "va"}
+    for site, eps in slow["epsilon"]["per_site"].items():
+        assert fast["epsilon"]["per_site"][site] == pytest.approx(eps, rel=1e-9)

@@ -1,0 +1,137 @@
+"""Hospital IT's node commands: ``node check``, ``node start``, ``node approve``.
+
+Thin typer wrappers over ``flowerbed.client.node`` and ``flowerbed.client.approval``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flowerbed.exception import NodeError
+
+console = Console(highlight=False)
+
+KitOption = Annotated[Path | None, typer.Option("--kit", help="The start-up kit folder from the coordinator.")]
+DataOption = Annotated[Path, typer.Option("--data", help="This hospital's data file.")]
+
+
+def _experiment(path: Path | None):
+    from flowerbed.experiment import Experiment, load_experiment
+
+    return load_experiment(path) if path else Experiment()
+
+
+def node_check_command(
+    data: DataOption,
+    kit: KitOption = None,
+    site: Annotated[str | None, typer.Option("--site", help="Site name (default: the kit's).")] = None,
+    experiment: Annotated[
+        Path | None,
+        typer.Option("--experiment", help="Check against this experiment's data and task (default: built-in)."),
+    ] = None,
+    approvals: Annotated[Path | None, typer.Option("--approvals", help="Approved-tasks file.")] = None,
+) -> None:
+    """Validate local data against the task's schema, without any network access."""
+    from flowerbed.client.node import check_node_data
+    from flowerbed.privacy.provisioning import load_kit
+
+    name = site or (load_kit(kit).site if kit else data.stem)
+    extra = {"approvals": str(approvals)} if approvals else {}
+    result = check_node_data(data, name, _experiment(experiment), extra)
+    classes = ", ".join(f"{label}: {count}" for label, count in result.class_counts.items())
+    console.print(f"[green]ok[/] {result.path} for site [bold]{result.site}[/] ({result.dataset}, task {result.task})")
+    console.print(f"  {result.num_train} training rows, {result.num_test} test rows, {result.num_features} features")
+    console.print(f"  training labels: {classes}")
+    for note in result.notes:
+        console.print(f"  note: {note}")
+    console.print("  nothing was sent anywhere")
+
+
+def node_start_command(
+    data: DataOption,
+    kit: KitOption = None,
+    ledger: Annotated[Path | None, typer.Option("--ledger", help="Privacy ledger (SQLite) for DP runs.")] = None,
+    budget_epsilon: Annotated[
+        float | None, typer.Option("--budget-epsilon", help="This hospital's total epsilon budget per dataset.")
+    ] = None,
+    budget_delta: Annotated[float | None, typer.Option("--budget-delta", help="Delta of the budget.")] = None,
+    approvals: Annotated[Path | None, typer.Option("--approvals", help="Approved-tasks file.")] = None,
+    state: Annotated[Path | None, typer.Option("--state", help="Node state folder (default: KIT/state).")] = None,
+    runtime_port: Annotated[int, typer.Option("--runtime-port", help="Local Runtime API port.")] = 9094,
+    connect_timeout: Annotated[
+        float, typer.Option("--connect-timeout", help="Give up if the coordinator is unreachable this long (s).")
+    ] = 600.0,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: a trial on one machine only.")
+    ] = False,
+    coordinator: Annotated[
+        str | None, typer.Option("--coordinator", help="host:port (default: the kit's; required without a kit).")
+    ] = None,
+    site: Annotated[str | None, typer.Option("--site", help="Site name (default: the kit's).")] = None,
+) -> None:
+    """Join the federation: a Flower SuperNode with this kit's CA and key, serving local data."""
+    from flowerbed.client.node import Node, NodeSettings
+    from flowerbed.privacy.provisioning import load_kit
+
+    loaded = load_kit(kit) if kit else None
+    if loaded is None and not insecure:
+        raise NodeError("give --kit KIT (the folder the coordinator sent); only --insecure runs without one")
+    address = coordinator or (loaded.coordinator if loaded else None)
+    name = site or (loaded.site if loaded else None)
+    if not address or not name:
+        raise NodeError("without a kit, give --coordinator HOST:PORT and --site NAME")
+    data = data.expanduser().resolve()
+    if not data.exists():
+        raise NodeError(f"--data {data}: no such file")
+    state_dir = state or ((loaded.folder / "state") if loaded else Path.cwd() / f"node-state-{name}")
+    extra = {
+        "ledger": str(ledger.expanduser().resolve()) if ledger else None,
+        "budget-epsilon": budget_epsilon,
+        "budget-delta": budget_delta,
+        "approvals": str(approvals.expanduser().resolve()) if approvals else None,
+    }
+    settings = NodeSettings(
+        site=name,
+        coordinator=address,
+        data_path=data,
+        state_dir=state_dir.expanduser().resolve(),
+        kit=loaded,
+        insecure=insecure,
+        runtime_port=runtime_port,
+        connect_timeout=connect_timeout,
+        extra=extra,
+    )
+    node = Node(settings)
+    node.start()
+    raise typer.Exit(node.wait())
+
+
+def node_approve_command(
+    task: Annotated[str, typer.Argument(help="The user task, package.module:attr.")],
+    approvals: Annotated[Path | None, typer.Option("--approvals", help="Approved-tasks file.")] = None,
+    revoke: Annotated[bool, typer.Option("--revoke", help="Withdraw the approval instead.")] = False,
+) -> None:
+    """Allow a user task on this node: record the SHA-256 of its installed source."""
+    from flowerbed.client.approval import approve_task, default_approvals_path, revoke_task
+
+    path = approvals or default_approvals_path()
+    if revoke:
+        done = revoke_task(task, path)
+        console.print(f"{'revoked' if done else 'was not approved:'} {task} ({path})")
+        return
+    source = approve_task(task, path)
+    console.print(f"approved [bold]{task}[/]: sha256 {source.sha256}")
+    for file in source.files:
+        console.print(f"  {file}")
+    console.print(f"recorded in {path}; any later change to these files needs a new approval")
+
+
+def register_node_commands(node_app: typer.Typer) -> None:
+    """Add ``check``, ``start`` and ``approve`` to the ``node`` group."""
+    node_app.command("check")(node_check_command)
+    node_app.command("start")(node_start_command)
+    node_app.command("approve")(node_approve_command)

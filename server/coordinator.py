@@ -1,0 +1,341 @@
+"""The coordinator: Flower's SuperLink started with TLS, node authentication and persistent state.
+
+``flowerbed coordinator start FEDERATION.toml`` runs ``flower-superlink`` with
+
+- TLS from the provisioned CA and coordinator certificate (``--ssl-*``),
+- node authentication (``--enable-supernode-auth``): only hospitals whose public key the operator
+  registered may connect; every kit's key is registered through Flower's Control API
+  (``flwr supernode register``) once the SuperLink answers,
+- a persistent SQLite database (``--database``) in the federation's state folder, so runs and
+  registered nodes survive a restart,
+- ``--disable-runtime-dependency-installation``: nothing is installed per run; the ServerApp is the
+  coordinator's installed flowerbed.
+
+Everything the coordinator keeps lives in the state folder (``[coordinator] state``)::
+
+    superlink.db           Flower's state (runs, nodes)
+    superlink.log          the SuperLink's log
+    flwr-home/config.toml  the Flower CLI connection ``flowerbed`` used by ``flowerbed run ...``
+    registered-nodes.json  site -> node id and public key, to revoke a rotated or removed key
+    runs/                  run folders (final model, metrics, reports)
+
+``--insecure`` starts the SuperLink without TLS and without node authentication (Flower allows
+authentication only over TLS), for a trial on one machine; it prints a warning on every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowerbed.exception import ConfigError, NodeError
+from flowerbed.privacy.federation_config import FederationConfig
+from flowerbed.privacy.provisioning import ProvisionPaths
+
+CONNECTION = "flowerbed"
+INSECURE_WARNING = (
+    "WARNING: the coordinator runs with --insecure: no TLS (model updates cross the network "
+    "unencrypted) and no node authentication (any machine that reaches the port can join). "
+    "Use it only for a trial on one machine or a closed test network."
+)
+LOOPBACK_BINDS = {"0.0.0.0", "127.0.0.1", "localhost", "::", "[::]"}
+
+
+@dataclass(frozen=True)
+class CoordinatorPaths:
+    """Files in the coordinator's state folder."""
+
+    state: Path
+
+    @property
+    def database(self) -> Path:
+        return self.state / "superlink.db"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state / "superlink.log"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state / "flwr-home"
+
+    @property
+    def registry(self) -> Path:
+        return self.state / "registered-nodes.json"
+
+    @property
+    def runs(self) -> Path:
+        return self.state / "runs"
+
+    @property
+    def insecure_marker(self) -> Path:
+        return self.state / "INSECURE"
+
+
+def local_address(federation: FederationConfig) -> str:
+    """The address operator commands on the coordinator's machine use to reach the SuperLink."""
+    host = federation.coordinator.bind_host
+    if host in LOOPBACK_BINDS:
+        host = "127.0.0.1"
+    return f"{host}:{federation.coordinator.port}"
+
+
+def flower_env(federation: FederationConfig) -> dict[str, str]:
+    """Environment for Flower processes and ``flwr`` commands of this coordinator."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(CoordinatorPaths(federation.state_dir).flwr_home)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def write_cli_connection(federation: FederationConfig, insecure: bool) -> Path:
+    """Write the Flower CLI connection ``flowerbed`` into the coordinator's Flower home.
+
+    ``flwr run``, ``flwr ls``, ``flwr log``, ``flwr stop`` and ``flwr supernode register`` then reach
+    this SuperLink's Control API with the federation CA (or without TLS when insecure).
+    """
+    paths = CoordinatorPaths(federation.state_dir)
+    paths.flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{local_address(federation)}"',
+    ]
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{ProvisionPaths(federation.output_dir).coordinator_ca}"')
+    config = paths.flwr_home / "config.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def superlink_command(federation: FederationConfig, *, insecure: bool = False) -> list[str]:
+    """The ``flower-superlink`` command line for this federation.
+
+    Raises
+    ------
+    ConfigError
+        When TLS files are missing (run ``flowerbed provision`` first).
+    """
+    paths = CoordinatorPaths(federation.state_dir)
+    command = [
+        _executable("flower-superlink"),
+        "--host",
+        federation.coordinator.bind_host,
+        "--port",
+        str(federation.coordinator.port),
+        "--database",
+        str(paths.database),
+        "--disable-runtime-dependency-installation",
+        "--log-file",
+        str(paths.log_file),
+    ]
+    if insecure:
+        return [*command, "--insecure"]
+    tls = ProvisionPaths(federation.output_dir)
+    missing = [p for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            str(federation.output_dir),
+            [f"{p} is missing: run `flowerbed provision FEDERATION.toml` first" for p in missing],
+        )
+    return [
+        *command,
+        "--ssl-ca-certfile",
+        str(tls.ca_cert),
+        "--ssl-certfile",
+        str(tls.server_cert),
+        "--ssl-keyfile",
+        str(tls.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def _executable(name: str) -> str:
+    """A Flower console script from this interpreter's environment, else from PATH."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else shutil.which(name) or name
+
+
+def wait_until_ready(
+    federation: FederationConfig, *, insecure: bool, timeout: float = 60.0, process: subprocess.Popen | None = None
+) -> None:
+    """Wait until the SuperLink answers its health endpoint.
+
+    Raises
+    ------
+    NodeError
+        If the process exits or the SuperLink does not answer within ``timeout`` seconds.
+    """
+    import httpx
+
+    scheme = "http" if insecure else "https"
+    url = f"{scheme}://{local_address(federation)}/health"
+    verify: bool | str = False if insecure else str(ProvisionPaths(federation.output_dir).coordinator_ca)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise NodeError(
+                f"flower-superlink exited with code {process.returncode} before it was ready; "
+                f"see {CoordinatorPaths(federation.state_dir).log_file}"
+            )
+        try:
+            if httpx.get(url, verify=verify, timeout=2.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise NodeError(f"the coordinator did not answer at {url} within {timeout:.0f} s")
+
+
+def _flwr(federation: FederationConfig, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_executable("flwr"), *args],
+        env=flower_env(federation),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _json_tail(text: str) -> dict:
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def register_nodes(federation: FederationConfig, log: Callable[[str], None] = print) -> dict[str, int]:
+    """Register every provisioned site's public key; revoke keys that were rotated or removed.
+
+    Idempotent: a key Flower already knows is left as it is. Returns site -> Flower node id for
+    the keys registered by this or an earlier call.
+
+    Raises
+    ------
+    NodeError
+        If Flower refuses a key for another reason than "already registered".
+    """
+    paths = CoordinatorPaths(federation.state_dir)
+    tls = ProvisionPaths(federation.output_dir)
+    registry: dict[str, dict] = json.loads(paths.registry.read_text()) if paths.registry.exists() else {}
+    for site in federation.site_names():
+        key_file = tls.registered_key(site)
+        if not key_file.is_file():
+            log(f"site {site}: no key in {key_file}; run `flowerbed provision` to make its kit")
+            continue
+        public = key_file.read_text().strip()
+        known = registry.get(site)
+        result = _flwr(federation, "supernode", "register", str(key_file), CONNECTION, "--format", "json")
+        reply = _json_tail(result.stdout)
+        if reply.get("success"):
+            if known and known.get("node_id") and known.get("public_key") != public:
+                _unregister(federation, int(known["node_id"]), f"old key of {site}", log)
+            registry[site] = {"public_key": public, "node_id": int(reply["node-id"])}
+            log(f"site {site}: key registered (node {reply['node-id']})")
+        elif "already in use" in reply.get("error-message", ""):
+            log(f"site {site}: key already registered")
+            if known is not None and known.get("public_key") != public:
+                registry.pop(site)
+        else:
+            message = reply.get("error-message") or result.stderr.strip() or result.stdout.strip()
+            raise NodeError(f"site {site}: the coordinator refused key {key_file}: {message}")
+    for site in sorted(set(registry) - set(federation.site_names())):
+        _unregister(federation, int(registry[site]["node_id"]), f"site {site} (no longer in the file)", log)
+        del registry[site]
+    paths.registry.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    return {site: int(entry["node_id"]) for site, entry in registry.items()}
+
+
+def _unregister(federation: FederationConfig, node_id: int, what: str, log: Callable[[str], None]) -> None:
+    result = _flwr(federation, "supernode", "unregister", str(node_id), CONNECTION, "--format", "json")
+    ok = _json_tail(result.stdout).get("success")
+    log(f"{what}: {'revoked' if ok else 'could not be revoked (already gone?)'} (node {node_id})")
+
+
+class Coordinator:
+    """A running SuperLink for one federation (start, register nodes, stop).
+
+    Parameters
+    ----------
+    federation : FederationConfig
+        The validated federation file.
+    insecure : bool (default: False)
+        No TLS and no node authentication; prints ``INSECURE_WARNING``.
+    """
+
+    def __init__(self, federation: FederationConfig, *, insecure: bool = False) -> None:
+        self.federation = federation
+        self.insecure = insecure
+        self.paths = CoordinatorPaths(federation.state_dir)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, *, timeout: float = 60.0, log: Callable[[str], None] = print) -> None:
+        """Start the SuperLink, wait until it answers, and register the provisioned nodes."""
+        if self.insecure:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        command = superlink_command(self.federation, insecure=self.insecure)
+        self.paths.state.mkdir(parents=True, exist_ok=True)
+        self.paths.runs.mkdir(exist_ok=True)
+        write_cli_connection(self.federation, self.insecure)
+        if self.insecure:
+            self.paths.insecure_marker.write_text(INSECURE_WARNING + "\n")
+        else:
+            self.paths.insecure_marker.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.paths.state,
+            env=flower_env(self.federation),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until_ready(self.federation, insecure=self.insecure, timeout=timeout, process=self.process)
+            if not self.insecure:
+                register_nodes(self.federation, log)
+        except BaseException:
+            self.stop()
+            raise
+        log(
+            f"coordinator listening on {self.federation.coordinator.address} "
+            f"({'INSECURE' if self.insecure else 'TLS, node authentication'}); state in {self.paths.state}"
+        )
+
+    def wait(self) -> int:
+        """Block until the SuperLink exits; forward SIGINT/SIGTERM to it."""
+        if self.process is None:
+            return 0
+
+        def forward(signum: int, _frame: object) -> None:
+            self.stop()
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        return self.process.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the SuperLink and every process it started (its process group)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)

@@ -1,0 +1,195 @@
+"""The coordinator operator's commands: ``provision``, ``coordinator start``, ``run ...``.
+
+Thin typer wrappers over ``flowerbed.privacy.provisioning``, ``flowerbed.server.coordinator`` and
+``flowerbed.server.run_control``; the library functions are what tests call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flowerbed.privacy.federation_config import FederationConfig, append_site, load_federation
+
+console = Console(highlight=False)
+
+FederationOption = Annotated[
+    Path,
+    typer.Option(
+        "--federation",
+        "-f",
+        help="The federation file (default: $FLOWERBED_FEDERATION, else ./federation.toml).",
+    ),
+]
+
+
+def _federation(path: Path | None) -> FederationConfig:
+    default = os.environ.get("FLOWERBED_FEDERATION", "federation.toml")
+    return load_federation(path or Path(default))
+
+
+def provision_command(
+    federation_file: Annotated[Path, typer.Argument(help="The federation file (federation.toml).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace existing node keys and the coordinator certificate.")
+    ] = False,
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="Only (re)make this site's kit (repeatable).")
+    ] = None,
+    add_site: Annotated[
+        str | None, typer.Option("--add-site", help="Add a hospital to the file and make its kit.")
+    ] = None,
+    contact: Annotated[str, typer.Option("--contact", help="With --add-site: who runs the node.")] = "",
+    ca_days: Annotated[int | None, typer.Option("--ca-days", min=1, help="CA validity (days).")] = None,
+    server_days: Annotated[
+        int | None, typer.Option("--server-days", min=1, help="Coordinator certificate validity (days).")
+    ] = None,
+) -> None:
+    """Make the federation's CA, the coordinator's TLS certificate and one start-up kit per hospital."""
+    from flowerbed.privacy.provisioning import provision
+
+    sites = list(site) if site else None
+    if add_site:
+        if append_site(federation_file, add_site, contact):
+            console.print(f"added site [bold]{add_site}[/] to {federation_file}")
+        sites = [*(sites or []), add_site]
+    federation = load_federation(federation_file)
+    report = provision(federation, sites=sites, force=force, ca_days=ca_days, server_days=server_days)
+    root = federation.output_dir
+    for path in report.created:
+        console.print(f"  created {path.relative_to(root)}")
+    if report.kept:
+        console.print(f"  kept {len(report.kept)} existing keys and certificates (use --force to replace them)")
+    for name, kit in report.kits.items():
+        console.print(f"kit for [bold]{name}[/]: {kit}  (send this folder to the hospital's IT)")
+    console.print(f"coordinator files: {root / 'coordinator'}; keep {root / 'ca' / 'ca.key'} offline")
+
+
+def coordinator_start_command(
+    federation_file: Annotated[Path, typer.Argument(help="The federation file (federation.toml).")],
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: a trial on one machine only.")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the SuperLink.")] = 60.0,
+) -> None:
+    """Start the coordinator (Flower SuperLink with TLS, node authentication, persistent state)."""
+    from flowerbed.server.coordinator import Coordinator
+
+    coordinator = Coordinator(load_federation(federation_file), insecure=insecure)
+    coordinator.start(timeout=timeout, log=console.print)
+    raise typer.Exit(coordinator.wait())
+
+
+def run_start_command(
+    experiment: Annotated[Path, typer.Argument(help="The experiment file (.toml).")],
+    federation: FederationOption = None,  # type: ignore[assignment]
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a key, e.g. --set rounds=3 (repeatable).")
+    ] = None,
+    nodes: Annotated[
+        int | None, typer.Option("--nodes", min=1, help="Hospitals to wait for (default: the federation's sites).")
+    ] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Follow the run's log.")] = False,
+) -> None:
+    """Start a federated run of an experiment on the coordinator."""
+    from flowerbed.server.run_control import start_run
+
+    record = start_run(_federation(federation), experiment, overrides=set_, expected_nodes=nodes, stream=stream)
+    console.print(f"started run [bold]{record.name}[/] (Flower run {record.flower_run_id}); folder {record.run_dir}")
+
+
+def run_status_command(
+    run: Annotated[str | None, typer.Argument(help="Flower run id or run folder name (default: latest).")] = None,
+    federation: FederationOption = None,  # type: ignore[assignment]
+    output_format: Annotated[str, typer.Option("--format", help="default or json")] = "default",
+) -> None:
+    """Show a run's round, the sites that took part, metrics and epsilon per site."""
+    from flowerbed.server.run_control import run_status
+
+    status = run_status(_federation(federation), run)
+    if output_format == "json":
+        print(json.dumps(status, indent=2))
+        return
+    rounds = f"{status['rounds_done']}/{status['rounds'] or '?'}"
+    console.print(f"run [bold]{status['name']}[/] (Flower run {status['flower_run_id']}): {status['status']}")
+    console.print(f"  rounds done: {rounds}{'  (finished)' if status['finished'] else ''}")
+    console.print(f"  last round's sites: {', '.join(status['participants']) or '-'}")
+    for site, reason in (status["refused"] or {}).items():
+        console.print(f"  [red]refused[/] {site}: {reason}")
+    for kind, values in status["metrics"].items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, int | float))
+        console.print(f"  {kind}: {shown}")
+    if status["epsilon"]:
+        eps = ", ".join(f"{site} {value:.3f}" for site, value in status["epsilon"].items())
+        console.print(f"  epsilon per site: {eps} (max {status['epsilon_max']})")
+    console.print(f"  folder: {status['run_dir']}")
+
+
+def run_logs_command(
+    run: Annotated[str | None, typer.Argument(help="Flower run id or run folder name (default: latest).")] = None,
+    federation: FederationOption = None,  # type: ignore[assignment]
+    follow: Annotated[bool, typer.Option("--follow", "-F", help="Stream until the run ends.")] = False,
+) -> None:
+    """Print a run's log (the ServerApp's output)."""
+    from flowerbed.server.run_control import stream_logs
+
+    raise typer.Exit(stream_logs(_federation(federation), run, follow=follow))
+
+
+def run_stop_command(
+    run: Annotated[str | None, typer.Argument(help="Flower run id or run folder name (default: latest).")] = None,
+    federation: FederationOption = None,  # type: ignore[assignment]
+) -> None:
+    """Stop a run; finished rounds stay checkpointed (`flowerbed run resume` continues)."""
+    from flowerbed.server.run_control import stop_run
+
+    record = stop_run(_federation(federation), run)
+    console.print(f"stopped run {record.name}")
+
+
+def run_resume_command(
+    run: Annotated[str | None, typer.Argument(help="Flower run id or run folder name (default: latest).")] = None,
+    federation: FederationOption = None,  # type: ignore[assignment]
+    stream: Annotated[bool, typer.Option("--stream", help="Follow the run's log.")] = False,
+) -> None:
+    """Continue a run from its last checkpoint (after a stop or a coordinator restart)."""
+    from flowerbed.server.run_control import latest_flower_run_id, resume_run
+
+    record = resume_run(_federation(federation), run, stream=stream)
+    console.print(f"resumed run {record.name} as Flower run {latest_flower_run_id(record)}")
+
+
+def run_collect_command(
+    destination: Annotated[Path, typer.Argument(help="A new folder, or a file ending in .tar.gz.")],
+    run: Annotated[str | None, typer.Option("--run", help="Flower run id or folder name (default: latest).")] = None,
+    federation: FederationOption = None,  # type: ignore[assignment]
+) -> None:
+    """Copy a run folder (final model, metrics, summary, plots) off the coordinator."""
+    from flowerbed.server.run_control import collect_run
+
+    path = collect_run(_federation(federation), run, destination)
+    console.print(f"run folder copied to {path}")
+
+
+coordinator_app = typer.Typer(help="Coordinator operator: run the federation's SuperLink.", no_args_is_help=True)
+coordinator_app.command("start")(coordinator_start_command)
+
+run_app = typer.Typer(help="Coordinator operator: start, watch, stop, resume and collect runs.", no_args_is_help=True)
+run_app.command("start")(run_start_command)
+run_app.command("status")(run_status_command)
+run_app.command("logs")(run_logs_command)
+run_app.command("stop")(run_stop_command)
+run_app.command("resume")(run_resume_command)
+run_app.command("collect")(run_collect_command)
+
+
+def register_deploy(app: typer.Typer) -> None:
+    """Add ``provision``, ``coordinator`` and ``run`` to the root app."""
+    app.command("provision")(provision_command)
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(run_app, name="run")

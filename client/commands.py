@@ -12,4 +12,7 @@ node_app.command("budget")(budget_command)
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    from flowerbed.client.node_commands import register_node_commands
+
+    register_node_commands(node_app)
     app.add_typer(node_app, name="node")

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     app.command("resume")(resume)
     app.command("report")(report)
     app.command("sweep")(sweep)
+    app.command("partition")(partition)
 
 
 def simulate(
@@ -106,3 +107,33 @@ def sweep(
     if failed:
         console.print(f"[bold red]{len(failed)} of {len(result.rows)} runs failed[/]: see summary")
         raise typer.Exit(1)
+
+
+def partition(
+    experiment: Annotated[Path, typer.Argument(help="Experiment file (TOML).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a key, e.g. --set data.partition.alpha=0.1."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Also write partition.csv, partition.md, partition.png here."),
+    ] = None,
+) -> None:
+    """Show what every client of an experiment holds (sizes, label histograms); train nothing."""
+    from rich.console import Console
+
+    from flowerbed.experiment import load_experiment
+    from flowerbed.simulations.datasets import load_federation
+    from flowerbed.simulations.partition_summary import (
+        summarize_sites,
+        to_rich_table,
+        write_partition_summary,
+    )
+
+    config = load_experiment(experiment, overrides)
+    summary = summarize_sites(load_federation(config.data, config.seed))
+    console = Console(highlight=False)
+    console.print(to_rich_table(summary, title=f"{config.name}: {config.data.dataset}"))
+    for path in write_partition_summary(summary, out) if out is not None else []:
+        console.print(f"wrote {path}")

@@ -28,6 +28,7 @@ __all__ = [
     "to_csv",
     "to_markdown",
     "to_rich_table",
+    "write_partition_summary",
 ]
 
 
@@ -109,8 +110,10 @@ def to_rich_table(summary: PartitionSummary, title: str | None = None) -> Table:
         title=title,
         caption=f"label skew (mean TV distance to the pooled mix): {summary.skew:.3f}",
     )
-    for i, name in enumerate(summary.header()):
-        table.add_column(name, justify="left" if i == 0 else "right")
+    table.add_column("client", no_wrap=True)
+    table.add_column("samples", justify="right", no_wrap=True)
+    for cls in summary.classes:  # class labels alone keep wide tables on one screen
+        table.add_column(cls, justify="right")
     for row in summary.rows():
         table.add_row(*(str(v) for v in row))
     table.add_section()
@@ -127,9 +130,7 @@ def to_markdown(summary: PartitionSummary) -> str:
     ]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in summary.rows()]
     lines.append("")
-    lines.append(
-        f"Label skew (mean total-variation distance to the pooled mix): {summary.skew:.3f}"
-    )
+    lines.append(f"Label skew (mean total-variation distance to the pooled mix): {summary.skew:.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -170,3 +171,13 @@ def plot_partition(summary: PartitionSummary, path: str | Path, title: str | Non
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_partition_summary(summary: PartitionSummary, folder: str | Path) -> list[Path]:
+    """Write ``partition.csv``, ``partition.md`` and ``partition.png`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "partition.csv").write_text(to_csv(summary))
+    (folder / "partition.md").write_text(to_markdown(summary))
+    png = plot_partition(summary, folder / "partition.png")
+    return [folder / "partition.csv", folder / "partition.md", png]

@@ -25,9 +25,7 @@ from flowerbed.tasks.task import DataSchema, SiteData
 
 def _digits_summary(alpha: float = 0.3, clients: int = 12):
     labels = load_digits().target
-    parts = partition(
-        labels, PartitionConfig(kind="dirichlet", num_clients=clients, alpha=alpha), 0
-    )
+    parts = partition(labels, PartitionConfig(kind="dirichlet", num_clients=clients, alpha=alpha), 0)
     return labels, parts, summarize_partition(labels, parts)
 
 
@@ -83,3 +81,19 @@ def test_summarize_sites_counts_train_and_test_labels() -> None:
     summary = summarize_sites(sites)
     assert summary.clients == ("a", "b")
     assert summary.counts.tolist() == [[2, 1, 1], [0, 3, 0]]
+
+
+def test_partition_command_shows_and_writes_the_split(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flowerbed.cli import _register, app
+
+    _register()
+    experiment = Path(__file__).resolve().parents[1] / "simulations/experiments/digits_dirichlet.toml"
+    args = ["partition", str(experiment), "--set", "data.partition.num_clients=5"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "total" in result.output and "1797" in result.output
+    rows = list(csv.reader((tmp_path / "partition.csv").open()))
+    assert len(rows) == 6 and sum(int(r[1]) for r in rows[1:]) == 1797
+    assert (tmp_path / "partition.png").read_bytes()[:4] == b"\x89PNG"

@@ -95,16 +95,20 @@ def combine(shares: Sequence[bytes], threshold: int) -> bytes:
 
 
 def _interpolate(points: Sequence[tuple[int, int]], at: int) -> int:
-    """Value at ``at`` of the polynomial through ``points`` (Lagrange, mod PRIME)."""
-    total = 0
+    """Value at ``at`` of the polynomial through ``points`` (Lagrange, mod PRIME).
+
+    The terms are summed as one fraction, so a single modular inversion is needed.
+    """
+    num_total, den_total = 0, 1
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        num_total = (num_total * den + yi * num * den_total) % PRIME
+        den_total = den_total * den % PRIME
+    return num_total * pow(den_total, -1, PRIME) % PRIME
 
 
 def _encode(x: int, length: int, y: int) -> bytes:

@@ -123,6 +123,8 @@ def secure_train_round(
         site = site_of.get(node, f"node {node}")
         outcome.refused.setdefault(site, f"dropped out of secure aggregation at {stage}")
     survivors = {site_of[n] for n in result.survivors}
+    for site in survivors:  # a node lost while unmasking already sent its input: it took part
+        outcome.refused.pop(site, None)
     outcome.accepted = sorted(
         ((s, m) for s, m in exchange.site_metrics.items() if s in survivors), key=lambda pair: pair[0]
     )

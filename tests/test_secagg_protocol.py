@@ -273,7 +273,7 @@ def test_everything_the_server_receives_is_masked() -> None:
 def test_the_modulus_never_wraps_at_the_worst_case(sign: float) -> None:
     # The worst case: every node at the maximum weight, every entry at the clipping bound.
     # These parameters need exactly 32 bits, the smallest modulus: any larger sum would wrap.
-    n, bits, max_weight = 128, 16, 2**9 - 1
+    n, bits, max_weight = 8, 16, 2**13
     params = derive_params(
         n, 64, quantization_bits=bits, max_weight=float(max_weight), stochastic_rounding=False
     )

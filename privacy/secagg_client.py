@@ -90,15 +90,12 @@ class SecAggClient:
             return self.share_keys(request)
         if stage == "masked_input":
             if update is None or weight is None:
-                raise SecureAggregationError(
-                    f"node {self.node_id}: the masked_input stage needs the update and weight"
-                )
+                raise SecureAggregationError(f"node {self.node_id}: the masked_input stage needs the update and weight")
             return self.masked_input(request, update, weight)
         if stage == "unmask":
             return self.unmask(request)
         raise SecureAggregationError(
-            f"node {self.node_id}: unknown secure-aggregation stage {stage!r} "
-            f"(expected one of {', '.join(STAGES)})"
+            f"node {self.node_id}: unknown secure-aggregation stage {stage!r} (expected one of {', '.join(STAGES)})"
         )
 
     def _enter(self, request: dict[str, Any], stage: str) -> None:
@@ -144,8 +141,7 @@ class SecAggClient:
         own = (public_key_of(self.channel_sk), public_key_of(self.mask_sk))
         if roster.get(me) != own:
             raise SecureAggregationError(
-                f"node {me}: the roster does not carry this node's own public keys; refusing "
-                "to share secrets"
+                f"node {me}: the roster does not carry this node's own public keys; refusing to share secrets"
             )
         keys = [k for pair in roster.values() for k in pair]
         if len(roster) != len(nodes) or len(set(keys)) != len(keys):
@@ -154,8 +150,7 @@ class SecAggClient:
             )
         if len(roster) < params.threshold:
             raise SecureAggregationError(
-                f"node {me}: roster has {len(roster)} nodes, fewer than the threshold "
-                f"{params.threshold}"
+                f"node {me}: roster has {len(roster)} nodes, fewer than the threshold {params.threshold}"
             )
         self.roster = roster
         graph = neighbour_graph(nodes, params.neighbours, graph_seed(self.session, roster))
@@ -163,8 +158,7 @@ class SecAggClient:
         holders = sorted(self.neighbours | {me})
         if len(holders) < params.threshold:
             raise SecureAggregationError(
-                f"node {me}: {len(holders)} share holders, fewer than the threshold "
-                f"{params.threshold}"
+                f"node {me}: {len(holders)} share holders, fewer than the threshold {params.threshold}"
             )
         xs = [self._point(n) for n in holders]
         self.self_seed = os.urandom(32)
@@ -190,9 +184,7 @@ class SecAggClient:
         return {"to": to, "ciphertexts": ciphertexts}
 
     # ------------------------------------------------------------------ stage 3
-    def masked_input(
-        self, request: dict[str, Any], update: np.ndarray, weight: float
-    ) -> dict[str, Any]:
+    def masked_input(self, request: dict[str, Any], update: np.ndarray, weight: float) -> dict[str, Any]:
         """Decrypt the neighbours' shares, reply with the masked, quantized, weighted update."""
         self._enter(request, "masked_input")
         params = self._params()
@@ -200,9 +192,7 @@ class SecAggClient:
         senders = [int(s) for s in request["from"]]
         ciphertexts = list(request["ciphertexts"])
         if len(senders) != len(ciphertexts):
-            raise SecureAggregationError(
-                f"node {me}: {len(senders)} senders but {len(ciphertexts)} ciphertexts"
-            )
+            raise SecureAggregationError(f"node {me}: {len(senders)} senders but {len(ciphertexts)} ciphertexts")
         if len(set(senders)) != len(senders):
             raise SecureAggregationError(
                 f"node {me}: a share arrived twice from the same node (replayed); round aborted"
@@ -210,9 +200,7 @@ class SecAggClient:
         my_point = self._point(me)
         for sender, blob in zip(senders, ciphertexts, strict=True):
             if sender not in self.neighbours:
-                raise SecureAggregationError(
-                    f"node {me}: got a share from node {sender}, which is not a neighbour"
-                )
+                raise SecureAggregationError(f"node {me}: got a share from node {sender}, which is not a neighbour")
             key = agree(
                 self.channel_sk,
                 self.roster[sender][0],
@@ -228,9 +216,7 @@ class SecAggClient:
                 shamir.share_point(s_share),
                 shamir.share_point(k_share),
             } != {my_point}:
-                raise SecureAggregationError(
-                    f"node {me}: shares from node {sender} are not addressed to this node"
-                )
+                raise SecureAggregationError(f"node {me}: shares from node {sender} are not addressed to this node")
             self.seed_shares[sender], self.key_shares[sender] = s_share, k_share
         if len(senders) + 1 < params.threshold:
             raise SecureAggregationError(
@@ -269,13 +255,11 @@ class SecAggClient:
             )
         if me not in survivors:
             raise SecureAggregationError(
-                f"node {me}: this node sent its input but is listed as dropped; refusing to reveal "
-                "any share"
+                f"node {me}: this node sent its input but is listed as dropped; refusing to reveal any share"
             )
         if len(survivors) < params.threshold:
             raise SecureAggregationError(
-                f"node {me}: only {len(survivors)} nodes survived, threshold is "
-                f"{params.threshold}; refusing to unmask"
+                f"node {me}: only {len(survivors)} nodes survived, threshold is {params.threshold}; refusing to unmask"
             )
         held = set(self.seed_shares)
         seed_owners = sorted(held & survivors)
@@ -331,17 +315,13 @@ class SecAggClient:
         client.stage = str(record["stage"])
         client.round_id = int(record["round"])
         client.session = bytes(record["session"])
-        params = {
-            k[len(PARAM_PREFIX) :]: v for k, v in record.items() if k.startswith(PARAM_PREFIX)
-        }
+        params = {k[len(PARAM_PREFIX) :]: v for k, v in record.items() if k.startswith(PARAM_PREFIX)}
         client.params = SecAggParams.from_payload(params) if params else None
         client.channel_sk = bytes(record["channel_sk"])
         client.mask_sk = bytes(record["mask_sk"])
         client.roster = {
             int(n): (bytes(c), bytes(m))
-            for n, c, m in zip(
-                record["nodes"], record["channel_pks"], record["mask_pks"], strict=True
-            )
+            for n, c, m in zip(record["nodes"], record["channel_pks"], record["mask_pks"], strict=True)
         }
         client.neighbours = frozenset(int(n) for n in record["neighbours"])
         client.self_seed = bytes(record["self_seed"])

@@ -37,23 +37,17 @@ def node_bytes(node_id: int) -> bytes:
 def generate_keypair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as raw bytes: ``(private_key, public_key)``, 32 bytes each."""
     private = X25519PrivateKey.generate()
-    public = private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return private.private_bytes_raw(), public
 
 
 def public_key_of(private_key: bytes) -> bytes:
     """The raw X25519 public key that belongs to a raw private key."""
     private = X25519PrivateKey.from_private_bytes(private_key)
-    return private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def agree(
-    private_key: bytes, public_key: bytes, *, session: bytes, purpose: bytes, a: int, b: int
-) -> bytes:
+def agree(private_key: bytes, public_key: bytes, *, session: bytes, purpose: bytes, a: int, b: int) -> bytes:
     """A 32-byte key shared by nodes ``a`` and ``b``: X25519, then HKDF-SHA256.
 
     Parameters
@@ -125,9 +119,7 @@ def decrypt_share(
             f"({len(blob)} bytes); the round is aborted at node {receiver}"
         )
     try:
-        return ChaCha20Poly1305(key).decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data
-        )
+        return ChaCha20Poly1305(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated_data)
     except InvalidTag:
         raise SecureAggregationError(
             f"round {round_id}: share from node {sender} to node {receiver} failed authentication "

@@ -92,8 +92,7 @@ class SecAggParams:
             out.append(f"dimension = {self.dimension} must be >= 1")
         if not 1 <= self.neighbours <= max(self.num_nodes - 1, 1):
             out.append(
-                f"secagg.neighbours = {self.neighbours} must be between 1 and "
-                f"num_nodes - 1 = {self.num_nodes - 1}"
+                f"secagg.neighbours = {self.neighbours} must be between 1 and num_nodes - 1 = {self.num_nodes - 1}"
             )
         elif self.neighbours % 2 and self.neighbours != self.num_nodes - 1:
             out.append(
@@ -119,10 +118,7 @@ class SecAggParams:
         if not (math.isfinite(self.weight_resolution) and self.weight_resolution > 0):
             out.append(f"secagg.weight_resolution = {self.weight_resolution} must be > 0")
         elif not (math.isfinite(self.max_weight) and self.max_weight >= self.weight_resolution):
-            out.append(
-                f"secagg.max_weight = {self.max_weight} must be >= weight_resolution "
-                f"({self.weight_resolution})"
-            )
+            out.append(f"secagg.max_weight = {self.max_weight} must be >= weight_resolution ({self.weight_resolution})")
         if not out and self.required_bits > 64:
             out.append(
                 f"the sum needs {self.required_bits} bits (> 64): lower secagg.quantization_bits "

@@ -25,9 +25,7 @@ from flowerbed.privacy.secagg_params import SecAggParams
 _TWO32 = float(1 << 32)
 
 
-def quantize(
-    update: np.ndarray, *, clip_range: float, levels: int, stochastic: bool
-) -> tuple[np.ndarray, int]:
+def quantize(update: np.ndarray, *, clip_range: float, levels: int, stochastic: bool) -> tuple[np.ndarray, int]:
     """Clip to ``[-clip_range, clip_range]`` and quantize to integers in ``[-levels, levels]``.
 
     Parameters
@@ -75,9 +73,7 @@ def weight_units(weight: float, params: SecAggParams, node_id: int | str = "?") 
         If the weight is negative, not finite or above ``secagg.max_weight``.
     """
     if not math.isfinite(weight) or weight < 0:
-        raise SecureAggregationError(
-            f"node {node_id}: weight {weight} must be a finite number >= 0"
-        )
+        raise SecureAggregationError(f"node {node_id}: weight {weight} must be a finite number >= 0")
     units = round(weight / params.weight_resolution)
     if units > params.max_weight_units:
         raise SecureAggregationError(
@@ -105,8 +101,7 @@ def encode_input(
         )
     if not np.all(np.isfinite(flat)):
         raise SecureAggregationError(
-            f"node {node_id}: update has NaN or infinite entries; training diverged "
-            "(lower the learning rate)"
+            f"node {node_id}: update has NaN or infinite entries; training diverged (lower the learning rate)"
         )
     units = weight_units(weight, params, node_id)
     q, out_of_range = quantize(

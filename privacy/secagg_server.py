@@ -115,9 +115,7 @@ class SecAggServer:
                 f"{stage!r}, the round is at {self.stage!r}"
             )
 
-    def _collect(
-        self, replies: dict[int, dict[str, Any]], expected: list[int], stage: str, check: Any
-    ) -> list[int]:
+    def _collect(self, replies: dict[int, dict[str, Any]], expected: list[int], stage: str, check: Any) -> list[int]:
         alive = []
         for node in expected:
             reply = replies.get(node)
@@ -148,9 +146,7 @@ class SecAggServer:
         self._expect("advertise")
 
         def ok(_: int, r: dict[str, Any]) -> bool:
-            return all(
-                isinstance(r.get(k), bytes) and len(r[k]) == 32 for k in ("channel_pk", "mask_pk")
-            )
+            return all(isinstance(r.get(k), bytes) and len(r[k]) == 32 for k in ("channel_pk", "mask_pk"))
 
         alive = self._collect(replies, self.sampled, "advertise", ok)
         if len(alive) < self.params.threshold:
@@ -160,9 +156,7 @@ class SecAggServer:
         if len(set(keys)) != len(keys):
             raise self._fail("two nodes sent the same public key")
         self._order = {n: i for i, n in enumerate(sorted(self.roster))}
-        self.graph = neighbour_graph(
-            alive, self.params.neighbours, graph_seed(self.session, self.roster)
-        )
+        self.graph = neighbour_graph(alive, self.params.neighbours, graph_seed(self.session, self.roster))
         nodes = sorted(self.roster)
         request = self._header("share_keys")
         request.update(
@@ -208,9 +202,7 @@ class SecAggServer:
         self.sharers = sorted(alive)
         inbox: dict[int, tuple[list[int], list[bytes]]] = {n: ([], []) for n in self.sharers}
         for sender in self.sharers:
-            for receiver, blob in zip(
-                replies[sender]["to"], replies[sender]["ciphertexts"], strict=True
-            ):
+            for receiver, blob in zip(replies[sender]["to"], replies[sender]["ciphertexts"], strict=True):
                 if receiver in alive:
                     inbox[receiver][0].append(sender)
                     inbox[receiver][1].append(blob)
@@ -229,11 +221,7 @@ class SecAggServer:
 
         def ok(_: int, r: dict[str, Any]) -> bool:
             v = r.get("masked")
-            return (
-                isinstance(v, np.ndarray)
-                and v.dtype == params.dtype
-                and v.shape == (params.vector_length,)
-            )
+            return isinstance(v, np.ndarray) and v.dtype == params.dtype and v.shape == (params.vector_length,)
 
         survivors = self._collect(replies, self.sharers, "masked_input", ok)
         if len(survivors) < params.threshold:
@@ -253,9 +241,7 @@ class SecAggServer:
             if set(self.mask_peers[node]) & live:
                 holders = len(self.graph[node] & live)
                 if holders < params.threshold:
-                    raise self._fail(
-                        f"node {node} dropped and only {holders} of its share holders are left"
-                    )
+                    raise self._fail(f"node {node} dropped and only {holders} of its share holders are left")
         request = self._header("unmask") | {"survivors": survivors, "dropped": late}
         self.stage = "unmask"
         return {node: dict(request) for node in survivors}
@@ -274,10 +260,7 @@ class SecAggServer:
                     *zip(r["seed_owners"], r["seed_shares"], strict=True),
                     *zip(r["key_owners"], r["key_shares"], strict=True),
                 ]
-                return all(
-                    isinstance(s, bytes) and shamir.share_point(s) == self._point(node)
-                    for _, s in pairs
-                )
+                return all(isinstance(s, bytes) and shamir.share_point(s) == self._point(node) for _, s in pairs)
             except (KeyError, TypeError, ValueError):
                 return False
 
@@ -309,9 +292,7 @@ class SecAggServer:
         for node in needed_keys:
             mask_sk = self._combine(key_shares[node], node, "mask key")
             if public_key_of(mask_sk) != self.roster[node][1]:
-                raise self._fail(
-                    f"the rebuilt mask key of node {node} does not match its public key"
-                )
+                raise self._fail(f"the rebuilt mask key of node {node} does not match its public key")
             for peer in self.mask_peers[node]:
                 if peer in live:
                     seed = agree(

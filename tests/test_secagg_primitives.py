@@ -166,9 +166,7 @@ def test_bad_parameters_name_the_key_and_the_fix() -> None:
     max_weight=st.integers(1, 2**24),
     dim=st.integers(1, 10**7),
 )
-def test_required_bits_is_the_smallest_width_that_cannot_wrap(
-    n: int, bits: int, max_weight: int, dim: int
-) -> None:
+def test_required_bits_is_the_smallest_width_that_cannot_wrap(n: int, bits: int, max_weight: int, dim: int) -> None:
     try:
         p = derive_params(n, dim, quantization_bits=bits, max_weight=float(max_weight))
     except ConfigError:

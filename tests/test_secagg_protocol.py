@@ -89,9 +89,7 @@ def test_below_threshold_the_round_fails_and_nothing_is_unmasked(stage: str) -> 
         return requests
 
     with pytest.raises(SecureAggregationError, match="nothing is unmasked") as info:
-        run_secure_sum(
-            updates, weights, params, drop_at=dict.fromkeys(ids[:4], stage), intercept=watch
-        )
+        run_secure_sum(updates, weights, params, drop_at=dict.fromkeys(ids[:4], stage), intercept=watch)
     assert "threshold 5" in str(info.value)
     if stage != "unmask":
         assert unmask_requests == []  # no node was ever asked to reveal a share
@@ -120,9 +118,7 @@ def test_server_refuses_to_unmask_with_too_few_shares_before_rebuilding_anything
 def _tamper_one(requests: dict, how) -> dict:
     node = sorted(requests)[0]
     request = dict(requests[node])
-    request["from"], request["ciphertexts"] = how(
-        list(request["from"]), list(request["ciphertexts"])
-    )
+    request["from"], request["ciphertexts"] = how(list(request["from"]), list(request["ciphertexts"]))
     return {**requests, node: request}
 
 
@@ -188,9 +184,7 @@ def test_a_share_replayed_from_an_earlier_round_is_rejected() -> None:
         node = ids[0]
         old = recorded[node]
         request = dict(requests[node])
-        request["ciphertexts"] = [
-            dict(zip(old["from"], old["ciphertexts"], strict=True))[s] for s in request["from"]
-        ]
+        request["ciphertexts"] = [dict(zip(old["from"], old["ciphertexts"], strict=True))[s] for s in request["from"]]
         return {**requests, node: request}
 
     with pytest.raises(SecureAggregationError, match="failed authentication"):
@@ -274,9 +268,7 @@ def test_the_modulus_never_wraps_at_the_worst_case(sign: float) -> None:
     # The worst case: every node at the maximum weight, every entry at the clipping bound.
     # These parameters need exactly 32 bits, the smallest modulus: any larger sum would wrap.
     n, bits, max_weight = 8, 16, 2**13
-    params = derive_params(
-        n, 64, quantization_bits=bits, max_weight=float(max_weight), stochastic_rounding=False
-    )
+    params = derive_params(n, 64, quantization_bits=bits, max_weight=float(max_weight), stochastic_rounding=False)
     assert params.required_bits == 32 and params.modulus_bits == 32
     ids = list(range(1, n + 1))
     updates = {i: np.full(64, sign * 1e6, dtype=np.float32) for i in ids}

@@ -101,7 +101,7 @@ def sweep(
             console.print(f"[{index + 1}/{len(plan.experiments)}] {plan.label(index)}")
         return
     result = run_sweep(sweep_file, folder=out, progress=None if quiet else console.print)
-    console.print(result.markdown_path.read_text(), markup=False)
+    typer.echo(result.markdown_path.read_text())  # unwrapped, ready to paste
     console.print(f"sweep folder: {result.folder}")
     failed = [row for row in result.rows if row.error]
     if failed:

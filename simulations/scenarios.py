@@ -143,9 +143,7 @@ def late_joiners(population: Iterable[str], scenario: ScenarioConfig, seed: int)
     return frozenset(ranked[:count])
 
 
-def is_active(
-    site: str, round: int, population: Iterable[str], scenario: ScenarioConfig, seed: int
-) -> bool:
+def is_active(site: str, round: int, population: Iterable[str], scenario: ScenarioConfig, seed: int) -> bool:
     """Whether ``site`` has joined by ``round``; the round loop may sample among active sites."""
     return round >= scenario.late_join_round or site not in late_joiners(population, scenario, seed)
 

@@ -75,9 +75,7 @@ class Sweep:
 
     def label(self, index: int) -> str:
         """A short legend label, e.g. ``FedAdam, alpha=0.1``."""
-        return ", ".join(
-            _short(k, v) for k, v in zip(self.keys, self.combinations[index], strict=True)
-        )
+        return ", ".join(_short(k, v) for k, v in zip(self.keys, self.combinations[index], strict=True))
 
 
 @dataclass
@@ -154,9 +152,7 @@ def load_sweep(path: str | Path, *, check_data: bool = True) -> Sweep:
     combinations = tuple(itertools.product(*(grid[k] for k in keys)))
     experiments = []
     for index, combo in enumerate(combinations):
-        where = f"{base_path} with " + ", ".join(
-            f"{k}={v!r}" for k, v in zip(keys, combo, strict=True)
-        )
+        where = f"{base_path} with " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo, strict=True))
         data = copy.deepcopy(base)
         for key, value in [*fixed.items(), *zip(keys, combo, strict=True)]:
             apply_override(data, f"{key}={_toml_literal(value, where)}", where)
@@ -223,9 +219,7 @@ def run_sweep(
         try:
             run_dir = simulate(experiment, quiet=quiet)
         except FlowerbedError as exc:
-            rows.append(
-                SweepRow(index, values, label, None, time.perf_counter() - start, error=str(exc))
-            )
+            rows.append(SweepRow(index, values, label, None, time.perf_counter() - start, error=str(exc)))
             say(f"[{index + 1}/{total}] failed: {exc}")
             continue
         seconds = time.perf_counter() - start
@@ -270,7 +264,8 @@ def _overlay(path: Path, rows: list[SweepRow], name: str) -> Path:
     wanted = ["central accuracy", "federated accuracy", "central loss", "federated loss"]
     chosen = {k: panels[k] for k in wanted if k in panels} or panels
     chosen.update(epsilon_panels(runs, labels) if len(runs) > 1 else {})
-    return plot_panels(chosen, path, title=f"sweep {name}", ncols=min(3, max(1, len(chosen))))
+    ncols = 2 if len(chosen) in (2, 4) else 3
+    return plot_panels(chosen, path, title=f"sweep {name}", ncols=ncols)
 
 
 def _table(keys: tuple[str, ...], rows: list[SweepRow]) -> tuple[list[str], list[list[str]]]:
@@ -279,9 +274,7 @@ def _table(keys: tuple[str, ...], rows: list[SweepRow]) -> tuple[list[str], list
         for key in row.metrics:
             if key != "rounds":
                 seen[key] = None
-    metrics = [m for m in _MAIN_METRICS if m in seen] + sorted(
-        m for m in seen if m not in _MAIN_METRICS
-    )
+    metrics = [m for m in _MAIN_METRICS if m in seen] + sorted(m for m in seen if m not in _MAIN_METRICS)
     header = [*keys, *metrics, "rounds", "seconds", "run"]
     body = []
     for row in rows:
@@ -351,13 +344,9 @@ def _toml_literal(value: Any, where: str) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_literal(v, where) for v in value) + "]"
     if isinstance(value, Mapping):
-        items = ", ".join(
-            f"{json.dumps(str(k))} = {_toml_literal(v, where)}" for k, v in value.items()
-        )
+        items = ", ".join(f"{json.dumps(str(k))} = {_toml_literal(v, where)}" for k, v in value.items())
         return "{" + items + "}"
-    raise ConfigError(
-        where, [f"{value!r}: grid values must be TOML values, not {type(value).__name__}"]
-    )
+    raise ConfigError(where, [f"{value!r}: grid values must be TOML values, not {type(value).__name__}"])
 
 
 def _check_grid_applies(experiment: Experiment, keys: tuple[str, ...], where: str) -> None:
@@ -391,7 +380,5 @@ def _check_data(
         try:
             load_federation(experiment.data, experiment.seed)
         except ConfigError as exc:
-            where = f"{base_path} with " + ", ".join(
-                f"{k}={v!r}" for k, v in zip(keys, combo, strict=True)
-            )
+            where = f"{base_path} with " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo, strict=True))
             raise ConfigError(where, exc.problems) from None

@@ -58,9 +58,7 @@ def test_partition_properties_hold_for_any_input(
     labels = np.random.default_rng(seed).integers(0, num_classes, size=n)
     present = np.unique(labels).size
     k = min(present, max(1, -(-present // num_clients)))
-    config = PartitionConfig(
-        kind=kind, num_clients=num_clients, alpha=alpha, classes_per_client=k, power=1.2
-    )
+    config = PartitionConfig(kind=kind, num_clients=num_clients, alpha=alpha, classes_per_client=k, power=1.2)
     if num_clients > n:
         with pytest.raises(ConfigError, match=r"data\.partition\.num_clients"):
             partition(labels, config, seed)
@@ -88,9 +86,7 @@ def test_label_skew_grows_as_alpha_shrinks(digits_labels: np.ndarray) -> None:
     skews = []
     for alpha in alphas:
         config = PartitionConfig(kind="dirichlet", num_clients=20, alpha=alpha)
-        per_seed = [
-            label_skew(digits_labels, partition(digits_labels, config, s)) for s in range(3)
-        ]
+        per_seed = [label_skew(digits_labels, partition(digits_labels, config, s)) for s in range(3)]
         skews.append(float(np.mean(per_seed)))
     assert all(a < b for a, b in itertools.pairwise(skews)), list(zip(alphas, skews, strict=True))
     iid = PartitionConfig(kind="iid", num_clients=20)

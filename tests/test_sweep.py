@@ -42,8 +42,7 @@ def test_grid_expands_to_every_combination_in_order(tmp_path: Path) -> None:
 def test_whole_sections_can_be_grid_values(tmp_path: Path) -> None:
     path = _sweep_file(
         tmp_path,
-        '[grid]\nstrategy = [{ name = "FedAvg" }, '
-        '{ name = "FedAvgM", args = { server_momentum = 0.5 } }]\n',
+        '[grid]\nstrategy = [{ name = "FedAvg" }, { name = "FedAvgM", args = { server_momentum = 0.5 } }]\n',
     )
     sweep = load_sweep(path, check_data=False)
     assert sweep.experiments[1].strategy.args == {"server_momentum": 0.5}
@@ -64,9 +63,7 @@ def test_whole_sections_can_be_grid_values(tmp_path: Path) -> None:
         ('[grid]\n"data.dataset" = ["mnist-typo"]\n', r"data\.dataset = 'mnist-typo'"),
     ],
 )
-def test_bad_sweeps_fail_before_any_run_naming_the_key(
-    tmp_path: Path, body: str, expected: str
-) -> None:
+def test_bad_sweeps_fail_before_any_run_naming_the_key(tmp_path: Path, body: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_sweep(_sweep_file(tmp_path, body))
     assert not (tmp_path / "sweeps").exists()

@@ -12,6 +12,7 @@ import json
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flowerbed.client.approval import check_task_approved
 from flowerbed.client.local_data import resolve_site
 from flowerbed.client.private_round import train_private_round
 from flowerbed.client.training import evaluate_local, train_local
@@ -46,6 +47,7 @@ def query(message: Message, context: Context) -> Message:
     """Answer the server's discovery: the site's name and its number of training examples."""
     try:
         experiment = experiment_from_message(message)
+        check_task_approved(experiment.task.name, context.node_config)
         site = resolve_site(context, experiment)
     except FlowerbedError as exc:
         return _error_reply(message, context, exc)
@@ -63,6 +65,7 @@ def train(message: Message, context: Context) -> Message:
     """Train the received global model on local data and reply with the new weights."""
     try:
         experiment = experiment_from_message(message)
+        check_task_approved(experiment.task.name, context.node_config)
         site = resolve_site(context, experiment)
         task = resolve_task(experiment.task.name, experiment.task.args)
         device = resolve_device(experiment.task.device)
@@ -88,7 +91,10 @@ def train(message: Message, context: Context) -> Message:
             result = train_local(model, task, site.x_train, site.y_train, experiment.train, seed=seed, device=device)
     except FlowerbedError as exc:
         return _error_reply(message, context, exc)
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss, **dp_metrics})
+    values = {"num-examples": result.num_examples, "train-loss": result.loss}
+    if dp_metrics:  # the loss on private rows carries no noise: under DP it stays at the node
+        values = {"num-examples": result.num_examples, **dp_metrics}
+    metrics = MetricRecord(values)
     content = RecordDict(
         {"arrays": model_to_arrays(model), "metrics": metrics, "site": ConfigRecord({"name": site.name})}
     )
@@ -100,6 +106,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on the site's own test split."""
     try:
         experiment = experiment_from_message(message)
+        check_task_approved(experiment.task.name, context.node_config)
         site = resolve_site(context, experiment)
         task = resolve_task(experiment.task.name, experiment.task.args)
         device = resolve_device(experiment.task.device)

@@ -9,15 +9,20 @@ never from the server's message:
 | ``budget-epsilon`` | most epsilon a local dataset may ever spend (none: recorded, no limit) |
 | ``budget-delta`` | the delta epsilon is measured at (default 1e-5) |
 | ``budget-accountant`` | ``prv`` (default) or ``rdp`` |
+| ``dataset-id`` | a stable name for the local dataset (default: the SHA-256 of the data file) |
 | ``dp-test-seed`` | makes sampling and noise deterministic: tests only, never in production |
 
 A simulated node (``partition-id`` in its config) without ``ledger`` keeps one ledger per run
 under ``$FLOWERBED_SIM_LEDGER_DIR`` (default: the system's temporary folder), so that separate
-simulations do not charge each other's virtual hospitals.
+simulations do not charge each other's virtual hospitals. Simulated hospitals can be given the
+keys above through the environment of the process that runs them:
+``FLOWERBED_SIM_NODE_CONFIG='{"*": {"dp-test-seed": 0}, "switzerland": {"budget-epsilon": 2}}'``
+(``"*"`` for every site, then per site name). Deployed nodes ignore this variable.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -30,7 +35,7 @@ from torch import nn
 
 from flowerbed.client.private_training import train_private
 from flowerbed.client.training import TrainResult
-from flowerbed.exception import NodeError
+from flowerbed.exception import ConfigError, NodeError
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.ledger import Budget, PrivacyLedger, fingerprint_arrays, fingerprint_file
 from flowerbed.privacy.planner import DPPlan, make_plan
@@ -38,6 +43,24 @@ from flowerbed.seeds import derive_seed
 from flowerbed.tasks.task import SiteData, Task
 
 SIM_LEDGER_DIR_ENV = "FLOWERBED_SIM_LEDGER_DIR"
+SIM_NODE_CONFIG_ENV = "FLOWERBED_SIM_NODE_CONFIG"
+
+
+def node_privacy_config(node_config: Mapping[str, Any], site: str) -> dict[str, Any]:
+    """The node's config; a simulated node also takes ``FLOWERBED_SIM_NODE_CONFIG``'s entries."""
+    config = dict(node_config)
+    raw = os.environ.get(SIM_NODE_CONFIG_ENV)
+    if raw and "partition-id" in node_config:
+        try:
+            overlay = json.loads(raw)
+            for key in ("*", site):
+                config.update(overlay.get(key, {}))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise ConfigError(
+                SIM_NODE_CONFIG_ENV,
+                [f"must be a JSON object of objects keyed by '*' or site name ({exc})"],
+            ) from None
+    return config
 
 
 @dataclass(frozen=True)
@@ -89,7 +112,14 @@ class NodePrivacy:
 
 
 def dataset_fingerprint(site: SiteData, node_config: Mapping[str, Any]) -> str:
-    """SHA-256 of the node's data file when it has one, else of the training arrays."""
+    """The ledger's name for the local dataset.
+
+    ``dataset-id`` from the node config when set (a name that stays the same when the file is
+    updated, so a new version does not start a fresh budget); else the SHA-256 of the node's data
+    file; else (simulations) of the training arrays.
+    """
+    if node_config.get("dataset-id"):
+        return f"id:{node_config['dataset-id']}"
     path = node_config.get("data-path")
     if path is not None and Path(str(path)).is_file():
         return fingerprint_file(str(path))
@@ -145,12 +175,13 @@ def train_private_round(
         Before training when the next round would exceed the node's budget, or after training
         when another process spent the rest first (the update is then discarded, never sent).
     """
+    node_config = node_privacy_config(node_config, site.name)
     privacy = NodePrivacy.from_node_config(node_config, run_id)
     dataset = dataset_fingerprint(site, node_config)
     plan = run_plan(privacy, dataset, run_id, experiment, site.num_train)
     if privacy.budget is not None:
         privacy.ledger.check(dataset, plan, privacy.budget, site=site.name)
-    seed = None if privacy.test_seed is None else derive_seed(privacy.test_seed, "dp", run_id, server_round, site.name)
+    seed = None if privacy.test_seed is None else derive_seed(privacy.test_seed, "dp", server_round, site.name)
     result = train_private(
         model,
         task,

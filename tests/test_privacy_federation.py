@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from flowerbed.privacy.ledger import PrivacyLedger
+from flowerbed.client.private_round import (
+    SIM_NODE_CONFIG_ENV,
+    NodePrivacy,
+    dataset_fingerprint,
+    node_privacy_config,
+)
+from flowerbed.exception import ConfigError, NodeError
+from flowerbed.experiment import DataConfig
+from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_file
 from flowerbed.privacy.planner import epsilon_for, sampling
 from flowerbed.server.run_folder import read_metrics, read_summary
 from flowerbed.simulations import inline_backend
@@ -13,6 +21,10 @@ from flowerbed.simulations.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
 
 SIGMA = 1.0
+
+
+def heart_data_config() -> DataConfig:
+    return DataConfig(dataset="heart-disease")
 
 
 def _hospitals(monkeypatch: pytest.MonkeyPatch, configs: dict[int, dict]) -> None:
@@ -81,3 +93,29 @@ def test_a_node_out_of_budget_refuses_and_the_run_goes_on(heart_experiment, tmp_
     assert spent <= budget
     assert summary["epsilon"]["per_site"]["switzerland"] == pytest.approx(spent)
     assert spent == pytest.approx(two, abs=1e-6)
+
+
+def test_node_settings_come_from_the_node_only(tmp_path, monkeypatch):
+    sim = {"partition-id": 0, "ledger": str(tmp_path / "l.sqlite")}
+    monkeypatch.setenv(SIM_NODE_CONFIG_ENV, '{"*": {"budget-epsilon": 5}, "va": {"budget-epsilon": 2}}')
+    assert node_privacy_config(sim, "va")["budget-epsilon"] == 2
+    assert node_privacy_config(sim, "cleveland")["budget-epsilon"] == 5
+    # A deployed node (no partition-id) ignores the simulation variable ...
+    deployed = {"ledger": str(tmp_path / "l.sqlite")}
+    assert "budget-epsilon" not in node_privacy_config(deployed, "va")
+    # ... and must name its ledger.
+    with pytest.raises(NodeError, match="ledger"):
+        NodePrivacy.from_node_config({"data-path": "x.csv"}, "run")
+    monkeypatch.setenv(SIM_NODE_CONFIG_ENV, "[1, 2]")
+    with pytest.raises(ConfigError, match=SIM_NODE_CONFIG_ENV):
+        node_privacy_config(sim, "va")
+
+
+def test_dataset_names_follow_the_file_or_the_node_config(tmp_path):
+    sites = load_federation(heart_data_config(), 0)
+    data = tmp_path / "site.data"
+    data.write_text("1,2,3\n")
+    by_file = dataset_fingerprint(sites[0], {"data-path": str(data)})
+    assert by_file == fingerprint_file(data)
+    assert dataset_fingerprint(sites[0], {}) != dataset_fingerprint(sites[1], {})
+    assert dataset_fingerprint(sites[0], {"dataset-id": "cardio-2024", "data-path": str(data)}) == "id:cardio-2024"

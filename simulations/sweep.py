@@ -234,7 +234,7 @@ def to_markdown(keys: tuple[str, ...], rows: list[SweepRow]) -> str:
     header, body = _table(keys, rows)
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(":---" if i < len(keys) else "---:" for i in range(len(header))) + "|",
+        "|" + "|".join(":---" if i < len(keys) or i == len(header) - 1 else "---:" for i in range(len(header))) + "|",
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"

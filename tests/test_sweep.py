@@ -13,6 +13,7 @@ from flowerbed.simulations.sweep import load_sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
 BASE = EXPERIMENTS / "digits_dirichlet.toml"
+SWEEPS = EXPERIMENTS.parent / "sweeps"
 
 
 def _sweep_file(tmp_path: Path, body: str) -> Path:
@@ -67,6 +68,12 @@ def test_bad_sweeps_fail_before_any_run_naming_the_key(tmp_path: Path, body: str
     with pytest.raises(ConfigError, match=expected):
         load_sweep(_sweep_file(tmp_path, body))
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_is_valid(path: Path) -> None:
+    sweep = load_sweep(path)
+    assert len(sweep.experiments) >= 2
 
 
 def test_missing_base_names_the_path(tmp_path: Path) -> None:

@@ -63,6 +63,9 @@ class NodeSettings:
         Local port of the SuperNode's Runtime API (loopback only).
     connect_timeout : float | None (default: 600)
         Give up when the coordinator cannot be reached for this long (``None``: never).
+    executor : {"warm", "flower"} (default: "warm")
+        ``warm``: flowerbed's warm executor forks a pre-imported child per message. ``flower``:
+        Flower's own SuperExec starts a new ``flwr-clientapp`` process per message.
     extra : dict[str, Any]
         More node-config keys (``ledger``, ``budget-epsilon``, ``budget-delta``, ``approvals``).
     """
@@ -75,6 +78,7 @@ class NodeSettings:
     insecure: bool = False
     runtime_port: int = DEFAULT_RUNTIME_PORT
     connect_timeout: float | None = 600.0
+    executor: str = "warm"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
@@ -115,7 +119,7 @@ def supernode_command(settings: NodeSettings) -> list[str]:
         "--node-config",
         str(settings.state_dir / "node-config.toml"),
         "--isolation",
-        "process",
+        "process" if settings.executor == "warm" else "subprocess",
         "--host",
         "127.0.0.1",
         "--port",
@@ -239,14 +243,14 @@ class Node:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
-            start_new_session=True,
         )
         self._pump = threading.Thread(target=self._copy_output, args=(log_file,), daemon=True)
         self._pump.start()
+        if self.settings.executor != "warm":
+            return
         self.executor = subprocess.Popen(
             executor_command(self.settings, self.supernode.pid),
             env=env,
-            start_new_session=True,
         )
 
     def _copy_output(self, log_file: Path) -> None:
@@ -287,18 +291,16 @@ class Node:
         return code
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop both processes (each in its own process group, with what they started)."""
+        """Stop both processes (the executor's message children finish or follow it)."""
         for process in (self.executor, self.supernode):
             if process is None or process.poll() is not None:
                 continue
+            process.terminate()
             try:
-                os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait(timeout=timeout)
-            except ProcessLookupError:
-                pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,11 +72,16 @@ def node_start_command(
         str | None, typer.Option("--coordinator", help="host:port (default: the kit's; required without a kit).")
     ] = None,
     site: Annotated[str | None, typer.Option("--site", help="Site name (default: the kit's).")] = None,
+    executor: Annotated[
+        str, typer.Option("--executor", help="warm: fork a pre-imported child per message; flower: a new process.")
+    ] = "warm",
 ) -> None:
     """Join the federation: a Flower SuperNode with this kit's CA and key, serving local data."""
     from flowerbed.client.node import Node, NodeSettings
     from flowerbed.privacy.provisioning import load_kit
 
+    if executor not in ("warm", "flower"):
+        raise NodeError(f"--executor {executor!r}: use 'warm' or 'flower'")
     loaded = load_kit(kit) if kit else None
     if loaded is None and not insecure:
         raise NodeError("give --kit KIT (the folder the coordinator sent); only --insecure runs without one")
@@ -103,6 +108,7 @@ def node_start_command(
         insecure=insecure,
         runtime_port=runtime_port,
         connect_timeout=connect_timeout,
+        executor=executor,
         extra=extra,
     )
     node = Node(settings)

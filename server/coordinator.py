@@ -26,6 +26,7 @@ authentication only over TLS), for a trial on one machine; it prints a warning o
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -200,71 +201,106 @@ def wait_until_ready(
     raise NodeError(f"the coordinator did not answer at {url} within {timeout:.0f} s")
 
 
-def _flwr(federation: FederationConfig, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [_executable("flwr"), *args],
-        env=flower_env(federation),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+class _ControlClient:
+    """Flower's Control API client for this coordinator (the one ``flwr supernode`` uses)."""
+
+    def __init__(self, federation: FederationConfig, insecure: bool) -> None:
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        ca = None if insecure else str(ProvisionPaths(federation.output_dir).coordinator_ca)
+        connection = SuperLinkConnection(
+            name=CONNECTION, address=local_address(federation), root_certificates=ca, insecure=insecure
+        )
+        previous = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(CoordinatorPaths(federation.state_dir).flwr_home)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.client = init_http_client_from_connection(connection)
+        finally:
+            if previous is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = previous
+
+    def register(self, key_file: Path) -> tuple[int | None, str]:
+        """Register a public key: (node id, "") or (None, Flower's reason)."""
+        from flwr.cli.supernode.register import try_load_public_key
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        try:
+            reply = self.client.RegisterNode(RegisterNodeRequest(public_key=try_load_public_key(key_file)))
+        except Exception as exc:  # httpx.HTTPStatusError carries Flower's error as JSON
+            return None, _flower_reason(exc)
+        return int(reply.node_id), ""
+
+    def unregister(self, node_id: int) -> tuple[bool, str]:
+        """Unregister a node id: (True, "") or (False, Flower's reason)."""
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        try:
+            self.client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+        except Exception as exc:
+            return False, _flower_reason(exc)
+        return True, ""
+
+    def close(self) -> None:
+        self.client.close()
 
 
-def _json_tail(text: str) -> dict:
-    start = text.find("{")
-    try:
-        return json.loads(text[start:]) if start >= 0 else {}
-    except json.JSONDecodeError:
-        return {}
+def _flower_reason(exc: Exception) -> str:
+    from flwr.supercore.error import FlowerError
+
+    response = getattr(exc, "response", None)
+    error = FlowerError.from_json(response.text) if response is not None else None
+    return error.message if error is not None else str(exc)
 
 
-def register_nodes(federation: FederationConfig, log: Callable[[str], None] = print) -> dict[str, int]:
+def register_nodes(
+    federation: FederationConfig, log: Callable[[str], None] = print, *, insecure: bool = False
+) -> dict[str, int]:
     """Register every provisioned site's public key; revoke keys that were rotated or removed.
 
-    Idempotent: a key Flower already knows is left as it is. Returns site -> Flower node id for
-    the keys registered by this or an earlier call.
+    Uses Flower's Control API, as ``flwr supernode register`` and ``unregister`` do. Idempotent:
+    a key Flower already knows is left as it is. Returns site -> Flower node id for the keys
+    registered by this or an earlier call (``registered-nodes.json``).
 
     Raises
     ------
     NodeError
-        If Flower refuses a key for another reason than "already registered".
+        If Flower refuses a key for another reason than "already in use".
     """
     paths = CoordinatorPaths(federation.state_dir)
     tls = ProvisionPaths(federation.output_dir)
     registry: dict[str, dict] = json.loads(paths.registry.read_text()) if paths.registry.exists() else {}
-    for site in federation.site_names():
-        key_file = tls.registered_key(site)
-        if not key_file.is_file():
-            log(f"site {site}: no key in {key_file}; run `flowerbed provision` to make its kit")
-            continue
-        public = key_file.read_text().strip()
-        known = registry.get(site)
-        result = _flwr(federation, "supernode", "register", str(key_file), CONNECTION, "--format", "json")
-        reply = _json_tail(result.stdout)
-        if reply.get("success"):
-            if known and known.get("node_id") and known.get("public_key") != public:
-                _unregister(federation, int(known["node_id"]), f"old key of {site}", log)
-            registry[site] = {"public_key": public, "node_id": int(reply["node-id"])}
-            log(f"site {site}: key registered (node {reply['node-id']})")
-        elif "already in use" in reply.get("error-message", ""):
-            log(f"site {site}: key already registered")
-            if known is not None and known.get("public_key") != public:
-                registry.pop(site)
-        else:
-            message = reply.get("error-message") or result.stderr.strip() or result.stdout.strip()
-            raise NodeError(f"site {site}: the coordinator refused key {key_file}: {message}")
-    for site in sorted(set(registry) - set(federation.site_names())):
-        _unregister(federation, int(registry[site]["node_id"]), f"site {site} (no longer in the file)", log)
-        del registry[site]
+    control = _ControlClient(federation, insecure)
+    try:
+        for site in federation.site_names():
+            key_file = tls.registered_key(site)
+            if not key_file.is_file():
+                log(f"site {site}: no key in {key_file}; run `flowerbed provision` to make its kit")
+                continue
+            public = key_file.read_text().strip()
+            known = registry.get(site)
+            node_id, reason = control.register(key_file)
+            if node_id is not None:
+                if known and known.get("node_id") and known.get("public_key") != public:
+                    ok, why = control.unregister(int(known["node_id"]))
+                    log(f"site {site}: old key {'revoked' if ok else f'not revoked ({why})'}")
+                registry[site] = {"public_key": public, "node_id": node_id}
+                log(f"site {site}: key registered (node {node_id})")
+            elif "already in use" in reason:
+                log(f"site {site}: key already registered")
+            else:
+                raise NodeError(f"site {site}: the coordinator refused key {key_file}: {reason}")
+        for site in sorted(set(registry) - set(federation.site_names())):
+            ok, why = control.unregister(int(registry[site]["node_id"]))
+            log(f"site {site} is no longer in the federation file: key {'revoked' if ok else f'not revoked ({why})'}")
+            del registry[site]
+    finally:
+        control.close()
     paths.registry.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     return {site: int(entry["node_id"]) for site, entry in registry.items()}
-
-
-def _unregister(federation: FederationConfig, node_id: int, what: str, log: Callable[[str], None]) -> None:
-    result = _flwr(federation, "supernode", "unregister", str(node_id), CONNECTION, "--format", "json")
-    ok = _json_tail(result.stdout).get("success")
-    log(f"{what}: {'revoked' if ok else 'could not be revoked (already gone?)'} (node {node_id})")
 
 
 class Coordinator:
@@ -302,7 +338,6 @@ class Coordinator:
             env=flower_env(self.federation),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
         try:
             wait_until_ready(self.federation, insecure=self.insecure, timeout=timeout, process=self.process)
@@ -329,13 +364,12 @@ class Coordinator:
         return self.process.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the SuperLink and every process it started (its process group)."""
+        """Stop the SuperLink; it stops the SuperExec and ServerApp processes it started."""
         if self.process is None or self.process.poll() is not None:
             return
+        self.process.terminate()
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
             self.process.wait(timeout=timeout)

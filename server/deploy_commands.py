@@ -119,6 +119,8 @@ def run_status_command(
     console.print(f"run [bold]{status['name']}[/] (Flower run {status['flower_run_id']}): {status['status']}")
     console.print(f"  rounds done: {rounds}{'  (finished)' if status['finished'] else ''}")
     console.print(f"  last round's sites: {', '.join(status['participants']) or '-'}")
+    for node, reason in (status["excluded"] or {}).items():
+        console.print(f"  [red]did not take part[/] {node}: {reason}")
     for site, reason in (status["refused"] or {}).items():
         console.print(f"  [red]refused[/] {site}: {reason}")
     for kind, values in status["metrics"].items():

@@ -328,7 +328,8 @@ def run_status(federation: FederationConfig, ref: str | None = None, *, ask_flow
         ``name``, ``run_dir``, ``flower_run_id``, ``status``, ``rounds_done``, ``rounds``,
         ``participants`` and ``refused`` of the last round, ``sites`` (every site that took
         part in any round), ``metrics`` (last round: ``train``, ``evaluate``, ``central``),
-        ``epsilon`` (site -> latest epsilon), ``epsilon_max``, ``finished``.
+        ``epsilon`` (site -> latest epsilon), ``epsilon_max``, ``excluded`` (nodes that refused the
+        run at its start, with their reason), ``final`` (final metrics) and ``finished``.
     """
     from flowerbed.server.run_folder import read_metrics, read_summary
 
@@ -364,6 +365,8 @@ def run_status(federation: FederationConfig, ref: str | None = None, *, ask_flow
         "metrics": {k: last.get(k) for k in ("train", "evaluate", "central") if last.get(k) is not None},
         "epsilon": epsilon,
         "epsilon_max": last.get("epsilon_max"),
+        "excluded": summary.get("excluded", {}),
+        "final": summary.get("final", {}),
         "finished": bool(summary),
     }
 

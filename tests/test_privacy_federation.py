@@ -43,10 +43,12 @@ def _hospitals(monkeypatch: pytest.MonkeyPatch, configs: dict[int, dict]) -> Non
 def test_a_node_out_of_budget_refuses_and_the_run_goes_on(heart_experiment, tmp_path, monkeypatch):
     experiment = heart_experiment(
         "rounds=4",
+        "train.local_epochs=1",
         "privacy.enabled=true",
         f"privacy.noise_multiplier={SIGMA}",
         "privacy.max_grad_norm=1.0",
         "evaluate.central=false",
+        "backend.vectorize=false",  # every message through the ClientApp, as on a real node
     )
     sites = load_federation(experiment.data, experiment.seed)
     names = [s.name for s in sites]

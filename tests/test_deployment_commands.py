@@ -1,0 +1,128 @@
+"""The command lines flowerbed gives Flower, the node's error explanations, and run bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from flowerbed.client.node import NodeSettings, explain_exit, supernode_command, write_node_config
+from flowerbed.exception import ConfigError, NodeError, RunError
+from flowerbed.privacy.federation_config import load_federation
+from flowerbed.privacy.provisioning import load_kit, provision
+from flowerbed.server.coordinator import superlink_command, write_cli_connection
+from flowerbed.server.run_control import RunRecord, _write_runs, collect_run, find_run, resolve_experiment_text
+from flowerbed.tests.deployment_harness import HEART_TOML, write_federation
+
+
+@pytest.fixture
+def federation(tmp_path: Path):
+    return load_federation(write_federation(tmp_path, ["cleveland", "hungary"], 19093))
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_superlink_command_uses_tls_auth_and_a_database(federation) -> None:
+    with pytest.raises(ConfigError, match="run `flowerbed provision"):
+        superlink_command(federation)
+    provision(federation)
+    command = superlink_command(federation)
+    assert "--enable-supernode-auth" in command and "--insecure" not in command
+    assert "--disable-runtime-dependency-installation" in command
+    assert _flag(command, "--database").endswith("coordinator-state/superlink.db")
+    assert Path(_flag(command, "--ssl-certfile")).name == "server.pem"
+    assert _flag(command, "--port") == "19093"
+    insecure = superlink_command(federation, insecure=True)
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+
+
+def test_cli_connection_for_flwr_commands(federation) -> None:
+    provision(federation)
+    config = tomllib.loads(write_cli_connection(federation, insecure=False).read_text())
+    connection = config["superlink"]["flowerbed"]
+    assert config["superlink"]["default"] == "flowerbed"
+    assert connection["address"] == "127.0.0.1:19093"
+    assert Path(connection["root-certificates"]).is_absolute()
+    assert tomllib.loads(write_cli_connection(federation, insecure=True).read_text())["superlink"]["flowerbed"][
+        "insecure"
+    ]
+
+
+def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
+    provision(federation)
+    kit = load_kit(federation.output_dir / "kits" / "hungary")
+    data = tmp_path / "my data" / 'h"ungary.csv'
+    settings = NodeSettings(
+        site=kit.site,
+        coordinator=kit.coordinator,
+        data_path=data,
+        state_dir=tmp_path / "state",
+        kit=kit,
+        runtime_port=9200,
+        extra={"ledger": "/var/lib/ledger.db", "budget-epsilon": 8.0, "budget-delta": None},
+    )
+    command = supernode_command(settings)
+    assert _flag(command, "--root-certificates") == str(kit.ca_cert)
+    assert _flag(command, "--auth-supernode-private-key") == str(kit.node_key)
+    assert _flag(command, "--isolation") == "process"
+    assert _flag(command, "--superlink") == "127.0.0.1:19093"
+    # Flower reads the node config file exactly as the ClientApp will see it
+    path = write_node_config(settings)
+    assert _flag(command, "--node-config") == str(path)
+    assert parse_config_args([str(path)]) == {
+        "data-path": str(data),
+        "site": "hungary",
+        "ledger": "/var/lib/ledger.db",
+        "budget-epsilon": 8.0,
+    }
+    flower_default = supernode_command(NodeSettings(**{**settings.__dict__, "executor": "flower"}))
+    assert _flag(flower_default, "--isolation") == "subprocess"
+    with pytest.raises(NodeError, match="kit is required"):
+        supernode_command(NodeSettings(**{**settings.__dict__, "kit": None}))
+
+
+def test_node_errors_are_explained(federation, tmp_path: Path) -> None:
+    provision(federation)
+    kit = load_kit(federation.output_dir / "kits" / "cleveland")
+    settings = NodeSettings("cleveland", kit.coordinator, tmp_path / "d.csv", tmp_path, kit=kit)
+    unregistered = "Failed to initialize the connection to the SuperLink.\n[code: 2004] Failed to activate SuperNode."
+    assert "site cleveland's key is not registered" in explain_exit(unregistered, settings)
+    wrong_ca = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate"
+    assert str(kit.ca_cert) in explain_exit(wrong_ca, settings)
+    assert explain_exit("something else entirely", settings) is None
+
+
+def test_experiment_is_validated_before_submission(tmp_path: Path) -> None:
+    text, name, clients = resolve_experiment_text(HEART_TOML, ["rounds=3"], tmp_path / "runs" / "x")
+    data = tomllib.loads(text)
+    assert (name, data["rounds"], data["output"]) == ("heart", 3, str(tmp_path / "runs"))
+    assert clients >= 1
+    with pytest.raises(ConfigError, match="rounds = 0"):
+        resolve_experiment_text(HEART_TOML, ["rounds=0"], tmp_path / "runs" / "x")
+
+
+def test_runs_are_found_and_collected(federation, tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="no runs were started"):
+        find_run(federation)
+    run_dir = federation.state_dir / "runs" / "heart-1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    federation.state_dir.mkdir(exist_ok=True)
+    _write_runs(federation, [RunRecord(11, "heart-1", str(run_dir), "t", "c", resumes=[12])])
+    assert find_run(federation).name == "heart-1"
+    assert find_run(federation, "12").name == "heart-1"
+    with pytest.raises(RunError, match="recent runs: heart-1"):
+        find_run(federation, "13")
+    copy = collect_run(federation, None, tmp_path / "copy")
+    assert (copy / "metrics.jsonl").is_file()
+    with pytest.raises(RunError, match="already exists"):
+        collect_run(federation, None, tmp_path / "copy")
+    archive = collect_run(federation, "heart-1", tmp_path / "out" / "heart.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert "heart-1/metrics.jsonl" in tar.getnames()

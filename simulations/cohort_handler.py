@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flowerbed.client.app import EXPERIMENT_KEY, RUN_ID_KEY, _error_reply
@@ -24,6 +24,7 @@ from flowerbed.client.local_data import resolve_site
 from flowerbed.exception import FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
+from flowerbed.simulations.inline_arrays import in_memory_record
 from flowerbed.simulations.inline_privacy import NodeRelease, charge_release, prepare_release
 from flowerbed.simulations.vectorized import (
     Unsupported,
@@ -246,7 +247,7 @@ def _train_reply(
     message: Message, site: SiteData, params: dict[str, torch.Tensor], row: int, metrics: dict[str, Any]
 ) -> Message:
     """The reply the ClientApp's ``train`` builds: weights, metrics and the site's name."""
-    arrays = ArrayRecord({name: tensor[row].cpu() for name, tensor in params.items()})
+    arrays = in_memory_record({name: tensor[row] for name, tensor in params.items()})
     content = RecordDict(
         {"arrays": arrays, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
     )

@@ -1,0 +1,54 @@
+"""Arrays that stay in memory: what an inline node replies with instead of serialized bytes.
+
+Flower's ``Array`` holds ``.npy`` bytes, which every reader parses again (the server's reply
+checks and the strategy's aggregation each do). An inline reply never leaves the process, so
+``InMemoryArray`` keeps the ndarray: ``numpy()`` returns a copy of it, and ``data`` (the ``.npy``
+bytes) is produced only if something asks for it. Dtype, shape, values and equality are those of
+the ``Array`` the ClientApp would have built.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+
+
+class InMemoryArray(Array):
+    """An ``Array`` backed by an ndarray in this process (no serialization unless asked).
+
+    Parameters
+    ----------
+    ndarray : np.ndarray
+        The values; the array keeps a reference and hands out copies.
+    """
+
+    def __init__(self, ndarray: np.ndarray) -> None:
+        self.__dict__.update(dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY)
+        self._ndarray = ndarray
+
+    @property
+    def data(self) -> bytes:  # type: ignore[override]
+        """The ``.npy`` bytes, as ``Array.from_numpy_ndarray`` would store them."""
+        buffer = BytesIO()
+        np.save(buffer, self._ndarray, allow_pickle=False)
+        return buffer.getvalue()
+
+    def numpy(self) -> np.ndarray:
+        """A copy of the values."""
+        return self._ndarray.copy()
+
+    def __reduce__(self):
+        """Pickle (Ray) as an ordinary serialized ``Array``."""
+        return Array.from_numpy_ndarray, (self._ndarray,)
+
+
+def in_memory_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``InMemoryArray`` (CPU copies), in the given key order."""
+    record = ArrayRecord()  # set item by item: the constructor would re-serialize every array
+    for name, tensor in tensors.items():
+        record[name] = InMemoryArray(tensor.detach().cpu().numpy().copy())
+    return record

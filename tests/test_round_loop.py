@@ -103,7 +103,7 @@ def test_invalid_replies_are_rejected_with_the_site_named(heart_experiment):
     original = simulate_module.client_app
     simulate_module.client_app = bad_app
     try:
-        run_dir = simulate(heart_experiment("rounds=2"), quiet=True)
+        run_dir = simulate(heart_experiment("rounds=2", "backend.vectorize=false"), quiet=True)
     finally:
         simulate_module.client_app = original
     record = read_metrics(run_dir)[0]

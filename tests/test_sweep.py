@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,9 @@ def test_two_run_sweep_writes_table_and_overlay(tmp_path: Path) -> None:
     _register()
     path = _sweep_file(
         tmp_path,
-        'name = "alpha"\nset = { rounds = 2 }\n[grid]\n"data.partition.alpha" = [0.1, 10.0]\n',
+        # the sweep's mechanics do not depend on the engine: the one-process backend starts fastest
+        'name = "alpha"\nset = { rounds = 2, backend = { name = "inline" } }\n'
+        '[grid]\n"data.partition.alpha" = [0.1, 10.0]\n',
     )
     folder = tmp_path / "out"
     result = CliRunner().invoke(app, ["sweep", str(path), "--out", str(folder), "--quiet"])
@@ -104,6 +107,9 @@ def test_two_run_sweep_writes_table_and_overlay(tmp_path: Path) -> None:
         run = folder / "runs" / row["run"]
         assert (run / "metrics.jsonl").read_text().count("\n") == 2
         assert run.name.startswith("alpha-0")
+        resolved = json.loads((run / "experiment.json").read_text())
+        assert resolved["backend"]["name"] == "inline"
+        assert resolved["data"]["partition"]["alpha"] == float(row["data.partition.alpha"])
     markdown = (folder / "summary.md").read_text()
     assert markdown.splitlines()[0].startswith("| data.partition.alpha | central.accuracy |")
     assert len(markdown.splitlines()) == 4

@@ -134,7 +134,8 @@ def check_task_approved(task_name: str, node_config: Mapping[str, Any] | None) -
     ------
     TaskError
         If a deployed node was asked to run a user task it has not approved, or whose source
-        changed since it was approved; the message names the node and the command to run.
+        changed since it was approved; the message names the task, the site and the command to run
+        (the ClientApp's error reply adds ``node <site>:`` in front).
     """
     if is_builtin(task_name):
         return
@@ -146,14 +147,14 @@ def check_task_approved(task_name: str, node_config: Mapping[str, Any] | None) -
     record = read_approvals(path).get(task_name)
     if record is None:
         raise TaskError(
-            f"node {site}: task {task_name!r} is not approved on this node. Built-in tasks run by "
+            f"task {task_name!r} is not approved on this node ({site}). Built-in tasks run by "
             f"default; the hospital's IT must review the task's source and run "
             f"`flowerbed node approve {task_name}` (approvals: {path})"
         )
     current = task_source(task_name).sha256
     if current != record.get("sha256"):
         raise TaskError(
-            f"node {site}: task {task_name!r} changed since it was approved (approved sha256 "
+            f"task {task_name!r} changed since it was approved on this node ({site}; approved sha256 "
             f"{str(record.get('sha256'))[:12]}..., installed {current[:12]}...); review it and run "
             f"`flowerbed node approve {task_name}` again"
         )

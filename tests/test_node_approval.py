@@ -45,7 +45,7 @@ def test_builtin_tasks_always_run(tmp_path: Path) -> None:
 
 def test_user_task_needs_approval_of_its_current_source(tmp_path: Path, user_package: Path) -> None:
     node = _node(tmp_path)
-    with pytest.raises(TaskError, match=r"node cleveland: task 'approval_demo.tasks:task' is not approved"):
+    with pytest.raises(TaskError, match=r"task 'approval_demo.tasks:task' is not approved on this node \(cleveland\)"):
         check_task_approved(TASK, node)
 
     source = approve_task(TASK, tmp_path / "approved.json")

@@ -181,34 +181,67 @@ def test_fingerprints_follow_content(tmp_path: Path) -> None:
 
 
 KILLED_NODE = """
-import sys, time
+import json, sys, time
+from uuid import uuid4
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+from flowerbed.client.app import app
+from flowerbed.experiment import load_experiment
 from flowerbed.privacy.ledger import PrivacyLedger
-from flowerbed.privacy.planner import DPPlan
-ledger = PrivacyLedger(sys.argv[1])
-plan = DPPlan(noise_multiplier=1.0, sample_rate=0.125, steps_per_round=8, rounds=50,
-              max_grad_norm=1.0, delta=1e-5)
-for r in range(1, 51):
-    ledger.charge(dataset="d", run_id="run", round=r, plan=plan)
-    print(f"charged {r}", flush=True)
-    if r == int(sys.argv[2]):
-        time.sleep(120)  # the reply would be built and sent here
-    print(f"replied {r}", flush=True)
+from flowerbed.simulations.datasets import load_federation
+from flowerbed.tasks import resolve_task
+from flowerbed.weights import model_to_arrays
+
+toml, ledger_path, kill_round = sys.argv[1], sys.argv[2], int(sys.argv[3])
+experiment = load_experiment(toml, ["privacy.enabled=true", "privacy.noise_multiplier=1.0",
+                                    "train.local_epochs=1", "rounds=10"])
+site = load_federation(experiment.data, experiment.seed)[0]
+task = resolve_task(experiment.task.name, experiment.task.args)
+arrays = model_to_arrays(task.build_model(site.schema, seed=0))
+context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                  node_config={"partition-id": 0, "ledger": ledger_path})
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+charge = PrivacyLedger.charge
+
+def charge_then_maybe_die(self, **kwargs):
+    release = charge(self, **kwargs)
+    print(f"charged {kwargs['round']}", flush=True)
+    if kwargs["round"] == kill_round:
+        time.sleep(120)  # killed here: charged, reply not yet built
+    return release
+
+PrivacyLedger.charge = charge_then_maybe_die
+for r in range(1, 11):
+    config = ConfigRecord({"server-round": r, "flowerbed.run-id": "run-1",
+                           "flowerbed.experiment": json.dumps(experiment.to_dict())})
+    message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1,
+                      message_type="train")
+    message.metadata.__dict__["_message_id"] = str(uuid4())
+    reply = app(message, context)
+    assert not reply.has_error(), reply.error
+    print(f"replied {r} {reply.content['metrics']['epsilon']}", flush=True)
 """
 
 
 def test_node_killed_between_charge_and_reply_never_under_counts(tmp_path: Path) -> None:
+    from flowerbed.experiment import load_experiment
+    from flowerbed.privacy.planner import sampling
+    from flowerbed.simulations.datasets import load_federation
+    from tests.conftest import HEART_TOML
+
     path = str(tmp_path / "ledger.sqlite")
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(KILLED_NODE), path, "3"],
+        [sys.executable, "-c", textwrap.dedent(KILLED_NODE), str(HEART_TOML), path, "3"],
         stdout=subprocess.PIPE,
         text=True,
     )
-    replied = 0
+    replied: list[float] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("replied"):
-                replied += 1
+                replied.append(float(line.split()[2]))
             if line.strip() == "charged 3":
                 os.kill(proc.pid, signal.SIGKILL)
                 break
@@ -216,14 +249,21 @@ def test_node_killed_between_charge_and_reply_never_under_counts(tmp_path: Path)
         proc.kill()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    # After the restart, every reply that left is charged, plus the one killed before replying.
+    # After the restart: both replies that left are charged, and so is the round killed before
+    # its reply. The ledger over-counts (3 rounds), never under-counts (2).
+    assert len(replied) == 2
     ledger = PrivacyLedger(path)
-    assert replied == 2
-    assert ledger.rounds_charged("d", "run") == 3
+    (dataset,) = ledger.datasets()
+    assert ledger.rounds_charged(dataset, "run-1") == 3
+    experiment = load_experiment(HEART_TOML, ["train.local_epochs=1"])
+    n = load_federation(experiment.data, experiment.seed)[0].num_train
+    q, steps = sampling(n, experiment.train.batch_size)
     stepped = create_accountant(mechanism="prv")
-    for _ in range(3 * 8):
-        stepped.step(noise_multiplier=1.0, sample_rate=0.125)
-    assert ledger.epsilon("d", 1e-5) == pytest.approx(stepped.get_epsilon(delta=1e-5), abs=1e-6)
+    for _ in range(3 * steps):
+        stepped.step(noise_multiplier=1.0, sample_rate=q)
+    spent = ledger.epsilon(dataset, 1e-5)
+    assert spent == pytest.approx(stepped.get_epsilon(delta=1e-5), abs=1e-6)
+    assert spent > replied[-1]
 
 
 def test_node_budget_command_reports_per_dataset_and_run(tmp_path: Path) -> None:

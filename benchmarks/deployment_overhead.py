@@ -2,12 +2,13 @@
 
 A real coordinator (TLS, node authentication) and four nodes on 127.0.0.1 run the bundled heart
 experiment; the same experiment also runs in one process (the ``inline`` simulation backend, no
-messages at all) as the baseline. Node executors compared, interleaved A B A B:
+messages at all) as the baseline. Node set-ups compared, interleaved A B C A B C:
 
-- ``warm``: ``flowerbed node start`` (default): ``--isolation process`` plus flowerbed's warm
-  executor, which forks a pre-imported child per message;
-- ``flower``: ``flowerbed node start --executor flower``: Flower's SuperExec starts a new
-  ``flwr-clientapp`` process per message (Flower 1.42's default).
+- ``flowerbed``: ``flowerbed node start`` as shipped: ``--isolation process`` plus flowerbed's warm
+  executor (a pre-imported child forked per message), idle poll capped at 0.25 s;
+- ``warm-only``: the warm executor with Flower's own 3 s idle poll (``--poll-interval 0``);
+- ``flower``: Flower 1.42's defaults (``--executor flower --poll-interval 0``): a new
+  ``flwr-clientapp`` process per message, 3 s idle poll.
 
 The round time is the ServerApp's own measure (``time`` in ``metrics.jsonl``: train, evaluate and
 checkpoint of one round). Nothing is asserted; medians and ratios are printed::
@@ -69,8 +70,15 @@ def inline_round_times(rounds: int, folder: Path) -> list[float]:
     return _round_times(Path(result.stdout.strip().splitlines()[-1]))
 
 
-def deployed_round_times(executor: str, rounds: int, folder: Path) -> list[float]:
-    """Round times with a TLS coordinator and four nodes using ``executor``."""
+NODE_OPTIONS = {
+    "flowerbed": [],
+    "warm-only": ["--poll-interval", "0"],
+    "flower": ["--executor", "flower", "--poll-interval", "0"],
+}
+
+
+def deployed_round_times(kind: str, rounds: int, folder: Path) -> list[float]:
+    """Round times with a TLS coordinator and four nodes set up as ``NODE_OPTIONS[kind]``."""
     folder.mkdir(parents=True)
     port = free_port()
     federation = write_federation(folder, list(SITES), port)
@@ -84,8 +92,7 @@ def deployed_round_times(executor: str, rounds: int, folder: Path) -> list[float
                 str(folder / "provision" / "kits" / site),
                 "--runtime-port",
                 str(free_port()),
-                "--executor",
-                executor,
+                *NODE_OPTIONS[kind],
             )
         start = d.run(
             ["run", "start", str(HEART_TOML), "-f", str(federation), "--set", f"rounds={rounds}", *QUICK], timeout=300
@@ -93,7 +100,7 @@ def deployed_round_times(executor: str, rounds: int, folder: Path) -> list[float
         assert start.returncode == 0, start.stderr
         runs = json.loads((folder / "coordinator-state" / "runs.json").read_text())
         run_dir = Path(runs[-1]["run_dir"])
-        wait_for(lambda: (run_dir / "summary.json").is_file(), 1800, f"{executor} run\n{d.tail()}", poll=1)
+        wait_for(lambda: (run_dir / "summary.json").is_file(), 1800, f"{kind} run\n{d.tail()}", poll=1)
         return _round_times(run_dir)
 
 
@@ -103,11 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args(argv)
-    times: dict[str, list[float]] = {"inline": [], "warm": [], "flower": []}
+    times: dict[str, list[float]] = {"inline": [], **{kind: [] for kind in NODE_OPTIONS}}
     with tempfile.TemporaryDirectory(prefix="deployment-overhead-") as tmp:
         root = Path(tmp)
         for repeat in range(args.repeats):
-            for kind in ("inline", "warm", "flower"):
+            for kind in times:
                 started = time.monotonic()
                 folder = root / f"{kind}-{repeat}"
                 if kind == "inline":
@@ -128,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             "" if kind == "inline" else f"  overhead {value - med['inline']:.2f} s, {value / med['inline']:.1f}x inline"
         )
         print(f"  {kind:7s} {value:6.2f}{extra}")
-    if "warm" in med and "flower" in med:
-        print(f"  flower / warm: {med['flower'] / med['warm']:.2f}x")
+    if "flowerbed" in med and "flower" in med:
+        print(f"  flower / flowerbed: {med['flower'] / med['flowerbed']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"rounds": args.rounds, "times": times, "median": med}, indent=2))
 

@@ -66,6 +66,9 @@ class NodeSettings:
     executor : {"warm", "flower"} (default: "warm")
         ``warm``: flowerbed's warm executor forks a pre-imported child per message. ``flower``:
         Flower's own SuperExec starts a new ``flwr-clientapp`` process per message.
+    poll_interval : float | None (default: 0.25)
+        Cap on the SuperNode's idle wait between asking for messages (Flower's own: 3 s), through
+        ``flowerbed.client.supernode_launcher``; ``None`` runs ``flower-supernode`` as it is.
     extra : dict[str, Any]
         More node-config keys (``ledger``, ``budget-epsilon``, ``budget-delta``, ``approvals``).
     """
@@ -79,6 +82,7 @@ class NodeSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     connect_timeout: float | None = 600.0
     executor: str = "warm"
+    poll_interval: float | None = 0.25
     extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
@@ -112,8 +116,19 @@ def _executable(name: str) -> str:
 
 def supernode_command(settings: NodeSettings) -> list[str]:
     """The ``flower-supernode`` command line for this node."""
+    if settings.poll_interval is None:
+        launcher = [_executable("flower-supernode")]
+    else:
+        launcher = [
+            sys.executable,
+            "-m",
+            "flowerbed.client.supernode_launcher",
+            "--poll-interval",
+            str(settings.poll_interval),
+            "--",
+        ]
     command = [
-        _executable("flower-supernode"),
+        *launcher,
         "--superlink",
         settings.coordinator,
         "--node-config",

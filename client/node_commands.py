@@ -75,6 +75,9 @@ def node_start_command(
     executor: Annotated[
         str, typer.Option("--executor", help="warm: fork a pre-imported child per message; flower: a new process.")
     ] = "warm",
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", help="Seconds between idle polls (Flower's own: 3; 0 keeps it).")
+    ] = 0.25,
 ) -> None:
     """Join the federation: a Flower SuperNode with this kit's CA and key, serving local data."""
     from flowerbed.client.node import Node, NodeSettings
@@ -109,6 +112,7 @@ def node_start_command(
         runtime_port=runtime_port,
         connect_timeout=connect_timeout,
         executor=executor,
+        poll_interval=poll_interval or None,
         extra=extra,
     )
     node = Node(settings)

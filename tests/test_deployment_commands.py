@@ -71,6 +71,8 @@ def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
     assert _flag(command, "--root-certificates") == str(kit.ca_cert)
     assert _flag(command, "--auth-supernode-private-key") == str(kit.node_key)
     assert _flag(command, "--isolation") == "process"
+    assert command[1:3] == ["-m", "flowerbed.client.supernode_launcher"]
+    assert _flag(command, "--poll-interval") == "0.25"
     assert _flag(command, "--superlink") == "127.0.0.1:19093"
     # Flower reads the node config file exactly as the ClientApp will see it
     path = write_node_config(settings)
@@ -81,8 +83,11 @@ def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
         "ledger": "/var/lib/ledger.db",
         "budget-epsilon": 8.0,
     }
-    flower_default = supernode_command(NodeSettings(**{**settings.__dict__, "executor": "flower"}))
+    flower_default = supernode_command(
+        NodeSettings(**{**settings.__dict__, "executor": "flower", "poll_interval": None})
+    )
     assert _flag(flower_default, "--isolation") == "subprocess"
+    assert Path(flower_default[0]).name == "flower-supernode"
     with pytest.raises(NodeError, match="kit is required"):
         supernode_command(NodeSettings(**{**settings.__dict__, "kit": None}))
 

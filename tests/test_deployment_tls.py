@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from flowerbed.privacy.provisioning import generate_node_key_pair, write_private, write_public
+from flowerbed.client.approval import approve_task
+from flowerbed.privacy.federation_config import load_federation
+from flowerbed.privacy.provisioning import generate_node_key_pair, provision, write_private, write_public
+from flowerbed.server.run_control import run_status, start_run
 from flowerbed.tests.deployment_harness import HEART_DATA, HEART_TOML, Deployment, free_port, wait_for, write_federation
 
 SITES = ["cleveland", "hungary", "switzerland"]
 USER_TASK = "heart_user_task:task"
-QUICK = ["--set", "evaluate.local_baselines=false", "--set", "evaluate.central=false"]
+QUICK = ["evaluate.local_baselines=false", "evaluate.central=false"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
@@ -59,7 +62,7 @@ def _wait_exit(deployment: Deployment, name: str, timeout: float) -> str:
     return deployment.log(name).read_text()
 
 
-def test_tls_federation_refusals_and_restart(tmp_path: Path) -> None:
+def test_tls_federation_refusals_and_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     federation = write_federation(tmp_path, SITES, port)
     user_tasks = tmp_path / "user-tasks"
@@ -73,22 +76,21 @@ def test_tls_federation_refusals_and_restart(tmp_path: Path) -> None:
             """
         )
     )
+    monkeypatch.syspath_prepend(str(user_tasks))
+    # operator and IT steps that need no server run in this process (the CLI is a thin layer,
+    # tested elsewhere); the coordinator and the nodes are real `flowerbed` processes
+    fed = load_federation(federation)
+    provision(fed)
+    kits = tmp_path / "provision" / "kits"
+    other = tmp_path / "other"  # a second federation: its kit trusts another CA
+    other.mkdir()
+    provision(load_federation(write_federation(other, ["cleveland"], port)))
+    intruder = _intruder_kit(kits, tmp_path / "intruder-kit")
+    for site in SITES[:2]:  # the hospitals approve the user task on two nodes out of three
+        approve_task(USER_TASK, tmp_path / f"approved-{site}.json")
+
     with Deployment(tmp_path) as d:
         d.env["PYTHONPATH"] = str(user_tasks)
-        result = d.run(["provision", str(federation)])
-        assert result.returncode == 0, result.stderr
-        kits = tmp_path / "provision" / "kits"
-
-        # a second federation: its kit trusts another CA
-        other = tmp_path / "other"
-        other.mkdir()
-        assert d.run(["provision", str(write_federation(other, ["cleveland"], port))]).returncode == 0
-        intruder = _intruder_kit(kits, tmp_path / "intruder-kit")
-
-        # hospitals approve the user task on two nodes out of three
-        for site in SITES[:2]:
-            approved = d.run(["node", "approve", USER_TASK, "--approvals", str(tmp_path / f"approved-{site}.json")])
-            assert approved.returncode == 0, approved.stderr
 
         d.start_coordinator(federation)
         coordinator_log = d.log("coordinator").read_text()
@@ -119,9 +121,7 @@ def test_tls_federation_refusals_and_restart(tmp_path: Path) -> None:
         assert "does not vouch for" in log, log
 
         # three rounds with TLS and authentication; the coordinator is killed after round 1
-        start = d.run(["run", "start", str(HEART_TOML), "--federation", str(federation), "--set", "rounds=3", *QUICK])
-        assert start.returncode == 0, start.stderr + start.stdout
-        run_dir = _run_dir(tmp_path)
+        run_dir = Path(start_run(fed, HEART_TOML, overrides=["rounds=3", *QUICK]).run_dir)
         wait_for(lambda: len(_rounds(run_dir)) >= 1, 400, f"round 1 in {run_dir}\n{d.tail()}", poll=0.2)
         d.kill("coordinator", signal.SIGKILL)
         done_before = _rounds(run_dir)
@@ -130,12 +130,12 @@ def test_tls_federation_refusals_and_restart(tmp_path: Path) -> None:
 
         d.start_coordinator(federation)
         resumed = d.run(["run", "resume", run_dir.name, "--federation", str(federation)])
-        assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+        assert resumed.returncode == 0, resumed.stderr + resumed.stdout  # the CLI, once
         wait_for(lambda: (run_dir / "summary.json").is_file(), 500, f"the resumed run\n{d.tail()}", poll=1)
         assert _rounds(run_dir) == [1, 2, 3]
         assert (run_dir / "checkpoints" / "round-0003").is_dir()
         assert (run_dir / "checkpoints" / "LATEST").read_text().strip().endswith("3")
-        status = d.status(federation, run_dir.name)
+        status = run_status(fed, run_dir.name)
         assert status["finished"] and status["rounds_done"] == 3
         assert sorted(status["participants"]) == SITES
         assert (
@@ -144,24 +144,8 @@ def test_tls_federation_refusals_and_restart(tmp_path: Path) -> None:
         )
 
         # refusal 3: a user task that switzerland did not approve
-        start = d.run(
-            [
-                "run",
-                "start",
-                str(HEART_TOML),
-                "--federation",
-                str(federation),
-                "--set",
-                "rounds=1",
-                *QUICK,
-                "--set",
-                f"task.name='{USER_TASK}'",
-                "--set",
-                "task.args={}",
-            ]
-        )
-        assert start.returncode == 0, start.stderr + start.stdout
-        user_run = _run_dir(tmp_path)
+        overrides = ["rounds=1", *QUICK, f"task.name='{USER_TASK}'", "task.args={}"]
+        user_run = Path(start_run(fed, HEART_TOML, overrides=overrides).run_dir)
         wait_for(lambda: (user_run / "summary.json").is_file(), 400, f"the user-task run\n{d.tail()}", poll=1)
         summary = json.loads((user_run / "summary.json").read_text())
         reasons = " ".join(summary["excluded"].values())

@@ -68,7 +68,8 @@ def flat(model: torch.nn.Module) -> np.ndarray:
 def train_node(model: torch.nn.Module, global_flat: np.ndarray, node: int, batches: int):
     """Local SGD from the global weights; returns (update, examples, cpu seconds)."""
     start = time.thread_time()
-    torch.nn.utils.vector_to_parameters(torch.from_numpy(global_flat), model.parameters())
+    # a copy: vector_to_parameters makes the parameters views of the vector it is given
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(global_flat.copy()), model.parameters())
     gen = torch.Generator().manual_seed(node)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(batches):

@@ -36,7 +36,7 @@ def main() -> None:
     """Entry point: user errors print one clear message and exit 2, never a traceback."""
     _register()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns typer.Exit's code
     except FlowerbedError as exc:
         from rich.markup import escape
 
@@ -53,6 +53,8 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Exit):
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -221,12 +221,16 @@ def run_sweep(
         except FlowerbedError as exc:
             rows.append(SweepRow(index, values, label, None, time.perf_counter() - start, error=str(exc)))
             say(f"[{index + 1}/{total}] failed: {exc}")
-            continue
-        seconds = time.perf_counter() - start
-        metrics = final_metrics(load_run(run_dir))
-        rows.append(SweepRow(index, values, label, run_dir, seconds, metrics))
-        say(f"[{index + 1}/{total}] done in {seconds:.1f} s: {run_dir}")
-    return _write_outputs(sweep, folder, rows)
+        else:
+            seconds = time.perf_counter() - start
+            metrics = final_metrics(load_run(run_dir))
+            rows.append(SweepRow(index, values, label, run_dir, seconds, metrics))
+            say(f"[{index + 1}/{total}] done in {seconds:.1f} s: {run_dir}")
+        _write_tables(sweep.keys, folder, rows)  # an interrupted sweep keeps what it finished
+    csv_path, markdown_path = _write_tables(sweep.keys, folder, rows)
+    done = [r for r in rows if r.run_dir is not None]
+    plot_path = _overlay(folder / "overlay.png", done, sweep.name) if done else None
+    return SweepResult(folder, rows, csv_path, markdown_path, plot_path)
 
 
 def to_markdown(keys: tuple[str, ...], rows: list[SweepRow]) -> str:
@@ -240,18 +244,16 @@ def to_markdown(keys: tuple[str, ...], rows: list[SweepRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_outputs(sweep: Sweep, folder: Path, rows: list[SweepRow]) -> SweepResult:
-    header, body = _table(sweep.keys, rows)
+def _write_tables(keys: tuple[str, ...], folder: Path, rows: list[SweepRow]) -> tuple[Path, Path]:
+    header, body = _table(keys, rows)
     csv_path = folder / "summary.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(body)
     markdown_path = folder / "summary.md"
-    markdown_path.write_text(to_markdown(sweep.keys, rows))
-    done = [r for r in rows if r.run_dir is not None]
-    plot_path = _overlay(folder / "overlay.png", done, sweep.name) if done else None
-    return SweepResult(folder, rows, csv_path, markdown_path, plot_path)
+    markdown_path.write_text(to_markdown(keys, rows))
+    return csv_path, markdown_path
 
 
 def _overlay(path: Path, rows: list[SweepRow], name: str) -> Path:

@@ -115,3 +115,20 @@ def test_two_run_sweep_writes_table_and_overlay(tmp_path: Path) -> None:
     assert len(markdown.splitlines()) == 4
     assert "central.accuracy" in result.output
     assert (folder / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failing_run_is_recorded_and_the_command_exits_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowerbed.cli import main
+
+    # valid for the schema, but the task cannot be imported once the run starts
+    path = _sweep_file(tmp_path, 'set = { rounds = 1 }\n[grid]\n"task.name" = ["no_such_module:task"]\n')
+    monkeypatch.setattr("sys.argv", ["flowerbed", "sweep", str(path), "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    rows = list(csv.DictReader((tmp_path / "s" / "summary.csv").open()))
+    assert rows[0]["run"].startswith("failed: task.name = 'no_such_module:task' cannot be imported")
+    assert "1 of 1 runs failed" in capsys.readouterr().out
+    assert not (tmp_path / "s" / "overlay.png").exists()

@@ -1,23 +1,40 @@
 """Privacy bookkeeping of inline nodes, with the node semantics of ``flowerbed.client.private_round``.
 
-For each node of a private cohort, exactly as the ClientApp does it: the node's own config (plus
-``FLOWERBED_SIM_NODE_CONFIG`` for simulated nodes) names its ledger and budget; the dataset is
-fingerprinted; the run's plan is made once and stored in the ledger (a restarted or resumed run
-reuses it); the budget is checked before training; the release is charged (durably) before the
-reply is built; epsilon composes every release of the dataset with Opacus's accountant.
+For each node of a private cohort, as the ClientApp does it: the node's own config (plus
+``FLOWERBED_SIM_NODE_CONFIG`` for simulated nodes) gives its ledger and budget; the dataset is
+fingerprinted; the run's plan is made once and kept (a resumed run reuses it); the budget is
+checked before training; the release is charged before the reply is built; epsilon composes every
+release of the dataset with Opacus's accountant, at the budget's delta (else the plan's).
 
-Only the arithmetic is shared differently: nodes of one cohort whose release histories are the
-same (same plan, same rounds) share one accountant evaluation instead of one each.
+Where the releases are kept:
+
+- a node whose config names a ``ledger`` uses that ``PrivacyLedger`` file for every release;
+- a virtual node without one (the usual simulation) keeps this run's releases in its own
+  ``Context.state`` while the run goes on, and ``flush_releases`` writes them into the same
+  per-run ledger file the ClientApp would have used (``$FLOWERBED_SIM_LEDGER_DIR``) when the run
+  ends. A node that finds that file from an earlier, interrupted run of the same run id (a resume)
+  starts from its releases. This keeps one SQLite commit per node per run instead of several per
+  node per round, which is what a cohort of thousands of virtual nodes cannot afford.
+
+Nodes whose release histories are the same (same plan, same rounds) share one accountant
+evaluation.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord, Context
+
 from flowerbed.client.private_round import (
+    SIM_LEDGER_DIR_ENV,
     NodePrivacy,
     dataset_fingerprint,
     node_privacy_config,
@@ -25,32 +42,110 @@ from flowerbed.client.private_round import (
 )
 from flowerbed.exception import PrivacyBudgetExceeded
 from flowerbed.experiment import Experiment
-from flowerbed.privacy.ledger import compose
-from flowerbed.privacy.planner import DPPlan
+from flowerbed.privacy.ledger import Budget, PrivacyLedger, compose
+from flowerbed.privacy.planner import DPPlan, make_plan
 from flowerbed.tasks.task import SiteData
+
+STATE_KEY = "flowerbed.dp-ledger"
+History = tuple[tuple[float, float, int], ...]
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(history: History, delta: float, accountant: str) -> float:
     return compose(history, delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(n: int, batch_size: int, local_epochs: int, rounds: int, privacy: tuple) -> DPPlan:
+    max_grad_norm, target_epsilon, noise_multiplier, delta, accountant = privacy
+    return make_plan(
+        n=n,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        rounds=rounds,
+        max_grad_norm=max_grad_norm,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise_multiplier,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def new_plan(experiment: Experiment, n: int) -> DPPlan:
+    """The run's plan for ``n`` rows, as ``run_plan`` makes it (cached: equal sites share it)."""
+    p, t = experiment.privacy, experiment.train
+    key = (p.max_grad_norm, p.target_epsilon, p.noise_multiplier, p.delta, p.accountant)
+    return _plan(n, t.batch_size, t.local_epochs, experiment.rounds, key)
+
+
+def sim_ledger_path(node_config: Mapping[str, Any], run_id: str) -> Path:
+    """The per-run ledger file of a virtual node (as ``NodePrivacy.from_node_config`` names it)."""
+    root = Path(os.environ.get(SIM_LEDGER_DIR_ENV) or tempfile.gettempdir())
+    safe_run = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return root / "flowerbed-ledgers" / safe_run / f"node-{node_config['partition-id']}.sqlite"
 
 
 @dataclass
 class NodeRelease:
     """One node's privacy state for the round being trained."""
 
-    privacy: NodePrivacy
+    context: Context
     dataset: str
     plan: DPPlan
     site: str
+    budget: Budget | None
+    test_seed: int | None
+    ledger: PrivacyLedger | None  # None: kept in the node's state until ``flush_releases``
 
     @property
-    def test_seed(self) -> int | None:
-        """The node's ``dp-test-seed`` (tests only)."""
-        return self.privacy.test_seed
+    def delta(self) -> float:
+        """The delta epsilon is reported at."""
+        return self.plan.delta if self.budget is None else self.budget.delta
+
+    @property
+    def accountant(self) -> str:
+        """The accountant that composes the releases."""
+        return self.plan.accountant if self.budget is None else self.budget.accountant
+
+    def history(self) -> History:
+        """Every release of this dataset known to the node, oldest first."""
+        if self.ledger is not None:
+            return tuple(self.ledger.history(self.dataset))
+        record = self.context.state[STATE_KEY]
+        prior = json.loads(str(record["prior"]))
+        sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
+        return tuple([tuple(h) for h in prior] + [(sigma, q, int(s)) for s in record["steps"]])  # type: ignore[misc]
 
 
-def prepare_release(node_config: Mapping[str, Any], site: SiteData, experiment: Experiment, run_id: str) -> NodeRelease:
+def _state_record(context: Context, run_id: str, site: SiteData, config: Mapping[str, Any], experiment: Experiment):
+    if STATE_KEY in context.state and str(context.state[STATE_KEY]["run"]) == run_id:
+        return context.state[STATE_KEY]
+    dataset = dataset_fingerprint(site, config)
+    prior: list = []
+    plan = None
+    path = sim_ledger_path(config, run_id)
+    if path.is_file():  # an earlier process of this run (a resume) left releases here
+        ledger = PrivacyLedger(path)
+        prior = [list(h) for h in ledger.history(dataset)]
+        plan = ledger.load_plan(dataset, run_id)
+    plan = plan or new_plan(experiment, site.num_train)
+    record = ConfigRecord(
+        {
+            "run": run_id,
+            "dataset": dataset,
+            "plan": json.dumps(plan.to_dict()),
+            "prior": json.dumps(prior),
+            "site": site.name,
+            "rounds": [],
+            "steps": [],
+            "flushed": 0,
+        }
+    )
+    context.state[STATE_KEY] = record
+    return record
+
+
+def prepare_release(context: Context, site: SiteData, experiment: Experiment, run_id: str) -> NodeRelease:
     """The node's ledger, dataset and run plan; refuse now if the next round exceeds its budget.
 
     Raises
@@ -58,38 +153,77 @@ def prepare_release(node_config: Mapping[str, Any], site: SiteData, experiment: 
     PrivacyBudgetExceeded
         When the node's budget cannot cover one more round of the plan (nothing is trained).
     """
-    config = node_privacy_config(node_config, site.name)
-    privacy = NodePrivacy.from_node_config(config, run_id)
-    dataset = dataset_fingerprint(site, config)
-    plan = run_plan(privacy, dataset, run_id, experiment, site.num_train)
-    if privacy.budget is not None:
-        history = tuple(privacy.ledger.history(dataset))
+    config = node_privacy_config(context.node_config, site.name)
+    budget = Budget.from_node_config(config)
+    seed = config.get("dp-test-seed")
+    test_seed = None if seed is None else int(seed)
+    if "ledger" in config or "partition-id" not in config:
+        privacy = NodePrivacy.from_node_config(config, run_id)
+        dataset = dataset_fingerprint(site, config)
+        plan = run_plan(privacy, dataset, run_id, experiment, site.num_train)
+        release = NodeRelease(context, dataset, plan, site.name, privacy.budget, test_seed, privacy.ledger)
+    else:
+        record = _state_record(context, run_id, site, config, experiment)
+        plan = DPPlan.from_dict(json.loads(str(record["plan"])))
+        release = NodeRelease(context, str(record["dataset"]), plan, site.name, budget, test_seed, None)
+    if budget is not None:
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        budget = privacy.budget
-        projected = _epsilon((*history, step), budget.delta, budget.accountant)
+        spent = _epsilon(release.history(), budget.delta, budget.accountant)
+        projected = _epsilon((*release.history(), step), budget.delta, budget.accountant)
         if projected > budget.epsilon:
-            privacy.ledger.check(dataset, plan, budget, site=site.name)  # raises with the ledger's message
-            raise PrivacyBudgetExceeded(f"site {site.name}: next round would spend {projected:.3g}")
-    return NodeRelease(privacy=privacy, dataset=dataset, plan=plan, site=site.name)
+            raise PrivacyBudgetExceeded(
+                f"privacy budget exhausted: spent {spent:.3g} of {budget.epsilon:.3g} on dataset "
+                f"{release.dataset[:12]} (site {site.name}, delta {budget.delta:.3g}); the next round "
+                f"would bring it to {projected:.3g}; raise budget-epsilon in the node config, or lower "
+                "rounds or local epochs, or raise the noise"
+            )
+    return release
 
 
 def charge_release(release: NodeRelease, *, run_id: str, server_round: int, steps: int) -> tuple[float, float]:
-    """Charge one round (durably, before the reply) and return (epsilon, delta) for the dataset.
+    """Charge one round before the reply is built; return (epsilon, delta) for the dataset.
 
     Raises
     ------
     PrivacyBudgetExceeded
-        When another process spent the rest of the budget first (the update must be discarded).
+        When another process spent the rest of a ledger's budget first (discard the update).
     """
-    privacy, plan = release.privacy, release.plan
-    privacy.ledger.charge(
-        dataset=release.dataset,
-        run_id=run_id,
-        round=server_round,
-        plan=plan,
-        steps=steps,
-        site=release.site,
-        budget=privacy.budget,
-    )
-    delta, accountant = privacy.delta(plan), privacy.accountant(plan)
-    return _epsilon(tuple(privacy.ledger.history(release.dataset)), delta, accountant), delta
+    if release.ledger is not None:
+        release.ledger.charge(
+            dataset=release.dataset,
+            run_id=run_id,
+            round=server_round,
+            plan=release.plan,
+            steps=steps,
+            site=release.site,
+            budget=release.budget,
+        )
+    else:
+        record = release.context.state[STATE_KEY]
+        record["rounds"] = [*record["rounds"], int(server_round)]  # type: ignore[misc]
+        record["steps"] = [*record["steps"], int(steps)]  # type: ignore[misc]
+    return _epsilon(release.history(), release.delta, release.accountant), release.delta
+
+
+def flush_releases(contexts: Iterable[Context]) -> int:
+    """Write releases kept in virtual nodes' state into their per-run ledger files; return how many."""
+    written = 0
+    for context in contexts:
+        if STATE_KEY not in context.state:
+            continue
+        record = context.state[STATE_KEY]
+        run_id, dataset = str(record["run"]), str(record["dataset"])
+        rounds, steps = list(record["rounds"]), list(record["steps"])  # type: ignore[arg-type]
+        done = int(record["flushed"])  # type: ignore[arg-type]
+        if done >= len(rounds):
+            continue
+        ledger = PrivacyLedger(sim_ledger_path(context.node_config, run_id))
+        plan = ledger.save_plan(dataset, run_id, DPPlan.from_dict(json.loads(str(record["plan"]))))
+        site = str(record["site"])
+        for server_round, n_steps in zip(rounds[done:], steps[done:], strict=True):
+            ledger.charge(
+                dataset=dataset, run_id=run_id, round=int(server_round), plan=plan, steps=int(n_steps), site=site
+            )
+            written += 1
+        record["flushed"] = len(rounds)
+    return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
@@ -13,7 +14,7 @@ from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_arrays
 from flowerbed.privacy.planner import DPPlan, epsilon_for, make_plan
 from flowerbed.server.run_folder import read_summary
-from flowerbed.simulations.inline_privacy import charge_release, prepare_release
+from flowerbed.simulations.inline_privacy import charge_release, flush_releases, prepare_release, sim_ledger_path
 from flowerbed.simulations.simulate import simulate
 from flowerbed.simulations.vectorized import Cohort, stack_cohort, stacked
 from flowerbed.simulations.vectorized_dp import (
@@ -139,7 +140,7 @@ def test_release_accounting_follows_the_node_ledger(tmp_path, monkeypatch, heart
     monkeypatch.setenv("FLOWERBED_SIM_LEDGER_DIR", str(tmp_path / "sim"))
     experiment = heart_experiment("privacy.enabled=true", "privacy.noise_multiplier=1.1", "rounds=5")
     site = _site(50)
-    virtual = {"partition-id": 0}
+    virtual = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     eps = []
     for server_round in (1, 2):
         release = prepare_release(virtual, site, experiment, "r1")
@@ -148,17 +149,28 @@ def test_release_accounting_follows_the_node_ledger(tmp_path, monkeypatch, heart
     assert plan == make_plan(n=50, batch_size=16, local_epochs=2, rounds=5, max_grad_norm=1.0, noise_multiplier=1.1)
     assert eps[1][0] == pytest.approx(epsilon_for(1.1, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
     assert 0 < eps[0][0] < eps[1][0] and eps[1][1] == plan.delta
-    assert list((tmp_path / "sim").rglob("node-0.sqlite"))  # the ClientApp's per-run ledger of this node
+    # At the end of the run the releases land in the ClientApp's per-run ledger of this node...
+    assert flush_releases([virtual]) == 2 and flush_releases([virtual]) == 0
+    ledger = PrivacyLedger(sim_ledger_path(virtual.node_config, "r1"))
+    dataset = fingerprint_arrays(site.x_train, site.y_train)
+    assert [r.round for r in ledger.releases(dataset)] == [1, 2]
+    assert ledger.epsilon(dataset, plan.delta) == pytest.approx(eps[1][0])
+    # ...and a resumed run (a fresh process: empty node state) goes on from them.
+    fresh = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    release = prepare_release(fresh, site, experiment, "r1")
+    third, _ = charge_release(release, run_id="r1", server_round=3, steps=plan.steps_per_round)
+    assert third == pytest.approx(epsilon_for(1.1, plan.sample_rate, 3 * plan.steps_per_round, plan.delta))
+    # A node with its own ledger and budget: charged there, refused before training when spent.
     ledger_path = tmp_path / "ledger.sqlite"
     config = {"ledger": str(ledger_path), "budget-epsilon": eps[0][0] * 1.2, "budget-delta": plan.delta}
-    release = prepare_release(config, site, experiment, "r2")
+    node = Context(run_id=1, node_id=2, node_config=config, state=RecordDict(), run_config={})
+    release = prepare_release(node, site, experiment, "r2")
     first, _ = charge_release(release, run_id="r2", server_round=1, steps=plan.steps_per_round)
-    ledger = PrivacyLedger(ledger_path)
-    dataset = fingerprint_arrays(site.x_train, site.y_train)
-    assert first == pytest.approx(ledger.epsilon(dataset, plan.delta))
+    own = PrivacyLedger(ledger_path)
+    assert first == pytest.approx(own.epsilon(dataset, plan.delta))
     with pytest.raises(PrivacyBudgetExceeded, match="site alpha"):
-        prepare_release(config, site, experiment, "r2")
-    assert len(ledger.releases(dataset)) == 1
+        prepare_release(node, site, experiment, "r2")
+    assert len(own.releases(dataset)) == 1
 
 
 def test_inline_dp_run_reports_the_clientapps_epsilon(heart_experiment, tmp_path, monkeypatch):

@@ -144,6 +144,7 @@ class FederationConfig(_Section):
     validity: ValidityConfig = Field(default_factory=ValidityConfig)
     sites: list[SiteConfig] = Field(default_factory=list)
     base_dir: Path = Field(default=Path("."), exclude=True)
+    source: str = Field(default="federation.toml", exclude=True)
 
     @model_validator(mode="after")
     def _unique_sites(self) -> FederationConfig:
@@ -197,9 +198,11 @@ def load_federation(path: str | Path) -> FederationConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    data.pop("base_dir", None)
+    for internal in ("base_dir", "source"):
+        if internal in data:
+            raise ConfigError(str(path), [f"{internal}: unknown key (check the spelling; see docs/deployment.md)"])
     try:
-        return FederationConfig.model_validate({**data, "base_dir": path.resolve().parent})
+        return FederationConfig.model_validate({**data, "base_dir": path.resolve().parent, "source": str(path)})
     except ValidationError as exc:
         raise ConfigError(str(path), [_format_error(e) for e in exc.errors()]) from None
 

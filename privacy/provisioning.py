@@ -325,7 +325,7 @@ def provision(
     """
     paths = ProvisionPaths(federation.output_dir)
     report = ProvisionReport()
-    source = str(federation.base_dir)
+    source = federation.source
     unknown = [s for s in sites or [] if s not in federation.site_names()]
     if unknown:
         raise ConfigError(

@@ -94,17 +94,23 @@ def load_run(path: str | Path) -> RunRecord:
 def global_panels(runs: Sequence[RunRecord], labels: Sequence[str] | None = None) -> dict[str, dict[str, Series]]:
     """Aggregated metrics per round: ``{"central accuracy": {run label: (rounds, values)}}``.
 
-    ``labels`` name the runs' lines (default: experiment names, else folder names). A
+    ``labels`` name the runs' lines (default: experiment names, else folder names). Panels come
+    grouped by metric (accuracy first, then losses), each as train, federated, central. A
     ``participants`` panel is added when the number of replying sites changes between rounds
     (dropouts, refusals, late joiners).
     """
     labels = list(labels) if labels is not None else _labels(runs)
-    panels: dict[str, dict[str, Series]] = {}
+    found: dict[tuple[str, str], dict[str, Series]] = {}
     for run, label in zip(runs, labels, strict=True):
-        for key, prefix in SOURCES.items():
+        for key in SOURCES:
             for metric in _metric_names(r.get(key) for r in run.rounds):
                 series = _series(run.rounds, lambda r, k=key, m=metric: (r.get(k) or {}).get(m))
-                panels.setdefault(f"{prefix} {metric}", {})[label] = series
+                found.setdefault((metric, key), {})[label] = series
+    order = list(SOURCES)
+    panels = {
+        _panel_title(SOURCES[key], metric): found[(metric, key)]
+        for metric, key in sorted(found, key=lambda mk: ("loss" in mk[0], mk[0], order.index(mk[1])))
+    }
     counts = {
         label: _series(run.rounds, lambda r: _count(r.get("participants")))
         for run, label in zip(runs, labels, strict=True)
@@ -191,7 +197,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
         out = runs[0].path / "plots" if len(runs) == 1 else runs[0].path.parent / "overlay"
     out = Path(out)
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
-    written = [plot_panels(global_panels(runs), out / "global.png", title=title)]
+    panels = global_panels(runs)
+    ncols = 2 if len(panels) <= 6 else 3
+    written = [plot_panels(panels, out / "global.png", title=title, ncols=ncols)]
     if len(runs) == 1:
         sites = site_panels(runs[0])
         if sites:
@@ -200,6 +208,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     if eps:
         written.append(plot_panels(eps, out / "epsilon.png", title=f"{title}: epsilon", highlight="max", ncols=1))
     return written
+
+
+def _panel_title(source: str, metric: str) -> str:
+    """``central accuracy``; ``train-loss`` rather than ``train train-loss``."""
+    return metric if metric.startswith(f"{source}-") else f"{source} {metric}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -266,7 +266,7 @@ def _overlay(path: Path, rows: list[SweepRow], name: str) -> Path:
     wanted = ["central accuracy", "federated accuracy", "central loss", "federated loss"]
     chosen = {k: panels[k] for k in wanted if k in panels} or panels
     chosen.update(epsilon_panels(runs, labels) if len(runs) > 1 else {})
-    ncols = 2 if len(chosen) in (2, 4) else 3
+    ncols = 2 if len(chosen) <= 6 else 3
     return plot_panels(chosen, path, title=f"sweep {name}", ncols=ncols)
 
 

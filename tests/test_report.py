@@ -78,7 +78,7 @@ def test_panels_carry_the_recorded_values(tmp_path: Path) -> None:
     run = load_run(_write_run(tmp_path / "r", "r", 4, ["a", "b"], dp=True, drop="b"))
     panels = global_panels([run])
     assert set(panels) == {
-        "train train-loss",
+        "train-loss",
         "federated loss",
         "federated accuracy",
         "central loss",

@@ -190,7 +190,7 @@ class CohortHandler:
         releases: dict[int, NodeRelease] = {}
         for j, ((message, context), site) in enumerate(zip(pairs, sites, strict=True)):
             try:
-                releases[j] = prepare_release(context, site, experiment, run_id)
+                releases[j] = prepare_release(context, site, experiment, run_id, server_round)
             except FlowerbedError as exc:
                 replies[j] = _error_reply(message, context, exc)
         members = sorted(releases)

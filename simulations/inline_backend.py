@@ -15,7 +15,6 @@ from flwr.serverapp import ServerApp
 from flowerbed.experiment import Experiment
 from flowerbed.simulations.cohort_handler import CohortHandler
 from flowerbed.simulations.inline_grid import InlineGrid
-from flowerbed.simulations.inline_privacy import flush_releases
 
 
 def run_inline(
@@ -45,5 +44,4 @@ def run_inline(
         close = getattr(handler, "close", None)
         if close is not None:
             close()
-        flush_releases(grid.contexts.values())  # virtual nodes' DP releases into their run ledgers
     return grid

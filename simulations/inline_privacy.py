@@ -10,11 +10,11 @@ Where the releases are kept:
 
 - a node whose config names a ``ledger`` uses that ``PrivacyLedger`` file for every release;
 - a virtual node without one (the usual simulation) keeps this run's releases in its own
-  ``Context.state`` while the run goes on, and ``flush_releases`` writes them into the same
-  per-run ledger file the ClientApp would have used (``$FLOWERBED_SIM_LEDGER_DIR``) when the run
-  ends. A node that finds that file from an earlier, interrupted run of the same run id (a resume)
-  starts from its releases. This keeps one SQLite commit per node per run instead of several per
-  node per round, which is what a cohort of thousands of virtual nodes cannot afford.
+  ``Context.state``: a durable SQLite commit per node per round (what the ClientApp does, in a
+  per-run file) costs more than the training of a whole vectorized cohort. When a node of a
+  resumed run has no state yet, it starts from the releases of the earlier rounds: those in its
+  per-run ledger file if the ClientApp wrote one, else one per round of the run's
+  ``metrics.jsonl`` in which the site took part (the round loop writes it with each checkpoint).
 
 Nodes whose release histories are the same (same plan, same rounds) share one accountant
 evaluation.
@@ -26,7 +26,7 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,18 +117,36 @@ class NodeRelease:
         return tuple([tuple(h) for h in prior] + [(sigma, q, int(s)) for s in record["steps"]])  # type: ignore[misc]
 
 
-def _state_record(context: Context, run_id: str, site: SiteData, config: Mapping[str, Any], experiment: Experiment):
+def _earlier_rounds(experiment: Experiment, run_id: str, site: str, server_round: int, plan: DPPlan) -> list[int]:
+    """Steps of the releases this site made before ``server_round`` in a resumed run (from its metrics)."""
+    metrics = Path(experiment.output) / run_id / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    steps = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("round", server_round) < server_round and site in record.get("participants", []):
+            steps.append(plan.steps_per_round)
+    return steps
+
+
+def _state_record(
+    context: Context, run_id: str, site: SiteData, config: Mapping[str, Any], experiment: Experiment, server_round: int
+):
     if STATE_KEY in context.state and str(context.state[STATE_KEY]["run"]) == run_id:
         return context.state[STATE_KEY]
     dataset = dataset_fingerprint(site, config)
     prior: list = []
     plan = None
     path = sim_ledger_path(config, run_id)
-    if path.is_file():  # an earlier process of this run (a resume) left releases here
+    if path.is_file():  # the ClientApp ran earlier rounds of this run
         ledger = PrivacyLedger(path)
         prior = [list(h) for h in ledger.history(dataset)]
         plan = ledger.load_plan(dataset, run_id)
     plan = plan or new_plan(experiment, site.num_train)
+    if not prior and server_round > 1:
+        for step_count in _earlier_rounds(experiment, run_id, site.name, server_round, plan):
+            prior.append([plan.noise_multiplier, plan.sample_rate, step_count])
     record = ConfigRecord(
         {
             "run": run_id,
@@ -138,14 +156,15 @@ def _state_record(context: Context, run_id: str, site: SiteData, config: Mapping
             "site": site.name,
             "rounds": [],
             "steps": [],
-            "flushed": 0,
         }
     )
     context.state[STATE_KEY] = record
     return record
 
 
-def prepare_release(context: Context, site: SiteData, experiment: Experiment, run_id: str) -> NodeRelease:
+def prepare_release(
+    context: Context, site: SiteData, experiment: Experiment, run_id: str, server_round: int = 1
+) -> NodeRelease:
     """The node's ledger, dataset and run plan; refuse now if the next round exceeds its budget.
 
     Raises
@@ -163,7 +182,7 @@ def prepare_release(context: Context, site: SiteData, experiment: Experiment, ru
         plan = run_plan(privacy, dataset, run_id, experiment, site.num_train)
         release = NodeRelease(context, dataset, plan, site.name, privacy.budget, test_seed, privacy.ledger)
     else:
-        record = _state_record(context, run_id, site, config, experiment)
+        record = _state_record(context, run_id, site, config, experiment, server_round)
         plan = DPPlan.from_dict(json.loads(str(record["plan"])))
         release = NodeRelease(context, str(record["dataset"]), plan, site.name, budget, test_seed, None)
     if budget is not None:
@@ -203,27 +222,3 @@ def charge_release(release: NodeRelease, *, run_id: str, server_round: int, step
         record["rounds"] = [*record["rounds"], int(server_round)]  # type: ignore[misc]
         record["steps"] = [*record["steps"], int(steps)]  # type: ignore[misc]
     return _epsilon(release.history(), release.delta, release.accountant), release.delta
-
-
-def flush_releases(contexts: Iterable[Context]) -> int:
-    """Write releases kept in virtual nodes' state into their per-run ledger files; return how many."""
-    written = 0
-    for context in contexts:
-        if STATE_KEY not in context.state:
-            continue
-        record = context.state[STATE_KEY]
-        run_id, dataset = str(record["run"]), str(record["dataset"])
-        rounds, steps = list(record["rounds"]), list(record["steps"])  # type: ignore[arg-type]
-        done = int(record["flushed"])  # type: ignore[arg-type]
-        if done >= len(rounds):
-            continue
-        ledger = PrivacyLedger(sim_ledger_path(context.node_config, run_id))
-        plan = ledger.save_plan(dataset, run_id, DPPlan.from_dict(json.loads(str(record["plan"]))))
-        site = str(record["site"])
-        for server_round, n_steps in zip(rounds[done:], steps[done:], strict=True):
-            ledger.charge(
-                dataset=dataset, run_id=run_id, round=int(server_round), plan=plan, steps=int(n_steps), site=site
-            )
-            written += 1
-        record["flushed"] = len(rounds)
-    return written

@@ -86,30 +86,31 @@ class FastPerSample:
             raise Unsupported(type(model).__name__)
         self.model = model
         self.params = _trainable(model)
-        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self._layers = [
-            m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
-        ]
+        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = []
+        self._layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         self._handles = [m.register_forward_hook(self._record) for m in self._layers]
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         """Whether every trainable layer is one this engine computes exactly."""
+        seen: set[int] = set()
         for m in model.modules():
+            own = [id(p) for p in m.parameters(recurse=False)]
+            if seen.intersection(own):
+                return False  # a parameter shared by two layers: per-layer sums would collide
+            seen.update(own)
             if getattr(m, "inplace", False):
                 return False  # an in-place op would overwrite a recorded layer output
             if not any(p.requires_grad for p in m.parameters(recurse=False)):
                 continue
             if type(m) not in cls.SUPPORTED:
                 return False
-            if isinstance(m, nn.Conv2d) and (
-                m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
-            ):
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 return False
         return True
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._records.append((module, inputs[0].detach(), output))
+        self._records.append((module, inputs[0].detach(), output, output._version))
 
     def close(self) -> None:
         """Remove the hooks from the model."""
@@ -124,14 +125,16 @@ class FastPerSample:
         self._records = []
         loss = loss_fn(self.model(x), y)
         records, self._records = self._records, []
-        if len({id(m) for m, _, _ in records}) != len(records):
+        if len({id(r[0]) for r in records}) != len(records):
             raise Unsupported("a layer is called more than once in one forward pass")
-        outs = [out for _, _, out in records]
+        if any(out._version != version for _, _, out, version in records):
+            raise Unsupported("a layer's output was changed in place")
+        outs = [r[2] for r in records]
         backprops = torch.autograd.grad(loss, outs, allow_unused=True)
         n = x.shape[0]
         norm2 = torch.zeros(n, dtype=loss.dtype, device=x.device)
         parts: dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]] = {}
-        for (layer, a, _), g in zip(records, backprops, strict=True):
+        for (layer, a, _, _), g in zip(records, backprops, strict=True):
             self._layer(layer, a, g, n, norm2, parts)
         factor = (max_grad_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
         sums = []

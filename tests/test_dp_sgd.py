@@ -116,9 +116,7 @@ def test_clipped_noised_gradients_equal_opacus(case: str, sigma: float) -> None:
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
-def _opacus_round(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, plan: DPPlan, lr: float, seed: int
-) -> None:
+def _opacus_round(model: nn.Module, x: np.ndarray, y: np.ndarray, plan: DPPlan, lr: float, seed: int) -> None:
     """Opacus's default path: Poisson DPDataLoader, GradSampleModule, DPOptimizer."""
     loader = DataLoader(TensorDataset(torch.as_tensor(x), torch.as_tensor(y)), batch_size=32)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=torch.Generator().manual_seed(seed))
@@ -179,9 +177,7 @@ def test_empty_poisson_batches_still_step_with_noise() -> None:
         delta=1e-5,
     )
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_private(
-        model, Task("t", mlp), x.astype(np.float32), y, TrainConfig(), plan=plan, seed=0
-    )
+    result = train_private(model, Task("t", mlp), x.astype(np.float32), y, TrainConfig(), plan=plan, seed=0)
     assert result.steps == 3
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
@@ -229,11 +225,43 @@ def test_overhead_benchmark_writes_its_figures(tmp_path) -> None:
     out = tmp_path / "dp.json"
     results = main(["--repeats", "1", "--json", str(out)])
     written = json.loads(out.read_text())["results"]
-    assert (
-        [r["model"] for r in written]
-        == ["heart-mlp", "digits-cnn"]
-        == [r["model"] for r in results]
-    )
+    assert [r["model"] for r in written] == ["heart-mlp", "digits-cnn"] == [r["model"] for r in results]
     for r in written:
         assert r["dp_ratio"] == pytest.approx(r["dp_s"] / r["plain_s"])
         assert r["plain_s"] > 0 and r["opacus_s"] > 0
+
+
+class _InPlace(nn.Module):
+    """A Linear whose output a functional in-place op overwrites (invisible to module flags)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(13, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu_(self.a(x)))
+
+
+def test_what_the_fast_engine_cannot_compute_falls_back_to_opacus() -> None:
+    torch.manual_seed(0)
+    model = _InPlace().double()
+    x, y = (torch.as_tensor(a) for a in _data(TABULAR, 20))
+    engine = FastPerSample(model)
+    with pytest.raises(Exception, match="in place"):  # never a silently wrong gradient
+        engine.clipped_sum(x, y, nn.functional.cross_entropy, 0.5)
+    engine.close()
+    # Tied weights: the fast engine declines, train_private switches to Opacus's engine and
+    # takes exactly the step Opacus's own optimizer takes.
+    tied = nn.Sequential(nn.Linear(13, 13), nn.ReLU(), nn.Linear(13, 13)).double()
+    tied[2].weight = tied[0].weight
+    assert not FastPerSample.supports(tied)
+    expected = _opacus_grads(copy.deepcopy(tied), x, y, 0.0, 0.5, seed=0)
+    plan = DPPlan(
+        noise_multiplier=1e-12, sample_rate=1.0, steps_per_round=1, rounds=1, max_grad_norm=0.5,
+        delta=1e-5,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in tied.parameters()]
+    train_private(tied, Task("t", mlp), x.numpy(), y.numpy(), TrainConfig(lr=1.0), plan=plan, seed=0)
+    for b, p, e in zip(before, tied.parameters(), expected, strict=True):
+        # one SGD step, lr 1, on the clipped sum over the expected batch (20 rows; 16 in the helper)
+        torch.testing.assert_close(b - p, e * 16 / 20, atol=1e-6, rtol=0)

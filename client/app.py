@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from flowerbed.client.approval import check_task_approved
 from flowerbed.client.local_data import resolve_site
-from flowerbed.client.private_round import train_private_round
+from flowerbed.client.private_round import refuse_unless_private, train_private_round
 from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.exception import FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
@@ -88,6 +88,7 @@ def train(message: Message, context: Context) -> Message:
             result = private.train
             dp_metrics = {"epsilon": private.epsilon, "delta": private.delta}
         else:
+            refuse_unless_private(context.node_config, site.name)
             result = train_local(model, task, site.x_train, site.y_train, experiment.train, seed=seed, device=device)
     except FlowerbedError as exc:
         return _error_reply(message, context, exc)

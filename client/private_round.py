@@ -35,7 +35,7 @@ from torch import nn
 
 from flowerbed.client.private_training import train_private
 from flowerbed.client.training import TrainResult
-from flowerbed.exception import ConfigError, NodeError
+from flowerbed.exception import ConfigError, NodeError, PrivacyBudgetExceeded
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.ledger import Budget, PrivacyLedger, fingerprint_arrays, fingerprint_file
 from flowerbed.privacy.planner import DPPlan, make_plan
@@ -109,6 +109,23 @@ class NodePrivacy:
     def accountant(self, plan: DPPlan) -> str:
         """The accountant that composes releases: the budget's, else the plan's."""
         return plan.accountant if self.budget is None else self.budget.accountant
+
+
+def refuse_unless_private(node_config: Mapping[str, Any], site: str) -> None:
+    """A node with a privacy budget never releases an update trained without DP.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        When the node config sets ``budget-epsilon`` and the experiment asks for plain training.
+    """
+    config = node_privacy_config(node_config, site)
+    if config.get("budget-epsilon") is not None:
+        raise PrivacyBudgetExceeded(
+            f"site {site} only trains with differential privacy (its node config sets "
+            f"budget-epsilon = {config['budget-epsilon']}); set privacy.enabled = true and "
+            "privacy.target_epsilon in the experiment"
+        )
 
 
 def dataset_fingerprint(site: SiteData, node_config: Mapping[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flowerbed.client.private_round import (
@@ -121,3 +123,41 @@ def test_dataset_names_follow_the_file_or_the_node_config(tmp_path):
     assert by_file == fingerprint_file(data)
     assert dataset_fingerprint(sites[0], {}) != dataset_fingerprint(sites[1], {})
     assert dataset_fingerprint(sites[0], {"dataset-id": "cardio-2024", "data-path": str(data)}) == "id:cardio-2024"
+
+
+def test_a_node_with_a_budget_never_trains_without_dp(heart_experiment, tmp_path):
+    from uuid import uuid4
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flowerbed.client.app import app
+    from flowerbed.tasks import resolve_task
+    from flowerbed.weights import model_to_arrays
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    plain = heart_experiment("train.local_epochs=1")
+    site = load_federation(plain.data, plain.seed)[0]
+    task = resolve_task(plain.task.name, plain.task.args)
+    arrays = model_to_arrays(task.build_model(site.schema, seed=0))
+
+    def ask(experiment, node_config) -> Message:
+        config = ConfigRecord(
+            {"server-round": 1, "flowerbed.run-id": "r", "flowerbed.experiment": json.dumps(experiment.to_dict())}
+        )
+        message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type="train")
+        message.metadata.__dict__["_message_id"] = str(uuid4())
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        return app(message, context)
+
+    guarded = {"partition-id": 0, "ledger": str(tmp_path / "l.sqlite"), "budget-epsilon": 8.0}
+    refused = ask(plain, guarded)
+    assert refused.has_error() and "only trains with differential privacy" in refused.error.reason
+    assert not ask(plain, {"partition-id": 0}).has_error()  # no budget: plain training allowed
+    private = ask(
+        heart_experiment("train.local_epochs=1", "privacy.enabled=true", "privacy.noise_multiplier=1.0"), guarded
+    )
+    assert not private.has_error()
+    metrics = private.content["metrics"]
+    assert 0 < metrics["epsilon"] <= 8.0 and "train-loss" not in metrics

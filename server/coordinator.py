@@ -14,7 +14,8 @@
 Everything the coordinator keeps lives in the state folder (``[coordinator] state``)::
 
     superlink.db           Flower's state (runs, nodes)
-    superlink.log          the SuperLink's log
+    superlink.log          the SuperLink's log (rotated daily)
+    superlink.out          the SuperLink's console output (start-up errors)
     flwr-home/config.toml  the Flower CLI connection ``flowerbed`` used by ``flowerbed run ...``
     registered-nodes.json  site -> node id and public key, to revoke a rotated or removed key
     runs/                  run folders (final model, metrics, reports)
@@ -190,7 +191,7 @@ def wait_until_ready(
         if process is not None and process.poll() is not None:
             raise NodeError(
                 f"flower-superlink exited with code {process.returncode} before it was ready; "
-                f"see {CoordinatorPaths(federation.state_dir).log_file}"
+                f"see {CoordinatorPaths(federation.state_dir).state / 'superlink.out'}"
             )
         try:
             if httpx.get(url, verify=verify, timeout=2.0).status_code < 500:
@@ -332,13 +333,14 @@ class Coordinator:
             self.paths.insecure_marker.write_text(INSECURE_WARNING + "\n")
         else:
             self.paths.insecure_marker.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            command,
-            cwd=self.paths.state,
-            env=flower_env(self.federation),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.paths.state / "superlink.out").open("a") as output:
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.paths.state,
+                env=flower_env(self.federation),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_until_ready(self.federation, insecure=self.insecure, timeout=timeout, process=self.process)
             if not self.insecure:

@@ -26,6 +26,11 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
 POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = "0.05"
@@ -58,21 +63,25 @@ class ForkExecutor:
         self._fallback = SubprocessExecutor()
 
     def get_eligible_capacity(
-        self, supported_task_types: set, *, insecure: bool = False, root_certificates_path: str | None = None
-    ) -> tuple[set, set[str]]:
+        self,
+        supported_task_types: set[TaskType],
+        *,
+        insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> tuple[set[TaskType], set[str]]:
         """Every task type can start without waiting."""
         return set(supported_task_types), set()
 
-    def wait_for_capacity(self, task_type: object = None, **_: object) -> None:
+    def wait_for_capacity(self, task_type: TaskType | None = None, **_: object) -> None:
         """Nothing to wait for."""
 
-    def launch(self, spec: object):  # -> LaunchResult
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Fork a child that runs Flower's ``run_clientapp`` for this one message."""
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
-        if spec.task_type != TaskType.CLIENT_APP:  # type: ignore[attr-defined]
-            return self._fallback.launch(spec)  # type: ignore[arg-type]
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._fallback.launch(spec)
         pid = os.fork()
         if pid == 0:  # child
             os._exit(_run_one(spec))
@@ -98,7 +107,7 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGTERM)
 
 
-def _run_one(spec: object) -> int:
+def _run_one(spec: ExecutionSpec) -> int:
     """Body of a forked child: run one ClientApp message and return the exit code."""
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
@@ -107,13 +116,10 @@ def _run_one(spec: object) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         run_clientapp(
-            runtime_api_address=spec.runtime_api_address,  # type: ignore[attr-defined]
-            token=spec.token,  # type: ignore[attr-defined]
-            insecure=spec.insecure,  # type: ignore[attr-defined]
-            certificates=validate_and_resolve_root_certificates(
-                spec.root_certificates_path,  # type: ignore[attr-defined]
-                spec.insecure,  # type: ignore[attr-defined]
-            ),
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
             parent_pid=None,
             runtime_dependency_install=False,
         )

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -185,7 +186,8 @@ def wait_until_ready(
 
     scheme = "http" if insecure else "https"
     url = f"{scheme}://{local_address(federation)}/health"
-    verify: bool | str = False if insecure else str(ProvisionPaths(federation.output_dir).coordinator_ca)
+    ca = ProvisionPaths(federation.output_dir).coordinator_ca
+    verify: bool | ssl.SSLContext = False if insecure else ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -61,12 +61,13 @@ def share_point(share: bytes) -> int:
     return _decode(share)[0]
 
 
-def combine(shares: Sequence[bytes], threshold: int) -> bytes:
+def combine(shares: Sequence[bytes], threshold: int, *, check: int = 1) -> bytes:
     """Recover the secret from at least ``threshold`` shares.
 
-    Exactly ``threshold`` shares (those with the smallest points) are interpolated; shares beyond
-    those are checked to lie on the same polynomial, so a corrupted share is detected whenever
-    there are more shares than needed.
+    Exactly ``threshold`` shares (those with the smallest points) are interpolated; up to
+    ``check`` shares beyond those are checked to lie on the same polynomial, so a single corrupted
+    share among them is detected whenever there are more shares than needed (each check costs one
+    more interpolation).
 
     Raises
     ------
@@ -84,7 +85,7 @@ def combine(shares: Sequence[bytes], threshold: int) -> bytes:
     if len(lengths) != 1:
         raise ValueError("shares belong to secrets of different lengths")
     base = [(x, y) for x, _, y in decoded[:threshold]]
-    for x, _, y in decoded[threshold:]:
+    for x, _, y in decoded[threshold : threshold + check]:
         if _interpolate(base, x) != y:
             raise ValueError(f"share at point {x} does not match the others (corrupted share)")
     secret = _interpolate(base, 0)

@@ -61,7 +61,11 @@ def test_shamir_corrupted_share_is_detected_when_shares_are_spare() -> None:
     bad = bytearray(shares[4])
     bad[-1] ^= 1
     with pytest.raises(ValueError, match="corrupted"):
-        shamir.combine([*shares[:4], bytes(bad)], 3)
+        shamir.combine([*shares[:4], bytes(bad)], 3, check=2)
+    bad_low = bytearray(shares[1])
+    bad_low[-1] ^= 1  # point 2: among the interpolated shares, caught by the spare one
+    with pytest.raises(ValueError, match="corrupted"):
+        shamir.combine([shares[0], bytes(bad_low), shares[2], shares[3]], 3)
 
 
 # ---------------------------------------------------------------- key agreement and AEAD

@@ -92,7 +92,8 @@ def test_two_run_sweep_writes_table_and_overlay(tmp_path: Path) -> None:
     path = _sweep_file(
         tmp_path,
         # the sweep's mechanics do not depend on the engine: the one-process backend starts fastest
-        'name = "alpha"\nset = { rounds = 2, backend = { name = "inline" } }\n'
+        'name = "alpha"\nset = { rounds = 2, backend = { name = "inline" }, train = { clients_per_round = 4 },'
+        " data = { partition = { num_clients = 6 } } }\n"
         '[grid]\n"data.partition.alpha" = [0.1, 10.0]\n',
     )
     folder = tmp_path / "out"

@@ -10,8 +10,9 @@ messages at all) as the baseline. Node set-ups compared, interleaved A B C A B C
 - ``flower``: Flower 1.42's defaults (``--executor flower --poll-interval 0``): a new
   ``flwr-clientapp`` process per message, 3 s idle poll.
 
-The round time is the ServerApp's own measure (``time`` in ``metrics.jsonl``: train, evaluate and
-checkpoint of one round). Nothing is asserted; medians and ratios are printed::
+The round time is the ServerApp's own clock (``timings.jsonl``: seconds since the run started,
+after each round's train, evaluate and checkpoint), differenced per round. Nothing is asserted;
+medians and ratios are printed::
 
     python -m flowerbed.benchmarks.deployment_overhead --rounds 5 --repeats 2
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from flowerbed.server.run_folder import read_timings
 from flowerbed.tests.deployment_harness import (
     HEART_TOML,
     SITES,
@@ -40,8 +43,9 @@ QUICK = ["--set", "evaluate.local_baselines=false", "--set", "evaluate.central=f
 
 
 def _round_times(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [float(json.loads(line)["time"]) for line in lines if line.strip()]
+    """Seconds per round, from the run's cumulative clock (``timings.jsonl``)."""
+    cumulative = [float(t["time"]) for t in read_timings(run_dir)]
+    return [b - a for a, b in zip([0.0, *cumulative[:-1]], cumulative, strict=True)]
 
 
 def inline_round_times(rounds: int, folder: Path) -> list[float]:
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop every process on the way out
     times: dict[str, list[float]] = {"inline": [], **{kind: [] for kind in NODE_OPTIONS}}
     with tempfile.TemporaryDirectory(prefix="deployment-overhead-") as tmp:
         root = Path(tmp)

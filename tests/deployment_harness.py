@@ -7,6 +7,7 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +70,7 @@ class Deployment:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.processes: dict[str, subprocess.Popen] = {}
+        self.markers: set[str] = {str(folder)}
         self.env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLOWERBED_HOME=str(folder / "home"))
 
     def __enter__(self) -> Deployment:
@@ -116,14 +119,41 @@ class Deployment:
             process.wait(timeout=15)
 
     def close(self) -> None:
-        """Stop every process group, nodes first."""
+        """Stop every process group, nodes first, then anything they left behind."""
         for name in sorted(self.processes, key=lambda n: n == "coordinator"):
             self.kill(name, signal.SIGTERM)
         for name in self.processes:
             self.kill(name, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.5)  # Flower's SuperExec and ServerApp follow their parent within ~1 s
+        for pid in self.leftovers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def leftovers(self) -> list[int]:
+        """Processes started for this deployment that are still alive.
+
+        Flower starts its SuperExec in a session of its own, so a killed coordinator's ServerApp
+        is found by what only this deployment's processes carry on their command line: its
+        folder and its coordinator's address.
+        """
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(marker in cmdline for marker in self.markers):
+                found.append(int(entry.name))
+        return found
 
     def start_coordinator(self, federation: Path, *extra: str, timeout: float = 90.0) -> None:
         """``flowerbed coordinator start`` and wait until it reports that it listens."""
+        address = tomllib.loads(federation.read_text())["coordinator"]["address"]
+        self.markers.add(f"--runtime-api-address {address}")
         process = self.spawn("coordinator", ["coordinator", "start", str(federation), *extra])
         wait_for(
             lambda: "coordinator listening" in self.log("coordinator").read_text() or process.poll() is not None,

@@ -131,3 +131,15 @@ def test_runs_are_found_and_collected(federation, tmp_path: Path) -> None:
     archive = collect_run(federation, "heart-1", tmp_path / "out" / "heart.tar.gz")
     with tarfile.open(archive) as tar:
         assert "heart-1/metrics.jsonl" in tar.getnames()
+
+
+def test_supernode_idle_poll_is_capped() -> None:
+    import time
+
+    from flowerbed.client.supernode_launcher import capped_time
+
+    fast = capped_time(0.05)
+    started = time.monotonic()
+    fast.sleep(3)  # Flower's idle wait
+    assert time.monotonic() - started < 1.0
+    assert fast.time is time.time and fast.monotonic is time.monotonic

@@ -95,7 +95,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from flowerbed.experiment import parse_experiment
-    from flowerbed.server.run_folder import read_metrics
+    from flowerbed.server.run_folder import read_timings
     from flowerbed.simulations.simulate import simulate
 
     if spec["threads"]:
@@ -104,7 +104,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = simulate(exp, quiet=True)
     wall = time.perf_counter() - started
-    times = [r["time"] for r in read_metrics(run_dir)]
+    times = [t["time"] for t in read_timings(run_dir)]
     per_round = exp.train.clients_per_round
     steady = (times[-1] - times[0]) if len(times) > 1 else times[0]
     rounds_timed = len(times) - 1 if len(times) > 1 else 1

@@ -16,7 +16,7 @@ from flowerbed.client.approval import check_task_approved
 from flowerbed.client.local_data import resolve_site
 from flowerbed.client.private_round import refuse_unless_private, train_private_round
 from flowerbed.client.training import evaluate_local, train_local
-from flowerbed.exception import FlowerbedError
+from flowerbed.exception import DataError, FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.tasks import resolve_device, resolve_task
@@ -113,6 +113,8 @@ def evaluate(message: Message, context: Context) -> Message:
         device = resolve_device(experiment.task.device)
         model = task.build_model(site.schema)
         load_arrays(model, message.content["arrays"])
+        if len(site.y_test) == 0:
+            raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")
         metrics = evaluate_local(model, task, site.x_test, site.y_test, device=device)
     except FlowerbedError as exc:
         return _error_reply(message, context, exc)

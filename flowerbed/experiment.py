@@ -78,6 +78,7 @@ class EvaluateConfig(_Section):
     federated: bool = True
     central: bool = True
     local_baselines: bool = False
+    plots: bool = True
 
 
 class PrivacyConfig(_Section):

@@ -44,7 +44,7 @@ class Reporter(Protocol):
     """Receives progress from the round loop (terminal display, logs, or nothing)."""
 
     def run_started(self, experiment: Experiment, run_dir: Path, first_round: int) -> None: ...
-    def round_finished(self, record: dict[str, Any], total_rounds: int) -> None: ...
+    def round_finished(self, record: dict[str, Any], total_rounds: int, elapsed: float) -> None: ...
     def note(self, text: str) -> None: ...
     def run_finished(self, summary: dict[str, Any]) -> None: ...
 
@@ -55,7 +55,7 @@ class SilentReporter:
     def run_started(self, experiment: Experiment, run_dir: Path, first_round: int) -> None:
         """Ignore."""
 
-    def round_finished(self, record: dict[str, Any], total_rounds: int) -> None:
+    def round_finished(self, record: dict[str, Any], total_rounds: int, elapsed: float) -> None:
         """Ignore."""
 
     def note(self, text: str) -> None:
@@ -133,6 +133,7 @@ class Federation:
         self.excluded: dict[str, str] = {}
         self.exhausted: dict[str, str] = {}  # site -> why its privacy budget stopped it
         self.history: list[dict[str, Any]] = []
+        self.timings: list[dict[str, Any]] = []
         self.final_weights: dict[str, np.ndarray] = initial_weights
         self._base_config = {
             EXPERIMENT_KEY: json.dumps(experiment.to_dict()),
@@ -274,6 +275,7 @@ class Federation:
             state = ckpt.load_checkpoint(self.run_dir)
             strategy, weights = state.strategy, state.weights
             self.history = list(state.state.get("history", []))
+            self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
             first_round = state.round + 1
             run_folder.write_metrics(self.run_dir, self.history)
         else:
@@ -327,14 +329,16 @@ class Federation:
                     record["sites"].setdefault(site, {}).update({f"eval-{k}": v for k, v in site_metrics.items()})
             if self.central_evaluator is not None:
                 record["central"] = self.central_evaluator(arrays_to_numpy(arrays))
-            record["time"] = round(time.monotonic() - started, 3)
+            elapsed = round(time.monotonic() - started, 3)
             self.history.append(record)
+            self.timings.append({"round": server_round, "time": elapsed})
             ckpt.save_checkpoint(
                 self.run_dir,
                 ckpt.Checkpoint(server_round, arrays_to_numpy(arrays), strategy, {"history": self.history}),
             )
             run_folder.write_metrics(self.run_dir, self.history)
-            self.reporter.round_finished(record, self.experiment.rounds)
+            run_folder.write_timings(self.run_dir, self.timings)
+            self.reporter.round_finished(record, self.experiment.rounds, elapsed)
         return self.finish(strategy, arrays, stopped)
 
     def _exclude_exhausted(self, server_round: int, outcome: RoundOutcome) -> None:

@@ -14,7 +14,7 @@ from flowerbed.experiment import Experiment
 SHOWN = ("train-loss", "loss", "accuracy")
 
 
-def round_line(record: dict[str, Any], total_rounds: int) -> str:
+def round_line(record: dict[str, Any], total_rounds: int, elapsed: float) -> str:
     """One human line per round: the main metrics, sites, refusals and epsilon."""
     parts = [f"round {record['round']:>3}/{total_rounds}"]
     if "train-loss" in record["train"]:
@@ -27,7 +27,7 @@ def round_line(record: dict[str, Any], total_rounds: int) -> str:
         parts.append(f"eps-max {record['epsilon_max']:.3f}")
     if record["refused"]:
         parts.append(f"refused {len(record['refused'])}")
-    parts.append(f"{record['time']:.1f}s")
+    parts.append(f"{elapsed:.1f}s")
     return "  ".join(parts)
 
 
@@ -45,9 +45,9 @@ class ConsoleReporter:
             f" | {experiment.strategy.name} | {experiment.rounds} rounds | run folder {run_dir}"
         )
 
-    def round_finished(self, record: dict[str, Any], total_rounds: int) -> None:
+    def round_finished(self, record: dict[str, Any], total_rounds: int, elapsed: float) -> None:
         """Print the round's line and any refusals."""
-        self.console.print(round_line(record, total_rounds))
+        self.console.print(round_line(record, total_rounds, elapsed))
         for site, reason in record["refused"].items():
             self.console.print(f"  [yellow]{site}[/]: {reason}")
 
@@ -75,9 +75,9 @@ class LogReporter:
             run_dir,
         )
 
-    def round_finished(self, record: dict[str, Any], total_rounds: int) -> None:
+    def round_finished(self, record: dict[str, Any], total_rounds: int, elapsed: float) -> None:
         """Log the round's line."""
-        log(INFO, "flowerbed %s", round_line(record, total_rounds))
+        log(INFO, "flowerbed %s", round_line(record, total_rounds, elapsed))
         for site, reason in record["refused"].items():
             log(INFO, "flowerbed   %s: %s", site, reason)
 

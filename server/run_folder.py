@@ -60,6 +60,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
+    """Rewrite ``timings.jsonl``: per round, seconds since the run (or its resumption) started.
+
+    Wall-clock time lives apart from ``metrics.jsonl`` so that the same experiment and seed give a
+    byte-identical ``metrics.jsonl``.
+    """
+    _atomic_write(run_dir / "timings.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in timings))
+
+
+def read_timings(run_dir: Path) -> list[dict[str, Any]]:
+    """Every round's ``{"round", "time"}`` from ``timings.jsonl``."""
+    path = run_dir / "timings.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Save ``summary.json``."""
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))

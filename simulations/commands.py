@@ -27,7 +27,9 @@ def simulate(
         typer.Option("--set", "-s", help="Override a key, e.g. --set rounds=5 --set strategy.name=FedAdam."),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parent folder of the run folder.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output; print only the run folder.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress output; print only the run folder.")
+    ] = False,
 ) -> None:
     """Run a simulated federation on this machine and leave a report folder."""
     from flowerbed.experiment import load_experiment

@@ -100,6 +100,14 @@ def simulate(
         write_summary(run_dir, summary)
         if not quiet:
             print_comparison(summary["comparison"], console or Console(highlight=False))
+    if experiment.evaluate.plots:
+        from flowerbed.simulations.report import write_report
+
+        written = write_report([run_dir])
+        if not quiet:
+            (console or Console(highlight=False)).print(
+                f"plots: {', '.join(p.name for p in written)} in {written[0].parent}"
+            )
     return run_dir
 
 

@@ -23,6 +23,7 @@ def heart_experiment(tmp_path: Path):
             "backend.name='inline'",
             "rounds=3",
             "evaluate.local_baselines=false",
+            "evaluate.plots=false",
         ]
         return load_experiment(HEART_TOML, [*base, *overrides])
 

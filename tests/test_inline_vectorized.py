@@ -154,3 +154,13 @@ def test_inline_vectorized_run_equals_sequential_inline_run(heart_experiment):
     assert set(a) == set(b)
     for key in a:
         assert np.allclose(a[key], b[key], atol=1e-5, rtol=0), key
+
+
+def test_secure_aggregation_rounds_run_the_protocol_through_the_client_app(heart_experiment):
+    """Secure-aggregation stages are custom message types: the ClientApp answers them, one by one."""
+    base = ("rounds=1", "evaluate.central=false", "evaluate.federated=false")
+    plain = simulate(heart_experiment(*base), quiet=True)
+    secure = simulate(heart_experiment(*base, "secagg.enabled=true"), quiet=True)
+    a, b = load_safetensors(plain / "model.safetensors"), load_safetensors(secure / "model.safetensors")
+    for key in a:  # equal up to the protocol's quantization step (2 * clip_range / 2^16)
+        assert np.allclose(a[key], b[key], atol=1e-3, rtol=0), key

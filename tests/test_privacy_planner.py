@@ -12,16 +12,14 @@ from flowerbed.exception import ConfigError
 from flowerbed.privacy.planner import DPPlan, default_delta, epsilon_for, make_plan, sampling
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=4, deadline=None, derandomize=True)
 @given(
     target=st.sampled_from([0.5, 1.0, 3.0, 8.0]),
     n=st.integers(min_value=60, max_value=2000),
-    rounds=st.integers(min_value=1, max_value=20),
+    rounds=st.integers(min_value=1, max_value=10),
     accountant=st.sampled_from(["prv", "rdp"]),
 )
-def test_planned_noise_never_overshoots_target(
-    target: float, n: int, rounds: int, accountant: str
-) -> None:
+def test_planned_noise_never_overshoots_target(target: float, n: int, rounds: int, accountant: str) -> None:
     plan = make_plan(
         n=n,
         batch_size=32,
@@ -31,19 +29,15 @@ def test_planned_noise_never_overshoots_target(
         target_epsilon=target,
         accountant=accountant,
     )
-    spent = epsilon_for(
-        plan.noise_multiplier, plan.sample_rate, plan.total_steps, plan.delta, accountant
-    )
+    spent = epsilon_for(plan.noise_multiplier, plan.sample_rate, plan.total_steps, plan.delta, accountant)
     assert spent <= target
     # ... and is not wastefully noisy: 3% less noise would overshoot or land within tolerance.
-    looser = epsilon_for(
-        plan.noise_multiplier * 0.97, plan.sample_rate, plan.total_steps, plan.delta, accountant
-    )
+    looser = epsilon_for(plan.noise_multiplier * 0.97, plan.sample_rate, plan.total_steps, plan.delta, accountant)
     assert looser > target - 0.05
 
 
 def test_plan_covers_the_whole_run_not_one_round() -> None:
-    kw = dict(n=230, batch_size=32, local_epochs=2, max_grad_norm=1.0, target_epsilon=3.0)
+    kw = dict(n=230, batch_size=32, local_epochs=2, max_grad_norm=1.0, target_epsilon=3.0, accountant="rdp")
     one = make_plan(rounds=1, **kw)
     ten = make_plan(rounds=10, **kw)
     assert ten.noise_multiplier > one.noise_multiplier
@@ -60,9 +54,7 @@ def test_sampling_and_default_delta_follow_the_data() -> None:
 
 
 def test_plan_round_trips_and_rejects_bad_values() -> None:
-    plan = make_plan(
-        n=230, batch_size=32, local_epochs=1, rounds=3, max_grad_norm=1.0, noise_multiplier=1.1
-    )
+    plan = make_plan(n=230, batch_size=32, local_epochs=1, rounds=3, max_grad_norm=1.0, noise_multiplier=1.1)
     assert plan.noise_multiplier == 1.1 and plan.target_epsilon is None
     assert DPPlan.from_dict(plan.to_dict()) == plan
     with pytest.raises(ConfigError, match="unknown keys"):
@@ -79,4 +71,5 @@ def test_plan_round_trips_and_rejects_bad_values() -> None:
             rounds=50,
             max_grad_norm=1.0,
             target_epsilon=1e-4,
+            accountant="rdp",
         )

@@ -17,9 +17,7 @@ from flowerbed.exception import NodeError
 from flowerbed.privacy.ledger import PrivacyLedger
 
 
-def budget_report(
-    ledger: str | Path, delta: float = 1e-5, accountant: str = "prv"
-) -> list[dict[str, Any]]:
+def budget_report(ledger: str | Path, delta: float = 1e-5, accountant: str = "prv") -> list[dict[str, Any]]:
     """Epsilon at ``delta`` spent on each dataset of a ledger, overall and per run.
 
     Raises
@@ -29,10 +27,12 @@ def budget_report(
     """
     path = Path(ledger).expanduser()
     if not path.is_file():
-        raise NodeError(
-            f"privacy ledger {path}: no such file (give the `ledger` path from the node config)"
-        )
+        raise NodeError(f"privacy ledger {path}: no such file (give the `ledger` path from the node config)")
     return PrivacyLedger(path).summary(delta, accountant)
+
+
+def _when(iso: str) -> str:
+    return iso[:16].replace("T", " ")
 
 
 def render(report: list[dict[str, Any]], console: Console) -> None:
@@ -43,16 +43,23 @@ def render(report: list[dict[str, Any]], console: Console) -> None:
     delta, accountant = report[0]["delta"], report[0]["accountant"]
     table = Table(title=f"privacy spent (epsilon at delta = {delta:.3g}, {accountant})")
     for col in ("dataset", "run", "rounds", "steps", "epsilon", "last release"):
-        table.add_column(col, justify="right" if col in ("rounds", "steps", "epsilon") else "left")
+        right = col in ("rounds", "steps", "epsilon")
+        table.add_column(
+            col,
+            justify="right" if right else "left",
+            no_wrap=col not in ("dataset", "run"),
+            min_width=14 if col == "dataset" else None,
+            overflow="fold",
+        )
     for ds in report:
-        sites = f" ({', '.join(ds['sites'])})" if ds["sites"] else ""
+        sites = f"\n({', '.join(ds['sites'])})" if ds["sites"] else ""
         table.add_row(
-            f"[bold]{ds['dataset'][:16]}[/]{sites}",
+            f"[bold]{ds['dataset'][:12]}[/]{sites}",
             "[bold]all runs[/]",
             str(sum(r["rounds"] for r in ds["runs"])),
             str(sum(r["steps"] for r in ds["runs"])),
             f"[bold]{ds['epsilon']:.3f}[/]",
-            max(r["last"] for r in ds["runs"]),
+            _when(max(r["last"] for r in ds["runs"])),
         )
         for run in ds["runs"]:
             table.add_row(
@@ -61,7 +68,7 @@ def render(report: list[dict[str, Any]], console: Console) -> None:
                 str(run["rounds"]),
                 str(run["steps"]),
                 f"{run['epsilon']:.3f}",
-                run["last"],
+                _when(run["last"]),
             )
     console.print(table)
 

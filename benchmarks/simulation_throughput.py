@@ -71,7 +71,7 @@ def experiment(scenario: str, backend: str, rounds: int, output: str) -> dict[st
         "task": {"name": "tabular-mlp", "args": {"hidden": 64}},
         "data": {"dataset": FACTORY, "partition": {"kind": "natural", "num_clients": 1000}},
         "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "clients_per_round": 100},
-        "evaluate": {"federated": False, "central": False, "local_baselines": False},
+        "evaluate": {"federated": False, "central": False, "local_baselines": False, "plots": False},
         "backend": {"name": backend},
     }
     if scenario == "a-mlp-dp":
@@ -274,19 +274,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print_table(figures: dict[str, Any]) -> None:
-    print(
-        f"\n{'scenario':14s} {'inline upd/s':>13s} {'flower upd/s':>13s} {'speedup':>8s} "
-        f"{'inline MiB':>11s} {'flower MiB':>11s}"
-    )
+    def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+        width = int(spec.split(".")[0]) + len(suffix)
+        return (format(value, spec) + suffix) if value is not None else "-".rjust(width)
+
+    heads = ("inline upd/s", "flower upd/s", "speedup", "inline MiB", "flower MiB")
+    widths = (13, 13, 8, 11, 11)
+    print("\n" + f"{'scenario':14s} " + " ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for name, s in figures["scenarios"].items():
         i, f = s.get("inline", {}), s.get("flower", {})
-
-        def fmt(v: float | None, spec: str) -> str:
-            return format(v, spec) if v is not None else "-"
-
         print(
             f"{name:14s} {fmt(i.get('updates_per_s'), '13.1f')} {fmt(f.get('updates_per_s'), '13.1f')} "
-            f"{fmt(s.get('speedup'), '7.1f')}x {fmt(i.get('peak_mib'), '11.0f')} {fmt(f.get('peak_mib'), '11.0f')}"
+            f"{fmt(s.get('speedup'), '7.1f', 'x')} {fmt(i.get('peak_mib'), '11.0f')} {fmt(f.get('peak_mib'), '11.0f')}"
         )
 
 

@@ -119,15 +119,21 @@ class CohortHandler:
                 continue  # the ClientApp builds the error reply
         if not sites:
             return replies
-        task = resolve_task(experiment.task.name, experiment.task.args)
-        device = resolve_device(experiment.task.device)
+        try:
+            task = resolve_task(experiment.task.name, experiment.task.args)
+            device = resolve_device(experiment.task.device)
+        except FlowerbedError:
+            raise Unsupported("the task or device does not resolve here") from None
         by_schema: dict[Any, list[tuple[int, SiteData]]] = {}
         for i, site in sites:
             by_schema.setdefault(site.schema, []).append((i, site))
         for schema, members in by_schema.items():
-            model = task.build_model(schema)
-            names = check_functional(model)
-            weights = self._weights(message, names, device)
+            try:
+                model = task.build_model(schema)
+            except (FlowerbedError, ValueError, TypeError):
+                continue  # the ClientApp reports why the model does not fit the data
+            check_functional(model)
+            weights = self._weights(message, model, device)
             if weights is None:
                 continue  # the ClientApp reports the mismatch
             chosen = [pairs[i] for i, _ in members]
@@ -141,11 +147,13 @@ class CohortHandler:
         return replies
 
     @staticmethod
-    def _weights(message: Message, names: list[str], device: torch.device) -> dict[str, torch.Tensor] | None:
+    def _weights(message: Message, model: torch.nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The received weights as the model's parameters (``None`` where ``load_arrays`` would refuse)."""
         arrays = arrays_to_numpy(message.content["arrays"])
-        if set(arrays) != set(names):
+        params = dict(model.named_parameters())
+        if set(arrays) != set(params) or any(arrays[k].shape != tuple(p.shape) for k, p in params.items()):
             return None
-        return {name: torch.from_numpy(arrays[name].copy()).to(device) for name in names}
+        return {k: torch.from_numpy(arrays[k].copy()).to(device=device, dtype=p.dtype) for k, p in params.items()}
 
     def _train(
         self,

@@ -71,9 +71,7 @@ def _opacus_epoch(
     """Make Opacus-private objects, return a function that runs one epoch over them."""
     from opacus import PrivacyEngine
 
-    loader = DataLoader(
-        TensorDataset(torch.as_tensor(x), torch.as_tensor(y)), batch_size=train.batch_size
-    )
+    loader = DataLoader(TensorDataset(torch.as_tensor(x), torch.as_tensor(y)), batch_size=train.batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="prv")
@@ -97,9 +95,7 @@ def _opacus_epoch(
     return epoch
 
 
-def measure(
-    name: str, task_name: str, data: tuple[np.ndarray, np.ndarray, DataSchema], repeats: int
-) -> dict[str, Any]:
+def measure(name: str, task_name: str, data: tuple[np.ndarray, np.ndarray, DataSchema], repeats: int) -> dict[str, Any]:
     """Median epoch times (seconds) and ratios to plain for one model."""
     x, y, schema = data
     task = resolve_task(task_name)
@@ -157,10 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         measure("heart-mlp", "tabular-mlp", heart_data(), args.repeats),
         measure("digits-cnn", "image-cnn", digits_data(), args.repeats),
     ]
-    print(
-        f"{'model':<12}{'rows':>6}{'plain ms':>10}{'dp ms':>9}{'dp/plain':>10}"
-        f"{'opacus ms':>11}{'opacus/plain':>14}"
-    )
+    print(f"{'model':<12}{'rows':>6}{'plain ms':>10}{'dp ms':>9}{'dp/plain':>10}{'opacus ms':>11}{'opacus/plain':>14}")
     for r in results:
         print(
             f"{r['model']:<12}{r['rows']:>6}{1e3 * r['plain_s']:>10.2f}{1e3 * r['dp_s']:>9.2f}"

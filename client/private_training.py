@@ -88,22 +88,16 @@ def train_private(
             idx = mask.nonzero().reshape(-1).to(device)
             if len(idx):
                 try:
-                    sums, loss = engine.clipped_sum(
-                        features[idx], labels[idx], loss_fn, plan.max_grad_norm
-                    )
+                    sums, loss = engine.clipped_sum(features[idx], labels[idx], loss_fn, plan.max_grad_norm)
                 except Unsupported:
                     engine.close()
                     engine = OpacusPerSample(model)
-                    sums, loss = engine.clipped_sum(
-                        features[idx], labels[idx], loss_fn, plan.max_grad_norm
-                    )
+                    sums, loss = engine.clipped_sum(features[idx], labels[idx], loss_fn, plan.max_grad_norm)
                 total += loss
                 nonempty += 1
             else:
                 sums = [torch.zeros_like(p) for p in params]
-            grads = noisy_step_grads(
-                sums, std=std, expected_batch_size=expected, generator=noise_gen
-            )
+            grads = noisy_step_grads(sums, std=std, expected_batch_size=expected, generator=noise_gen)
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
             optimizer.step()

@@ -182,9 +182,7 @@ def make_plan(
     ``default_delta(n)``.
     """
     if (target_epsilon is None) == (noise_multiplier is None):
-        raise ConfigError(
-            "privacy", ["set exactly one of target_epsilon (e.g. 3.0) or noise_multiplier"]
-        )
+        raise ConfigError("privacy", ["set exactly one of target_epsilon (e.g. 3.0) or noise_multiplier"])
     q, steps_per_epoch = sampling(n, batch_size)
     steps_per_round = local_epochs * steps_per_epoch
     delta = default_delta(n) if delta is None else delta

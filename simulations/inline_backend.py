@@ -12,6 +12,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from flowerbed.client.app import app as flowerbed_client_app
 from flowerbed.experiment import Experiment
 from flowerbed.simulations.cohort_handler import CohortHandler
 from flowerbed.simulations.inline_grid import InlineGrid
@@ -25,10 +26,11 @@ def run_inline(
 ) -> InlineGrid:
     """Run ``server_app`` against ``num_nodes`` in-process nodes; return the grid (for its stats).
 
-    ``backend.vectorize = false`` answers every message with the ClientApp, one at a time (the
-    reference path).
+    ``backend.vectorize = false``, or any ClientApp other than flowerbed's own, answers every
+    message with the ClientApp, one at a time (the reference path).
     """
-    vectorize = experiment.backend.vectorize
+    # Cohorts reproduce flowerbed's own ClientApp: any other app answers every message itself.
+    vectorize = experiment.backend.vectorize and client_app is flowerbed_client_app
     workers = experiment.backend.workers
     if vectorize and workers > 1:
         from flowerbed.simulations.inline_workers import WorkerPool

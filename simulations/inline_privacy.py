@@ -117,17 +117,27 @@ class NodeRelease:
         return tuple([tuple(h) for h in prior] + [(sigma, q, int(s)) for s in record["steps"]])  # type: ignore[misc]
 
 
+@functools.lru_cache(maxsize=8)
+def _participation(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, ...]]:
+    """Rounds each site took part in, from a run's ``metrics.jsonl`` (cached per file version)."""
+    rounds: dict[str, list[int]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            for site in record.get("participants", []):
+                rounds.setdefault(site, []).append(int(record["round"]))
+    return {site: tuple(r) for site, r in rounds.items()}
+
+
 def _earlier_rounds(experiment: Experiment, run_id: str, site: str, server_round: int, plan: DPPlan) -> list[int]:
     """Steps of the releases this site made before ``server_round`` in a resumed run (from its metrics)."""
     metrics = Path(experiment.output) / run_id / "metrics.jsonl"
-    if not metrics.is_file():
+    try:
+        stat = metrics.stat()
+    except OSError:
         return []
-    steps = []
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("round", server_round) < server_round and site in record.get("participants", []):
-            steps.append(plan.steps_per_round)
-    return steps
+    rounds = _participation(str(metrics), stat.st_size, stat.st_mtime_ns).get(site, ())
+    return [plan.steps_per_round for r in rounds if r < server_round]
 
 
 def _state_record(

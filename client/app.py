@@ -69,7 +69,7 @@ def train(message: Message, context: Context) -> Message:
         site = resolve_site(context, experiment)
         task = resolve_task(experiment.task.name, experiment.task.args)
         device = resolve_device(experiment.task.device)
-        model = task.build_model(site.schema)
+        model = task.build_model(site.schema, private=experiment.privacy.enabled)
         load_arrays(model, message.content["arrays"])
         server_round = int(message.content["config"]["server-round"])
         seed = derive_seed(experiment.seed, "train", server_round, site.name)
@@ -111,7 +111,7 @@ def evaluate(message: Message, context: Context) -> Message:
         site = resolve_site(context, experiment)
         task = resolve_task(experiment.task.name, experiment.task.args)
         device = resolve_device(experiment.task.device)
-        model = task.build_model(site.schema)
+        model = task.build_model(site.schema, private=experiment.privacy.enabled)
         load_arrays(model, message.content["arrays"])
         if len(site.y_test) == 0:
             raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")

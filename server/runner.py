@@ -20,7 +20,7 @@ def initial_model(experiment: Experiment) -> torch.nn.Module:
     """The global model before round 1: the same weights for the same seed, everywhere."""
     task = resolve_task(experiment.task.name, experiment.task.args)
     schema = dataset_schema(experiment.data, experiment.seed)
-    return task.build_model(schema, seed=derive_seed(experiment.seed, "init"))
+    return task.build_model(schema, seed=derive_seed(experiment.seed, "init"), private=experiment.privacy.enabled)
 
 
 def run_federation(

@@ -17,7 +17,7 @@ def make_central_evaluator(experiment: Experiment, sites: list[SiteData]) -> Cen
     """Evaluate weights on all sites' test splits together (the pooled test set)."""
     task = resolve_task(experiment.task.name, experiment.task.args)
     device = resolve_device(experiment.task.device)
-    model = task.build_model(sites[0].schema)
+    model = task.build_model(sites[0].schema, private=experiment.privacy.enabled)
     x, y = pooled_test_set(sites)
 
     def evaluate(weights: dict[str, np.ndarray]) -> dict[str, float]:

@@ -56,3 +56,21 @@ def test_device_is_cuda_when_available_else_cpu():
             resolve_device("cuda")
     with pytest.raises(ConfigError, match="not a torch device"):
         resolve_device("gpu-please")
+
+
+def test_private_models_replace_batchnorm_the_same_way_everywhere():
+    from torch import nn
+
+    from flowerbed.tasks import Task
+
+    def with_batchnorm(schema: DataSchema) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)
+        )
+
+    task = Task(name="bn", model_fn=with_batchnorm, kinds=("image",))
+    server, node = task.build_model(IMAGE, seed=1, private=True), task.build_model(IMAGE, private=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in server.modules())
+    assert server.state_dict().keys() == node.state_dict().keys()
+    node.load_state_dict(server.state_dict())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in task.build_model(IMAGE).modules())

@@ -4,11 +4,11 @@ A real coordinator (TLS, node authentication) and four nodes on 127.0.0.1 run th
 experiment; the same experiment also runs in one process (the ``inline`` simulation backend, no
 messages at all) as the baseline. Node set-ups compared, interleaved A B C A B C:
 
-- ``flowerbed``: ``flowerbed node start`` as shipped: ``--isolation process`` plus flowerbed's warm
-  executor (a pre-imported child forked per message), idle poll capped at 0.25 s;
-- ``warm-only``: the warm executor with Flower's own 3 s idle poll (``--poll-interval 0``);
-- ``flower``: Flower 1.42's defaults (``--executor flower --poll-interval 0``): a new
-  ``flwr-clientapp`` process per message, 3 s idle poll.
+- ``poll-0.25``: flowerbed's warm executor (a pre-imported child forked per message) and the
+  SuperNode's idle poll capped at 0.25 s (``--poll-interval 0.25``);
+- ``flowerbed``: ``flowerbed node start`` as shipped: the warm executor, Flower's 3 s idle poll;
+- ``flower``: Flower 1.42's defaults (``--executor flower``): a new ``flwr-clientapp`` process per
+  message, 3 s idle poll.
 
 The round time is the ServerApp's own clock (``timings.jsonl``: seconds since the run started,
 after each round's train, evaluate and checkpoint), differenced per round. Nothing is asserted;
@@ -75,9 +75,9 @@ def inline_round_times(rounds: int, folder: Path) -> list[float]:
 
 
 NODE_OPTIONS = {
+    "poll-0.25": ["--poll-interval", "0.25"],
     "flowerbed": [],
-    "warm-only": ["--poll-interval", "0"],
-    "flower": ["--executor", "flower", "--poll-interval", "0"],
+    "flower": ["--executor", "flower"],
 }
 
 

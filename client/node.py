@@ -66,9 +66,11 @@ class NodeSettings:
     executor : {"warm", "flower"} (default: "warm")
         ``warm``: flowerbed's warm executor forks a pre-imported child per message. ``flower``:
         Flower's own SuperExec starts a new ``flwr-clientapp`` process per message.
-    poll_interval : float | None (default: 0.25)
+    poll_interval : float | None (default: None)
         Cap on the SuperNode's idle wait between asking for messages (Flower's own: 3 s), through
-        ``flowerbed.client.supernode_launcher``; ``None`` runs ``flower-supernode`` as it is.
+        ``flowerbed.client.supernode_launcher``; ``None`` runs ``flower-supernode`` as it is. On a
+        2-core machine shared by the coordinator and four nodes a 0.25 s cap gained nothing
+        (benchmarks/README.md): the ServerApp's own 3 s poll and CPU dominate.
     extra : dict[str, Any]
         More node-config keys (``ledger``, ``budget-epsilon``, ``budget-delta``, ``approvals``).
     """
@@ -82,7 +84,7 @@ class NodeSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     connect_timeout: float | None = 600.0
     executor: str = "warm"
-    poll_interval: float | None = 0.25
+    poll_interval: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:

@@ -76,8 +76,8 @@ def node_start_command(
         str, typer.Option("--executor", help="warm: fork a pre-imported child per message; flower: a new process.")
     ] = "warm",
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", help="Seconds between idle polls (Flower's own: 3; 0 keeps it).")
-    ] = 0.25,
+        float, typer.Option("--poll-interval", help="Cap on the idle wait between polls, s (0: Flower's 3 s).")
+    ] = 0.0,
 ) -> None:
     """Join the federation: a Flower SuperNode with this kit's CA and key, serving local data."""
     from flowerbed.client.node import Node, NodeSettings

@@ -65,6 +65,7 @@ def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
         state_dir=tmp_path / "state",
         kit=kit,
         runtime_port=9200,
+        poll_interval=0.25,
         extra={"ledger": "/var/lib/ledger.db", "budget-epsilon": 8.0, "budget-delta": None},
     )
     command = supernode_command(settings)

@@ -129,7 +129,7 @@ class CohortHandler:
             by_schema.setdefault(site.schema, []).append((i, site))
         for schema, members in by_schema.items():
             try:
-                model = task.build_model(schema)
+                model = task.build_model(schema, private=experiment.privacy.enabled)
             except (FlowerbedError, ValueError, TypeError):
                 continue  # the ClientApp reports why the model does not fit the data
             check_functional(model)

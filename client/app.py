@@ -8,7 +8,9 @@ reply naming the node and the fix, never a silent failure.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,7 +21,7 @@ from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.exception import DataError, FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
-from flowerbed.tasks import resolve_device, resolve_task
+from flowerbed.tasks import SiteData, Task, resolve_device, resolve_task
 from flowerbed.weights import load_arrays, model_to_arrays
 
 EXPERIMENT_KEY = "flowerbed.experiment"
@@ -40,6 +42,29 @@ def experiment_from_message(message: Message) -> Experiment:
 def _error_reply(message: Message, context: Context, exc: Exception) -> Message:
     site = context.node_config.get("site") or context.node_config.get("partition-id", "?")
     return Message(Error(code=ERROR_CODE, reason=f"node {site}: {exc}"), reply_to=message)
+
+
+@dataclass
+class Received:
+    """What one train or evaluate message resolves to at this node."""
+
+    experiment: Experiment
+    site: SiteData
+    task: Task
+    device: torch.device
+    model: torch.nn.Module
+
+
+def receive_model(message: Message, context: Context) -> Received:
+    """Guards, then the node's own data and the received global model, ready to train or evaluate."""
+    experiment = experiment_from_message(message)
+    check_task_approved(experiment.task.name, context.node_config)
+    site = resolve_site(context, experiment)
+    task = resolve_task(experiment.task.name, experiment.task.args)
+    device = resolve_device(experiment.task.device)
+    model = task.build_model(site.schema, private=experiment.privacy.enabled)
+    load_arrays(model, message.content["arrays"])
+    return Received(experiment, site, task, device, model)
 
 
 @app.query()
@@ -64,13 +89,14 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """Train the received global model on local data and reply with the new weights."""
     try:
-        experiment = experiment_from_message(message)
-        check_task_approved(experiment.task.name, context.node_config)
-        site = resolve_site(context, experiment)
-        task = resolve_task(experiment.task.name, experiment.task.args)
-        device = resolve_device(experiment.task.device)
-        model = task.build_model(site.schema, private=experiment.privacy.enabled)
-        load_arrays(model, message.content["arrays"])
+        received = receive_model(message, context)
+        experiment, site, task, device, model = (
+            received.experiment,
+            received.site,
+            received.task,
+            received.device,
+            received.model,
+        )
         server_round = int(message.content["config"]["server-round"])
         seed = derive_seed(experiment.seed, "train", server_round, site.name)
         dp_metrics: dict[str, float] = {}
@@ -106,16 +132,11 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on the site's own test split."""
     try:
-        experiment = experiment_from_message(message)
-        check_task_approved(experiment.task.name, context.node_config)
-        site = resolve_site(context, experiment)
-        task = resolve_task(experiment.task.name, experiment.task.args)
-        device = resolve_device(experiment.task.device)
-        model = task.build_model(site.schema, private=experiment.privacy.enabled)
-        load_arrays(model, message.content["arrays"])
+        received = receive_model(message, context)
+        site = received.site
         if len(site.y_test) == 0:
             raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")
-        metrics = evaluate_local(model, task, site.x_test, site.y_test, device=device)
+        metrics = evaluate_local(received.model, received.task, site.x_test, site.y_test, device=received.device)
     except FlowerbedError as exc:
         return _error_reply(message, context, exc)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})

@@ -26,6 +26,7 @@ from flowerbed.experiment import Experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
+from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
 from flowerbed.simulations.scenarios import select_round_participants
 from flowerbed.strategies.registry import build_strategy
@@ -92,6 +93,11 @@ def _metrics_dict(record: MetricRecord | None) -> dict[str, Any]:
     return {k: v for k, v in record.items()} if record is not None else {}
 
 
+def _metric_record(reply: Message) -> MetricRecord:
+    """A reply's first MetricRecord (without copying its records as ``metric_records`` does)."""
+    return next(r for r in reply.content.values() if isinstance(r, MetricRecord))
+
+
 class Federation:
     """One federated run over a ``Grid``: discovery, rounds, checkpoints, summary.
 
@@ -130,6 +136,7 @@ class Federation:
         self.central_evaluator = central_evaluator
         self.reporter = reporter or SilentReporter()
         self.site_nodes: dict[str, int] = {}
+        self._node_sites: dict[int, str] = {}  # the reverse of site_nodes (one lookup per reply)
         self.excluded: dict[str, str] = {}
         self.exhausted: dict[str, str] = {}  # site -> why its privacy budget stopped it
         self.history: list[dict[str, Any]] = []
@@ -152,10 +159,14 @@ class Federation:
         return self.experiment.train.round_timeout
 
     def _node_site(self, node_id: int) -> str:
-        for site, nid in self.site_nodes.items():
-            if nid == node_id:
-                return site
-        return f"node {node_id}"
+        site = self._node_sites.get(node_id)
+        stale = len(self._node_sites) != len(self.site_nodes) or (
+            site is not None and self.site_nodes.get(site) != node_id
+        )
+        if stale:  # discovery (or a caller) changed site_nodes since the map was built
+            self._node_sites = {nid: s for s, nid in self.site_nodes.items()}
+            site = self._node_sites.get(node_id)
+        return site if site is not None else f"node {node_id}"
 
     # -- discovery --------------------------------------------------------------------------------
 
@@ -172,7 +183,7 @@ class Federation:
             Message(RecordDict({"config": self.config()}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in node_ids
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_receive(self.grid, messages, self.timeout)
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
@@ -208,7 +219,7 @@ class Federation:
 
     def exchange_train(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         """Send training messages and collect replies (secure aggregation replaces this exchange)."""
-        return list(self.grid.send_and_receive(list(messages), timeout=self.timeout))
+        return send_and_receive(self.grid, messages, self.timeout)
 
     def _sort_replies(self, sites: list[str], replies: list[Message], reference: dict | None) -> RoundOutcome:
         outcome = RoundOutcome()
@@ -262,7 +273,7 @@ class Federation:
         messages = list(strategy.configure_evaluate(server_round, arrays, self.config(), subset))
         if not messages:
             return {}, RoundOutcome()
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_receive(self.grid, messages, self.timeout)
         outcome = self._sort_replies(sites, replies, None)
         metrics = strategy.aggregate_evaluate(server_round, [m for _, m in outcome.accepted])
         return _metrics_dict(metrics), outcome
@@ -278,6 +289,7 @@ class Federation:
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
             first_round = state.round + 1
             run_folder.write_metrics(self.run_dir, self.history)
+            run_folder.write_timings(self.run_dir, self.timings)
         else:
             strategy = build_strategy(self.experiment.strategy)
             weights = self.initial_weights
@@ -325,7 +337,7 @@ class Federation:
                 eval_metrics, eval_outcome = self.evaluate_round(strategy, server_round, arrays, participants)
                 record["evaluate"] = eval_metrics
                 for site, reply in eval_outcome.accepted:
-                    site_metrics = _metrics_dict(next(iter(reply.content.metric_records.values())))
+                    site_metrics = _metrics_dict(_metric_record(reply))
                     record["sites"].setdefault(site, {}).update({f"eval-{k}": v for k, v in site_metrics.items()})
             if self.central_evaluator is not None:
                 record["central"] = self.central_evaluator(arrays_to_numpy(arrays))
@@ -336,8 +348,8 @@ class Federation:
                 self.run_dir,
                 ckpt.Checkpoint(server_round, arrays_to_numpy(arrays), strategy, {"history": self.history}),
             )
-            run_folder.write_metrics(self.run_dir, self.history)
-            run_folder.write_timings(self.run_dir, self.timings)
+            run_folder.append_metrics(self.run_dir, record)
+            run_folder.append_timing(self.run_dir, self.timings[-1])
             self.reporter.round_finished(record, self.experiment.rounds, elapsed)
         return self.finish(strategy, arrays, stopped)
 
@@ -353,7 +365,7 @@ class Federation:
     ) -> dict[str, Any]:
         sites: dict[str, dict[str, Any]] = {}
         for site, reply in outcome.accepted:
-            values = _metrics_dict(next(iter(reply.content.metric_records.values())))
+            values = _metrics_dict(_metric_record(reply))
             sites[site] = {f"train-{k}" if k == "num-examples" else k: v for k, v in values.items()}
         epsilons = [v["epsilon"] for v in sites.values() if "epsilon" in v]
         return {
@@ -379,7 +391,7 @@ class Federation:
         if self.experiment.evaluate.federated and live:
             final_federated, outcome = self.evaluate_round(strategy, self.experiment.rounds, arrays, live)
             for site, reply in outcome.accepted:
-                final_sites[site] = _metrics_dict(next(iter(reply.content.metric_records.values())))
+                final_sites[site] = _metrics_dict(_metric_record(reply))
         epsilon: dict[str, float] = {}
         refusals: dict[str, str] = {}
         for record in self.history:

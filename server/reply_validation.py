@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 
 def reply_site(message: Message, fallback: str) -> str:
     """The site name a reply carries (``"site"`` ConfigRecord), else ``fallback``."""
-    if message.has_content() and "site" in message.content.config_records:
-        return str(message.content.config_records["site"].get("name", fallback))
+    if message.has_content():
+        record = message.content.get("site")  # one lookup: ``config_records`` copies every record
+        if isinstance(record, ConfigRecord):
+            return str(record.get("name", fallback))
     return fallback
+
+
+def _values(array) -> np.ndarray:
+    """The array's values without a needless copy (an in-memory array offers a read-only view)."""
+    view = getattr(array, "readonly_view", None)
+    return view() if callable(view) else array.numpy()
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite: a finite sum proves it; otherwise check element by element."""
+    if array.dtype.kind not in "fc":
+        return True
+    with np.errstate(all="ignore"):
+        if np.isfinite(array.sum(dtype=np.float64)):
+            return True
+    return bool(np.isfinite(array).all())
 
 
 def validate_train_reply(message: Message, reference: dict[str, np.ndarray]) -> str | None:
@@ -19,26 +37,26 @@ def validate_train_reply(message: Message, reference: dict[str, np.ndarray]) -> 
     Checks: exactly one ArrayRecord whose keys, shapes and dtypes match the global model, finite
     values, and a positive ``num-examples`` in the MetricRecord.
     """
-    content = message.content
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    examples = metrics.get("num-examples")
+    array_records = [r for r in message.content.values() if isinstance(r, ArrayRecord)]
+    metric_records = [r for r in message.content.values() if isinstance(r, MetricRecord)]
+    if len(array_records) != 1:
+        return f"expected one ArrayRecord, got {len(array_records)}"
+    if len(metric_records) != 1:
+        return f"expected one MetricRecord, got {len(metric_records)}"
+    examples = metric_records[0].get("num-examples")
     if not isinstance(examples, int | float) or not np.isfinite(examples) or examples <= 0:
         return f"num-examples must be a positive number, got {examples!r}"
-    arrays: ArrayRecord = next(iter(content.array_records.values()))
-    if set(arrays.keys()) != set(reference):
+    arrays = array_records[0]
+    if arrays.keys() != reference.keys():
         missing = sorted(set(reference) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference))
         return f"weights do not match the model (missing {missing}, unexpected {extra})"
     for key, expected in reference.items():
-        array = arrays[key].numpy()
+        array = _values(arrays[key])
         if array.shape != expected.shape:
             return f"{key}: shape {array.shape}, expected {expected.shape}"
         if array.dtype != expected.dtype:
             return f"{key}: dtype {array.dtype}, expected {expected.dtype}"
-        if not np.all(np.isfinite(array)):
+        if not _all_finite(array):
             return f"{key}: contains NaN or infinite values"
     return None

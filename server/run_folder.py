@@ -47,17 +47,41 @@ def read_experiment(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "experiment.json").read_text())
 
 
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line in a single ``write`` and flush it.
+
+    A crash can at worst leave a last line without its newline; readers ignore such a line, and a
+    resumed run rewrites the file from its checkpoint's history first.
+    """
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete (newline-terminated) JSON lines of ``path``; a torn last line is left out."""
+    if not path.is_file():
+        return []
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
+
+
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` from the complete history (atomic; used on every round)."""
+    """Rewrite ``metrics.jsonl`` from the complete history (atomic; at the start of a resumed run)."""
     _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Add one round's record to ``metrics.jsonl`` (every round; no rewrite of earlier rounds)."""
+    _append_line(run_dir / "metrics.jsonl", record)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every round's record from ``metrics.jsonl``."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_lines(run_dir / "metrics.jsonl")
 
 
 def write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
@@ -69,12 +93,14 @@ def write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
     _atomic_write(run_dir / "timings.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in timings))
 
 
+def append_timing(run_dir: Path, timing: dict[str, Any]) -> None:
+    """Add one round's ``{"round", "time"}`` to ``timings.jsonl``."""
+    _append_line(run_dir / "timings.jsonl", timing)
+
+
 def read_timings(run_dir: Path) -> list[dict[str, Any]]:
     """Every round's ``{"round", "time"}`` from ``timings.jsonl``."""
-    path = run_dir / "timings.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_lines(run_dir / "timings.jsonl")
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from flowerbed.exception import ConfigError, SecureAggregationError
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.secagg_params import SecAggParams, derive_params
 from flowerbed.privacy.secagg_server import SecAggResult, SecAggServer
+from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.federation import NodeSubset, RoundOutcome
 from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 
@@ -205,7 +206,7 @@ class _Exchange:
                 )
             )
         replies: dict[int, dict[str, Any]] = {}
-        for reply in self.fed.grid.send_and_receive(messages, timeout=self.fed.timeout):
+        for reply in send_and_receive(self.fed.grid, messages, self.fed.timeout):
             node = reply.metadata.src_node_id
             site = self.site_of.get(node, f"node {node}")
             if reply.has_error():

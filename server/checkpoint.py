@@ -61,7 +61,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     save_safetensors(checkpoint.weights, tmp / "weights.safetensors")
     _write_bytes(tmp / "strategy.pkl", pickle.dumps(checkpoint.strategy))
     state = {"round": checkpoint.round, **checkpoint.state}
-    _write_bytes(tmp / "state.json", json.dumps(state, indent=1).encode())
+    _write_bytes(tmp / "state.json", json.dumps(state, separators=(",", ":")).encode())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(root)

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,7 +25,7 @@ from flowerbed.client.local_data import resolve_site
 from flowerbed.exception import FlowerbedError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
-from flowerbed.simulations.inline_arrays import in_memory_record
+from flowerbed.simulations.inline_arrays import in_memory_record, stacked_numpy
 from flowerbed.simulations.inline_privacy import NodeRelease, charge_release, prepare_release
 from flowerbed.simulations.vectorized import (
     Unsupported,
@@ -171,10 +172,9 @@ class CohortHandler:
         cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
         seeds = [derive_seed(experiment.seed, "train", server_round, s.name) for s in sites]
         result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds)
+        trained = stacked_numpy(result.params)
         return [
-            _train_reply(
-                message, site, result.params, j, {"num-examples": site.num_train, "train-loss": result.loss[j]}
-            )
+            _train_reply(message, site, trained, j, {"num-examples": site.num_train, "train-loss": result.loss[j]})
             for j, ((message, _), site) in enumerate(zip(pairs, sites, strict=True))
         ]
 
@@ -212,6 +212,7 @@ class CohortHandler:
             result = train_cohort_private(
                 model, task.loss_fn, cohort, weights, experiment.train, stacked_plan, seed=seed
             )
+            trained = stacked_numpy(result.params)
             for row, j in enumerate(members):
                 message, context = pairs[j]
                 try:
@@ -223,7 +224,7 @@ class CohortHandler:
                     continue
                 # As the ClientApp: under DP the training loss stays at the node.
                 metrics = {"num-examples": sites[j].num_train, "epsilon": epsilon, "delta": delta}
-                replies[j] = _train_reply(message, sites[j], result.params, row, metrics)
+                replies[j] = _train_reply(message, sites[j], trained, row, metrics)
         return replies  # type: ignore[return-value]
 
     @staticmethod
@@ -252,9 +253,9 @@ class CohortHandler:
 
 
 def _train_reply(
-    message: Message, site: SiteData, params: dict[str, torch.Tensor], row: int, metrics: dict[str, Any]
+    message: Message, site: SiteData, params: dict[str, np.ndarray], row: int, metrics: dict[str, Any]
 ) -> Message:
-    """The reply the ClientApp's ``train`` builds: weights, metrics and the site's name."""
+    """The reply the ClientApp's ``train`` builds: weights (row ``row`` of ``params``), metrics, the site's name."""
     arrays = in_memory_record({name: tensor[row] for name, tensor in params.items()})
     content = RecordDict(
         {"arrays": arrays, "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}

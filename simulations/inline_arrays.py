@@ -41,14 +41,30 @@ class InMemoryArray(Array):
         """A copy of the values."""
         return self._ndarray.copy()
 
+    def readonly_view(self) -> np.ndarray:
+        """The values without a copy, read-only (the server's reply checks only read them)."""
+        view = self._ndarray.view()
+        view.flags.writeable = False
+        return view
+
     def __reduce__(self):
         """Pickle (Ray) as an ordinary serialized ``Array``."""
         return Array.from_numpy_ndarray, (self._ndarray,)
 
 
-def in_memory_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``InMemoryArray`` (CPU copies), in the given key order."""
+def in_memory_record(tensors: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``InMemoryArray``, in the given key order.
+
+    Tensors are copied to the CPU; ndarrays are kept as given (the caller hands over arrays that
+    nothing else writes to, e.g. rows of one stacked copy made for a whole cohort).
+    """
     record = ArrayRecord()  # set item by item: the constructor would re-serialize every array
-    for name, tensor in tensors.items():
-        record[name] = InMemoryArray(tensor.detach().cpu().numpy().copy())
+    for name, values in tensors.items():
+        array = values if isinstance(values, np.ndarray) else values.detach().cpu().numpy().copy()
+        record[name] = InMemoryArray(array)
     return record
+
+
+def stacked_numpy(params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """One CPU copy of a cohort's stacked weights; ``[row]`` of each is then a client's array (a view)."""
+    return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy() for name, t in params.items()}

@@ -47,6 +47,23 @@ from flowerbed.privacy.planner import DPPlan, make_plan
 from flowerbed.tasks.task import SiteData
 
 STATE_KEY = "flowerbed.dp-ledger"
+
+
+def _memoize_rdp_orders() -> None:
+    """Memoize Opacus's RDP of one sampled-Gaussian step at one order (a pure function of floats).
+
+    The PRV accountant sizes its domain with an RDP bound of the whole history, which evaluates
+    ``_compute_rdp(q, sigma, alpha)`` for every release and every order, in Python: most of an
+    epsilon evaluation here. Every release of a run has the same ``(q, sigma)``, so after the first
+    evaluation the rest are look-ups; the values, hence every epsilon, are unchanged.
+    """
+    from opacus.accountants.analysis import rdp
+
+    if not hasattr(rdp._compute_rdp, "cache_info"):
+        rdp._compute_rdp = functools.lru_cache(maxsize=65536)(rdp._compute_rdp)
+
+
+_memoize_rdp_orders()
 History = tuple[tuple[float, float, int], ...]
 
 

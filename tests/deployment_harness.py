@@ -119,9 +119,14 @@ class Deployment:
             process.wait(timeout=15)
 
     def close(self) -> None:
-        """Stop every process group, nodes first, then anything they left behind."""
-        for name in sorted(self.processes, key=lambda n: n == "coordinator"):
-            self.kill(name, signal.SIGTERM)
+        """Stop every process group (SIGTERM to all at once, SIGKILL after 5 s), then leftovers."""
+        running = [p for p in self.processes.values() if p.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for name in self.processes:
             self.kill(name, signal.SIGKILL)
         deadline = time.monotonic() + 10

@@ -11,8 +11,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flowerbed.config_utils import read_toml, validate
 from flowerbed.exception import ConfigError
 
 
@@ -167,25 +168,17 @@ class Experiment(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see docs/experiments.md)"
-    value = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        return f"{loc}: required key is missing"
-    if isinstance(value, dict):
-        return f"{loc}: {msg}"
-    return f"{loc} = {value!r}: {msg}"
-
-
 def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
     """Validate a dict (already parsed TOML) into an ``Experiment``; raise ``ConfigError``."""
-    try:
-        return Experiment.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, [_format_error(e) for e in exc.errors()]) from None
+    return validate(Experiment, data, source, "docs/experiments.md")
+
+
+def experiment_data(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """An experiment file's contents with ``key.sub=value`` overrides applied (not yet validated)."""
+    data = read_toml(path, "an experiment .toml")
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return data
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
@@ -196,16 +189,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     ConfigError
         Naming the file and every bad key, before anything runs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), ["file not found (give the path to an experiment .toml)"])
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    for item in overrides or []:
-        apply_override(data, item, str(path))
-    return parse_experiment(data, str(path))
+    return parse_experiment(experiment_data(path, overrides), str(path))
 
 
 def apply_override(data: dict[str, Any], item: str, source: str) -> None:

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flowerbed.config_utils import read_toml, validate
 from flowerbed.exception import ConfigError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -170,19 +170,6 @@ class FederationConfig(_Section):
         return [s.name for s in self.sites]
 
 
-def _format_error(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling; see docs/deployment.md)"
-    if err["type"] == "missing":
-        return f"{loc}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    if isinstance(value, dict | list):
-        return f"{loc}: {msg}"
-    return f"{loc} = {value!r}: {msg}"
-
-
 def load_federation(path: str | Path) -> FederationConfig:
     """Read and validate a federation file.
 
@@ -192,19 +179,12 @@ def load_federation(path: str | Path) -> FederationConfig:
         Naming the file and every bad key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), ["file not found (give the path to federation.toml)"])
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    data = read_toml(path, "federation.toml")
     for internal in ("base_dir", "source"):
         if internal in data:
             raise ConfigError(str(path), [f"{internal}: unknown key (check the spelling; see docs/deployment.md)"])
-    try:
-        return FederationConfig.model_validate({**data, "base_dir": path.resolve().parent, "source": str(path)})
-    except ValidationError as exc:
-        raise ConfigError(str(path), [_format_error(e) for e in exc.errors()]) from None
+    data = {**data, "base_dir": path.resolve().parent, "source": str(path)}
+    return validate(FederationConfig, data, str(path), "docs/deployment.md")
 
 
 def append_site(path: str | Path, name: str, contact: str = "") -> bool:

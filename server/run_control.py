@@ -32,8 +32,8 @@ from typing import Any
 import tomli_w
 
 import flowerbed
-from flowerbed.exception import ConfigError, RunError
-from flowerbed.experiment import apply_override, parse_experiment
+from flowerbed.exception import RunError
+from flowerbed.experiment import experiment_data, parse_experiment
 from flowerbed.privacy.federation_config import FederationConfig
 from flowerbed.server.coordinator import CONNECTION, INSECURE_WARNING, CoordinatorPaths, _executable, flower_env
 
@@ -181,14 +181,7 @@ def resolve_experiment_text(
     nodes to wait for). Validation errors name the file and the key, before anything is sent.
     """
     path = Path(experiment_path)
-    if not path.is_file():
-        raise ConfigError(str(path), ["file not found (give the path to an experiment .toml)"])
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    for item in overrides or []:
-        apply_override(data, item, str(path))
+    data = experiment_data(path, overrides)
     data["output"] = str(run_dir.parent)
     experiment = parse_experiment(data, str(path))
     return tomli_w.dumps(data), experiment.name, experiment.data.partition.num_clients

@@ -1,7 +1,8 @@
 """End to end without TLS: a real SuperLink and four SuperNodes on 127.0.0.1, one per hospital file.
 
 ``--insecure`` must be given explicitly to the coordinator and to every node, and each prints a
-warning when it starts. The heart experiment runs three rounds and leaves its final checkpoint.
+warning when it starts. The heart experiment runs three rounds with secure aggregation (its four
+message exchanges per round cross the real SuperLink) and leaves its final checkpoint.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def test_insecure_federation_of_four_hospitals(tmp_path: Path) -> None:
                 "rounds=3",
                 "--set",
                 "evaluate.local_baselines=false",
+                "--set",
+                "secagg.enabled=true",
             ]
         )
         assert start.returncode == 0, start.stderr + start.stdout
@@ -60,5 +63,6 @@ def test_insecure_federation_of_four_hospitals(tmp_path: Path) -> None:
         rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rounds] == [1, 2, 3]
         assert sorted(rounds[-1]["participants"]) == sorted(SITES)
+        assert all("secagg-out-of-range" in r["train"] for r in rounds), "the rounds were secure"
         for site in SITES:
             assert "WARNING: this node runs with --insecure" in d.log(f"node-{site}").read_text()

@@ -29,13 +29,19 @@ def run_on_flower(server_app: ServerApp, client_app: ClientApp, num_nodes: int, 
     """Run the apps on Flower's simulation engine with one virtual SuperNode per site."""
     import warnings
 
-    from flwr.simulation import run_simulation
+    environment = dict(os.environ)  # before Ray is imported: importing it edits the environment
+    try:
+        from flwr.simulation import run_simulation
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_nodes,
-            backend_config=backend_config(config),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_nodes,
+                backend_config=backend_config(config),
+            )
+    finally:
+        # Ray leaves PYTHONPATH (and more) set in this process; later subprocesses must not inherit it.
+        os.environ.clear()
+        os.environ.update(environment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -27,25 +28,34 @@ print('ok')
 
 
 def test_wheel_installs_every_folder_under_flowerbed(tmp_path: Path):
+    # A clean environment: no PYTHONPATH (Ray, for one, leaves it set) may reach the new venv.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
         check=True,
         timeout=300,
+        env=clean,
     )
     wheel = next(dist.glob("flowerbed-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.split("/")[0] in SUBPACKAGES], "a folder escaped the flowerbed package"
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120, env=clean)
     python = venv / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
         check=True,
         timeout=300,
+        env=clean,
     )
     result = subprocess.run(
-        [str(python), "-c", CHECK.format(names=SUBPACKAGES)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [str(python), "-c", CHECK.format(names=SUBPACKAGES)],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

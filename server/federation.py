@@ -257,10 +257,10 @@ class Federation:
             return None, {}, outcome
         new_arrays, metrics = strategy.aggregate_train(server_round, [m for _, m in outcome.accepted])
         if new_arrays is not None:
-            new_arrays = self._as_model_dtypes(new_arrays)
+            new_arrays = self.as_model_dtypes(new_arrays)
         return new_arrays, _metrics_dict(metrics), outcome
 
-    def _as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+    def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """Cast an aggregate back to the model's dtypes (some strategies compute in float64)."""
         values = arrays_to_numpy(arrays)
         return numpy_to_arrays({k: values[k].astype(ref.dtype, copy=False) for k, ref in self.initial_weights.items()})

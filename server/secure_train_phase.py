@@ -134,7 +134,7 @@ def secure_train_round(
     reply = equivalent_reply(global_weights, result, [m for _, m in outcome.accepted])
     new_arrays, metrics = strategy.aggregate_train(server_round, [reply])
     if new_arrays is not None:
-        new_arrays = fed._as_model_dtypes(new_arrays)
+        new_arrays = fed.as_model_dtypes(new_arrays)
     out = {k: v for k, v in metrics.items()} if metrics is not None else {}
     out["secagg-out-of-range"] = result.out_of_range
     if result.out_of_range:

@@ -19,13 +19,11 @@ from flowerbed.client.local_data import resolve_site
 from flowerbed.client.private_round import refuse_unless_private, train_private_round
 from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.exception import DataError, FlowerbedError
-from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.tasks import SiteData, Task, resolve_device, resolve_task
 from flowerbed.weights import load_arrays, model_to_arrays
 
-EXPERIMENT_KEY = "flowerbed.experiment"
-RUN_ID_KEY = "flowerbed.run-id"
 ERROR_CODE = 4000
 
 app = ClientApp()

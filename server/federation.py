@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
-from flowerbed.experiment import Experiment
+from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
@@ -32,8 +32,6 @@ from flowerbed.simulations.scenarios import select_round_participants
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 
-EXPERIMENT_KEY = "flowerbed.experiment"
-RUN_ID_KEY = "flowerbed.run-id"
 STOP_FILE = "STOP"
 BUDGET_EXHAUSTED = "privacy budget exhausted"  # the node's refusal (privacy/ledger.py)
 PER_SITE_ONLY = ("epsilon", "delta")

@@ -20,10 +20,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flowerbed.client.app import EXPERIMENT_KEY, RUN_ID_KEY, _error_reply
+from flowerbed.client.app import _error_reply
 from flowerbed.client.local_data import resolve_site
 from flowerbed.exception import FlowerbedError
-from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.simulations.inline_arrays import in_memory_record, stacked_numpy
 from flowerbed.simulations.inline_privacy import NodeRelease, charge_release, prepare_release

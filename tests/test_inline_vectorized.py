@@ -12,8 +12,7 @@ from flwr.clientapp import ClientApp
 
 from flowerbed.client.app import app as client_app
 from flowerbed.client.training import train_local
-from flowerbed.experiment import DataConfig, PartitionConfig, TrainConfig
-from flowerbed.server.federation import EXPERIMENT_KEY, RUN_ID_KEY
+from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, DataConfig, PartitionConfig, TrainConfig
 from flowerbed.simulations.cohort_handler import CohortHandler
 from flowerbed.simulations.datasets import load_federation
 from flowerbed.simulations.inline_grid import InlineGrid

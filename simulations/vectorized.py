@@ -7,9 +7,13 @@ weights of ``K`` clients are stacked along a leading dimension and one step of a
 ``torch.func.vmap`` of ``grad_and_value`` over ``functional_call``.
 
 Clients of different sizes are ragged: at a given step, some clients are already done and the
-others may have batches of different sizes (the last batch of an epoch is short). Each step is
-therefore run per group of clients that share a batch size, so every loss is the task's own loss
-on an unpadded batch and the results equal the sequential path up to floating-point rounding.
+others may have batches of different sizes (the last batch of an epoch is short). For the built-in
+models with the built-in cross-entropy (``flowerbed.simulations.stacked_net``), one step of every
+active client is one forward and backward pass: batches are padded to the longest, and each
+client's loss is the mean of its own rows' cross-entropies (padding is masked out), which is the
+task's loss on the unpadded batch. Any other model or loss runs each step per group of clients
+that share a batch size, with ``vmap``. Either way the results equal the sequential path up to
+floating-point rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from flowerbed.experiment import TrainConfig
+from flowerbed.simulations.stacked_net import StackedNet, per_row_cross_entropy
+from flowerbed.tasks.task import cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Params = dict[str, torch.Tensor]
@@ -185,6 +191,32 @@ class CohortResult:
     steps: list[int]
 
 
+def stacked_net(model: nn.Module, loss_fn: LossFn) -> StackedNet | None:
+    """The model on batched kernels when it and the loss allow it (the built-in ones), else ``None``."""
+    return StackedNet(model) if loss_fn is cross_entropy and StackedNet.supports(model) else None
+
+
+def masked_grads(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor
+) -> tuple[Params, torch.Tensor]:
+    """Every client's gradient and loss on its batch: the first ``counts[k]`` of its ``B`` rows.
+
+    Client ``k``'s loss is the mean cross-entropy of its own rows; the padded rows are multiplied
+    by zero. The clients' losses are summed for one backward pass: each client's weights only see
+    its own loss.
+    """
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    rows = per_row_cross_entropy(net.forward(leaves, x), y)
+    width = x.shape[1]
+    if bool((counts == width).all()):
+        loss = rows.mean(1)
+    else:
+        mask = torch.arange(width, device=x.device) < counts[:, None]
+        loss = (rows * mask).sum(1) / counts.to(rows.dtype)
+    grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True)), loss.detach()
+
+
 def train_cohort(
     model: nn.Module,
     loss_fn: LossFn,
@@ -192,6 +224,8 @@ def train_cohort(
     weights: Params,
     train: TrainConfig,
     seeds: Sequence[int],
+    *,
+    batched_kernels: bool = True,
 ) -> CohortResult:
     """``train_local`` for every client of ``cohort`` at once, starting from the same ``weights``.
 
@@ -209,31 +243,43 @@ def train_cohort(
         Epochs, batch size and optimizer.
     seeds : sequence of int
         One batch-order seed per client (``derive_seed(seed, "train", round, site)``).
+    batched_kernels : bool (default: True)
+        ``False`` runs every step with ``vmap`` per batch size even where ``StackedNet`` applies.
     """
     model.train()
     device = cohort.x.device
     k, size = cohort.size, train.batch_size
+    n_max = cohort.x.shape[1]
     params = stacked({name: w.to(device) for name, w in weights.items()}, k)
     optimizer = StackedOptimizer(train, params)
     n_list = [int(v) for v in cohort.n.tolist()]
     orders = epoch_orders(n_list, seeds, train.local_epochs, device)
     per_epoch = (cohort.n + size - 1) // size
     total_steps = per_epoch * train.local_epochs
-    grad_fn = vmap(grad_and_value(loss_function(model, loss_fn)))
+    net = stacked_net(model, loss_fn) if batched_kernels else None
+    grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
     losses = torch.zeros(k, dtype=torch.float64, device=device)
     for t in range(int(total_steps.max()) if k else 0):
         active = (total_steps > t).nonzero().reshape(-1)
         epoch = t // per_epoch[active]
         start = (t % per_epoch[active]) * size
         batch = torch.clamp(cohort.n[active] - start, max=size)
-        for b in torch.unique(batch).tolist():
-            pick = batch == b
-            rows = active[pick]
-            pos = start[pick, None] + torch.arange(b, device=device)
+        if net is not None:  # one padded call for every active client
+            groups = [torch.ones_like(batch, dtype=torch.bool)]
+        else:  # one unpadded call per batch size
+            groups = [batch == b for b in torch.unique(batch).tolist()]
+        for pick in groups:
+            rows, counts = active[pick], batch[pick]
+            width = int(counts.max())
+            pos = (start[pick, None] + torch.arange(width, device=device)).clamp(max=n_max - 1)
             idx = orders[rows, epoch[pick]].gather(1, pos)
             everyone = len(rows) == k
             cur = params if everyone else {name: p[rows] for name, p in params.items()}
-            grads, loss = grad_fn(cur, cohort.x[rows[:, None], idx], cohort.y[rows[:, None], idx])
+            x, y = cohort.x[rows[:, None], idx], cohort.y[rows[:, None], idx]
+            if net is not None:
+                grads, loss = masked_grads(net, cur, x, y, counts)
+            else:
+                grads, loss = grad_fn(cur, x, y)
             optimizer.step(grads, None if everyone else rows, t + 1)
             losses[rows] += loss.detach().double()
     steps = total_steps.tolist()

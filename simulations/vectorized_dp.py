@@ -7,10 +7,12 @@ step with probability ``q``; every per-sample gradient is clipped to ``C`` with 
 by the expected batch size ``max(1, int(n q))``; then the client's own optimizer steps. Empty
 batches are steps too (noise only).
 
-Per-sample gradients of ``K`` clients come from two nested ``vmap``: over clients (stacked
-weights) and over the rows of each client's Poisson batch (padded to the largest batch of the
-step, padding masked out of the sum). Sampling and noise are drawn from a generator seeded by the
-operating system unless a seed is given (tests only).
+The Poisson batches of a step are padded to the largest one and the padding is masked out of
+the sums. For the built-in models with the built-in cross-entropy, the per-sample gradients of
+all ``K`` clients come from one forward and one backward pass on batched kernels
+(``flowerbed.simulations.per_sample_grads``); any other model or loss uses two nested ``vmap``
+(over clients, then over the rows of each client's batch). Sampling and noise are drawn from a
+generator seeded by the operating system unless a seed is given (tests only).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.planner import DPPlan
+from flowerbed.simulations.per_sample_grads import CLIP_EPS, clipped_sample_sums
 from flowerbed.simulations.vectorized import (
     Cohort,
     CohortResult,
@@ -32,9 +35,8 @@ from flowerbed.simulations.vectorized import (
     Params,
     StackedOptimizer,
     stacked,
+    stacked_net,
 )
-
-CLIP_EPS = 1e-6  # Opacus's ``clip_per_sample``: C / (norm + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def train_cohort_private(
     plan: PrivateCohortPlan,
     *,
     seed: int | None = None,
+    batched_kernels: bool = True,
 ) -> CohortResult:
     """DP-SGD for every client of ``cohort`` at once, starting from the same ``weights``.
 
@@ -135,6 +138,8 @@ def train_cohort_private(
     ----------
     seed : int | None (default: None)
         ``None`` draws sampling and noise from OS randomness; an integer is for tests only.
+    batched_kernels : bool (default: True)
+        ``False`` computes per-sample gradients with nested ``vmap`` even where ``StackedNet`` applies.
 
     Returns
     -------
@@ -150,7 +155,8 @@ def train_cohort_private(
     noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
     params = stacked({name: w.to(device) for name, w in weights.items()}, k)
     optimizer = StackedOptimizer(train, params)
-    per_client = vmap(per_sample_function(model, loss_fn))
+    net = stacked_net(model, loss_fn) if batched_kernels else None
+    per_client = vmap(per_sample_function(model, loss_fn)) if net is None else None
     std = (plan.noise_multiplier * plan.max_grad_norm).float()
     total = torch.zeros(k, dtype=torch.float64, device=device)
     nonempty = torch.zeros(k, dtype=torch.int64, device=device)
@@ -162,8 +168,11 @@ def train_cohort_private(
         if idx.shape[1]:
             x = cohort.x[rows[:, None], idx]
             y = cohort.y[rows[:, None], idx]
-            sample_grads, sample_loss = per_client(cur, x, y)
-            sums, _ = clipped_sums(sample_grads, valid, plan.max_grad_norm)
+            if net is not None:
+                sums, _, sample_loss = clipped_sample_sums(net, cur, x, y, valid, plan.max_grad_norm)
+            else:
+                sample_grads, sample_loss = per_client(cur, x, y)
+                sums, _ = clipped_sums(sample_grads, valid, plan.max_grad_norm)
             counts = valid.sum(1)
             has = counts > 0
             batch_loss = (sample_loss.double() * valid).sum(1) / counts.clamp(min=1)

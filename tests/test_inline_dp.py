@@ -17,7 +17,9 @@ from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_arrays
 from flowerbed.privacy.planner import DPPlan, epsilon_for, make_plan
 from flowerbed.server.run_folder import read_summary
 from flowerbed.simulations.inline_privacy import charge_release, prepare_release
+from flowerbed.simulations.per_sample_grads import clipped_sample_sums
 from flowerbed.simulations.simulate import simulate
+from flowerbed.simulations.stacked_net import StackedNet
 from flowerbed.simulations.vectorized import Cohort, stack_cohort, stacked
 from flowerbed.simulations.vectorized_dp import (
     PrivateCohortPlan,
@@ -59,9 +61,20 @@ def _opacus_grads(model: torch.nn.Module, loss_fn, x, y, max_grad_norm: float, e
     return grads
 
 
+def _vmap_sums(model, task, params, x, y, valid, max_grad_norm):
+    sample_grads, _ = torch.func.vmap(per_sample_function(model, task.loss_fn))(params, x, y)
+    return clipped_sums(sample_grads, valid, max_grad_norm)
+
+
+def _stacked_sums(model, task, params, x, y, valid, max_grad_norm):
+    sums, factor, _ = clipped_sample_sums(StackedNet(model), params, x, y, valid, max_grad_norm)
+    return sums, factor
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("clip_sums", [_vmap_sums, _stacked_sums], ids=["nested-vmap", "stacked-net"])
 @pytest.mark.parametrize("task_name,schema", [("tabular-mlp", TABULAR), ("image-cnn", IMAGE)])
-def test_vectorized_clipped_step_equals_opacus_for_zero_noise(task_name, schema):
+def test_vectorized_clipped_step_equals_opacus_for_zero_noise(task_name, schema, clip_sums):
     task = resolve_task(task_name, {})
     gen = torch.Generator().manual_seed(0)
     sizes = [5, 1, 9, 3]  # ragged Poisson batches: padding must not leak into the sums
@@ -73,13 +86,37 @@ def test_vectorized_clipped_step_equals_opacus_for_zero_noise(task_name, schema)
     y = torch.randint(0, schema.num_classes, (len(sizes), m), generator=gen)
     valid = torch.arange(m) < torch.tensor(sizes)[:, None]
     max_grad_norm, expected = 0.7, 4
-    sample_grads, _ = torch.func.vmap(per_sample_function(models[0], task.loss_fn))(params, x, y)
-    sums, factor = clipped_sums(sample_grads, valid, max_grad_norm)
+    sums, factor = clip_sums(models[0], task, params, x, y, valid, max_grad_norm)
     assert (factor < 1).any() and (factor[~valid] == 0).all()  # clipping is active; padding is masked
     for j, size in enumerate(sizes):
         reference = _opacus_grads(models[j], task.loss_fn, x[j, :size], y[j, :size], max_grad_norm, expected)
         for name in names:
             assert torch.allclose(sums[name][j] / expected, reference[name], atol=1e-6, rtol=1e-5), (j, name)
+
+
+def test_private_cohort_on_stacked_net_equals_nested_vmap():
+    """The same sampling and noise give the same DP-SGD round on either per-sample gradient engine."""
+    task = resolve_task("image-cnn", {"channels": 4})
+    rng = np.random.default_rng(0)
+    sizes = (12, 5, 9)
+    xs = [rng.normal(size=(n, 1, 8, 8)).astype(np.float32) for n in sizes]
+    ys = [rng.integers(0, 10, n) for n in sizes]
+    train = TrainConfig(local_epochs=1, batch_size=4, lr=0.5, momentum=0.9)
+    plans = [
+        make_plan(n=n, batch_size=4, local_epochs=1, rounds=2, max_grad_norm=0.5, noise_multiplier=0.3) for n in sizes
+    ]
+    model = task.build_model(IMAGE, seed=0)
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    cohort = stack_cohort(xs, ys, CPU)
+    stacked_plan = PrivateCohortPlan.from_plans(plans, list(sizes), CPU)
+    results = [
+        train_cohort_private(model, task.loss_fn, cohort, weights, train, stacked_plan, seed=5, batched_kernels=b)
+        for b in (True, False)
+    ]
+    assert results[0].steps == results[1].steps
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
+    for name in weights:
+        assert torch.allclose(results[0].params[name], results[1].params[name], atol=1e-5, rtol=0), name
 
 
 def test_noise_has_the_planned_scale():

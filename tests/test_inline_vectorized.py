@@ -17,6 +17,7 @@ from flowerbed.simulations.cohort_handler import CohortHandler
 from flowerbed.simulations.datasets import load_federation
 from flowerbed.simulations.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
+from flowerbed.simulations.stacked_net import StackedNet
 from flowerbed.simulations.vectorized import check_functional, stack_cohort, train_cohort
 from flowerbed.tasks import resolve_task
 from flowerbed.weights import load_safetensors
@@ -31,14 +32,16 @@ def _digits_sites(num_clients: int = 8):
     return load_federation(data, 0)
 
 
-def _compare_with_train_local(task_name: str, sites, train: TrainConfig, args: dict | None = None) -> None:
+def _compare_with_train_local(
+    task_name: str, sites, train: TrainConfig, args: dict | None = None, *, batched_kernels: bool = True
+) -> None:
     task = resolve_task(task_name, args or {})
     model = task.build_model(sites[0].schema, seed=1)
     names = check_functional(model)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     seeds = [1000 + i for i in range(len(sites))]
     cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], CPU)
-    result = train_cohort(model, task.loss_fn, cohort, weights, train, seeds)
+    result = train_cohort(model, task.loss_fn, cohort, weights, train, seeds, batched_kernels=batched_kernels)
     for j, site in enumerate(sites):
         ref = task.build_model(site.schema)
         ref.load_state_dict(weights)
@@ -50,18 +53,40 @@ def _compare_with_train_local(task_name: str, sites, train: TrainConfig, args: d
             assert torch.allclose(got, ref.state_dict()[name], atol=1e-5, rtol=0), (site.name, name)
 
 
-def test_cnn_cohort_of_ragged_digits_clients_equals_train_local():
+@pytest.mark.parametrize("batched_kernels", [True, False], ids=["padded-stacked-net", "vmap-per-batch-size"])
+def test_cnn_cohort_of_ragged_digits_clients_equals_train_local(batched_kernels):
     sites = _digits_sites()
     assert len({s.num_train for s in sites}) > 3  # ragged: several dataset sizes, short last batches
     train = TrainConfig(local_epochs=2, batch_size=16, lr=0.05, momentum=0.9)
-    _compare_with_train_local("image-cnn", sites, train)
+    _compare_with_train_local("image-cnn", sites, train, batched_kernels=batched_kernels)
 
 
+@pytest.mark.parametrize("batched_kernels", [True, False], ids=["padded-stacked-net", "vmap-per-batch-size"])
 @pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.0), ("adam", 0.0)])
-def test_mlp_cohort_of_heart_sites_equals_train_local(optimizer, momentum):
+def test_mlp_cohort_of_heart_sites_equals_train_local(optimizer, momentum, batched_kernels):
     sites = load_federation(DataConfig(), 0)
     train = TrainConfig(local_epochs=2, batch_size=16, lr=0.01, optimizer=optimizer, momentum=momentum)
-    _compare_with_train_local("tabular-mlp", sites, train, {"hidden": 64})
+    _compare_with_train_local("tabular-mlp", sites, train, {"hidden": 64}, batched_kernels=batched_kernels)
+
+
+def test_stacked_net_gives_each_clients_own_logits():
+    """Every client's logits from stacked weights are its own model's (CNN, MLP, logistic regression)."""
+    gen = torch.Generator().manual_seed(0)
+    for task_name, schema, args in [
+        ("image-cnn", _digits_sites(2)[0].schema, {"channels": 4}),
+        ("tabular-mlp", load_federation(DataConfig(), 0)[0].schema, {"hidden": [8, 5]}),
+        ("tabular-logreg", load_federation(DataConfig(), 0)[0].schema, {}),
+    ]:
+        task = resolve_task(task_name, args)
+        models = [task.build_model(schema, seed=s) for s in range(3)]
+        names = [n for n, _ in models[0].named_parameters()]
+        params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n in names}
+        x = torch.randn((3, 7, *schema.input_shape), generator=gen)
+        logits = StackedNet(models[0]).forward(params, x)
+        for j, model in enumerate(models):
+            with torch.no_grad():
+                expected = model(x[j])
+            assert torch.allclose(logits[j], expected, atol=1e-5, rtol=1e-5), (task_name, j)
 
 
 def _message(kind: str, experiment_json: str, arrays: ArrayRecord, node_id: int, server_round: int = 1) -> Message:

@@ -1,0 +1,134 @@
+"""The built-in models run for ``K`` clients at once, each with its own weights, on batched kernels.
+
+A ``StackedNet`` takes an ``nn.Sequential`` of ``Flatten``, ``Linear``, ``ReLU``, ``Conv2d`` and
+``MaxPool2d`` (every built-in task's model) and computes the logits of ``K`` clients on ``[K, B,
+*input_shape]`` rows with stacked weights ``[K, *shape]``: a linear layer is one batched matrix
+product, a convolution one grouped convolution (client ``k``'s channels form group ``k``). Image
+activations are kept as ``[B, K * C, H, W]`` in channels-last memory, where pooling runs many times
+faster than in the contiguous layout on a CPU. Each client's logits are those of the model with
+its own weights, up to floating-point rounding.
+
+``forward(..., trace=...)`` also records every parameterized layer's input and output: the
+per-sample gradients of DP-SGD are computed from them (``flowerbed.simulations.per_sample_grads``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class LayerRecord:
+    """One parameterized layer of a traced forward pass."""
+
+    module: nn.Linear | nn.Conv2d
+    weight: str
+    bias: str | None
+    input: torch.Tensor  # Linear: [K, B, in]; Conv2d: [B, K * C, H, W]
+    output: torch.Tensor  # Linear: [K, B, out]; Conv2d: [B, K * O, H', W']
+
+
+@dataclass
+class Trace:
+    """The parameterized layers of one forward pass, in order."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+class StackedNet:
+    """A supported ``nn.Sequential`` evaluated for ``K`` clients with stacked weights.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The task's model; only its architecture is used.
+
+    Raises
+    ------
+    ValueError
+        When a layer is not one of the supported kinds (use ``supports`` to ask first).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not self.supports(model):
+            raise ValueError("the model is not a Sequential of Flatten, Linear, ReLU, Conv2d and MaxPool2d")
+        self.layers = [(name, module) for name, module in model.named_children()]
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether ``model`` is made only of layers this class can stack."""
+        if not isinstance(model, nn.Sequential) or not len(model):
+            return False
+        for module in model:
+            if isinstance(module, nn.Conv2d):
+                if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+                    return False
+            elif isinstance(module, nn.Flatten):
+                if module.start_dim != 1 or module.end_dim != -1:
+                    return False
+            elif isinstance(module, nn.MaxPool2d):
+                if module.return_indices:
+                    return False
+            elif not isinstance(module, nn.Linear | nn.ReLU):
+                return False
+        return True
+
+    def forward(self, params: Params, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """Logits ``[K, B, classes]`` of every client on its rows ``x`` (``[K, B, *input_shape]``)."""
+        k, b = x.shape[:2]
+        h = x
+        image = x.dim() == 5
+        if image:  # [K, B, C, H, W] -> [B, K * C, H, W], channels last
+            h = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+            h = h.contiguous(memory_format=torch.channels_last)
+        for name, module in self.layers:
+            if isinstance(module, nn.Flatten):
+                h = h.reshape(b, k, -1).transpose(0, 1) if image else h.reshape(k, b, -1)
+                image = False
+            elif isinstance(module, nn.ReLU):
+                h = torch.relu(h)
+            elif isinstance(module, nn.MaxPool2d):
+                h = F.max_pool2d(
+                    h, module.kernel_size, module.stride, module.padding, module.dilation, ceil_mode=module.ceil_mode
+                )
+            elif isinstance(module, nn.Linear):
+                h = self._linear(name, module, params, h, trace)
+            else:
+                h = self._conv(name, module, params, h, k, trace)
+        return h
+
+    @staticmethod
+    def _linear(name: str, module: nn.Linear, params: Params, h: torch.Tensor, trace: Trace | None) -> torch.Tensor:
+        weight, bias = f"{name}.weight", f"{name}.bias" if module.bias is not None else None
+        w = params[weight]
+        if bias is None:
+            out = torch.bmm(h, w.transpose(1, 2))
+        else:
+            out = torch.baddbmm(params[bias].unsqueeze(1), h, w.transpose(1, 2))
+        if trace is not None:
+            trace.layers.append(LayerRecord(module, weight, bias, h, out))
+        return out
+
+    @staticmethod
+    def _conv(
+        name: str, module: nn.Conv2d, params: Params, h: torch.Tensor, k: int, trace: Trace | None
+    ) -> torch.Tensor:
+        weight, bias = f"{name}.weight", f"{name}.bias" if module.bias is not None else None
+        w = params[weight]
+        b = None if bias is None else params[bias].reshape(-1)
+        out = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b, module.stride, module.padding, module.dilation, groups=k)
+        if trace is not None:
+            trace.layers.append(LayerRecord(module, weight, bias, h, out))
+        return out
+
+
+def per_row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[K, B]`` cross-entropy of every row: the task's loss on a batch of that row alone."""
+    k, b, classes = logits.shape
+    return F.cross_entropy(logits.reshape(k * b, classes), labels.reshape(k * b), reduction="none").reshape(k, b)

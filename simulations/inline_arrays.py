@@ -58,10 +58,11 @@ def in_memory_record(tensors: dict[str, torch.Tensor | np.ndarray]) -> ArrayReco
     Tensors are copied to the CPU; ndarrays are kept as given (the caller hands over arrays that
     nothing else writes to, e.g. rows of one stacked copy made for a whole cohort).
     """
-    record = ArrayRecord()  # set item by item: the constructor would re-serialize every array
+    record = ArrayRecord()  # filled directly: the constructor would re-serialize every array
+    data = record.__dict__["_data"]  # str keys and Array values, which ArrayRecord's checks accept
     for name, values in tensors.items():
         array = values if isinstance(values, np.ndarray) else values.detach().cpu().numpy().copy()
-        record[name] = InMemoryArray(array)
+        data[str(name)] = InMemoryArray(array)
     return record
 
 

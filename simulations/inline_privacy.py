@@ -88,6 +88,18 @@ def _plan(n: int, batch_size: int, local_epochs: int, rounds: int, privacy: tupl
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _stored_plan(text: str) -> DPPlan:
+    """A plan from its JSON in a node's state (parsed once per distinct plan: plans are frozen)."""
+    return DPPlan.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_prior(text: str) -> History:
+    """Releases made before the node's state was created, from their JSON (parsed once)."""
+    return tuple(tuple(h) for h in json.loads(text))  # type: ignore[misc]
+
+
 def new_plan(experiment: Experiment, n: int) -> DPPlan:
     """The run's plan for ``n`` rows, as ``run_plan`` makes it (cached: equal sites share it)."""
     p, t = experiment.privacy, experiment.train
@@ -129,9 +141,8 @@ class NodeRelease:
         if self.ledger is not None:
             return tuple(self.ledger.history(self.dataset))
         record = self.context.state[STATE_KEY]
-        prior = json.loads(str(record["prior"]))
         sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
-        return tuple([tuple(h) for h in prior] + [(sigma, q, int(s)) for s in record["steps"]])  # type: ignore[misc]
+        return _stored_prior(str(record["prior"])) + tuple((sigma, q, int(s)) for s in record["steps"])  # type: ignore[union-attr]
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,7 +221,7 @@ def prepare_release(
         release = NodeRelease(context, dataset, plan, site.name, privacy.budget, test_seed, privacy.ledger)
     else:
         record = _state_record(context, run_id, site, config, experiment, server_round)
-        plan = DPPlan.from_dict(json.loads(str(record["plan"])))
+        plan = _stored_plan(str(record["plan"]))
         release = NodeRelease(context, str(record["dataset"]), plan, site.name, budget, test_seed, None)
     if budget is not None:
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)

@@ -67,6 +67,8 @@ def stack_cohort(xs: Sequence, ys: Sequence, device: torch.device) -> Cohort:
     feats = [torch.as_tensor(x) for x in xs]
     labels = [torch.as_tensor(y) for y in ys]
     n = torch.tensor([len(y) for y in labels], dtype=torch.int64)
+    if len(labels) and len({len(y) for y in labels}) == 1 and len(labels[0]):  # equal sizes: no padding
+        return Cohort(torch.stack(feats).to(device), torch.stack(labels).to(device), n.to(device))
     n_max = max(1, int(n.max()) if len(n) else 1)
     shape = feats[0].shape[1:]
     x = torch.zeros((len(feats), n_max, *shape), dtype=feats[0].dtype)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 
 from flowerbed.client.private_round import (
     SIM_LEDGER_DIR_ENV,
@@ -44,6 +44,7 @@ from flowerbed.exception import PrivacyBudgetExceeded
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.ledger import Budget, PrivacyLedger, compose
 from flowerbed.privacy.planner import DPPlan, make_plan
+from flowerbed.simulations.inline_records import config_record
 from flowerbed.tasks.task import SiteData
 
 STATE_KEY = "flowerbed.dp-ledger"
@@ -109,9 +110,20 @@ def new_plan(experiment: Experiment, n: int) -> DPPlan:
 
 def sim_ledger_path(node_config: Mapping[str, Any], run_id: str) -> Path:
     """The per-run ledger file of a virtual node (as ``NodePrivacy.from_node_config`` names it)."""
-    root = Path(os.environ.get(SIM_LEDGER_DIR_ENV) or tempfile.gettempdir())
+    return _ledger_folder(os.environ.get(SIM_LEDGER_DIR_ENV) or tempfile.gettempdir(), run_id) / (
+        f"node-{node_config['partition-id']}.sqlite"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _ledger_folder(root: str, run_id: str) -> Path:
     safe_run = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return root / "flowerbed-ledgers" / safe_run / f"node-{node_config['partition-id']}.sqlite"
+    return Path(root) / "flowerbed-ledgers" / safe_run
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_text(plan: DPPlan) -> str:
+    return json.dumps(plan.to_dict())
 
 
 @dataclass
@@ -185,13 +197,13 @@ def _state_record(
     if not prior and server_round > 1:
         for step_count in _earlier_rounds(experiment, run_id, site.name, server_round, plan):
             prior.append([plan.noise_multiplier, plan.sample_rate, step_count])
-    record = ConfigRecord(
+    record = config_record(
         {
-            "run": run_id,
-            "dataset": dataset,
-            "plan": json.dumps(plan.to_dict()),
+            "run": str(run_id),
+            "dataset": str(dataset),
+            "plan": _plan_text(plan),
             "prior": json.dumps(prior),
-            "site": site.name,
+            "site": str(site.name),
             "rounds": [],
             "steps": [],
         }

@@ -133,6 +133,10 @@ class StackedOptimizer:
 
     def step(self, grads: Params, rows: torch.Tensor | None, t: int) -> None:
         """Apply step number ``t`` (1-based) to the clients in ``rows`` (``None``: all)."""
+        if rows is None and self.kind != "adam" and self.momentum == 0:  # plain SGD on everyone: in place
+            for name, grad in grads.items():
+                self.params[name].add_(grad, alpha=-self.lr)
+            return
         for name, grad in grads.items():
             p = self.params[name]
             state = self.state.get(name, [])

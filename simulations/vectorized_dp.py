@@ -181,11 +181,12 @@ def train_cohort_private(
         else:
             sums = {name: torch.zeros_like(p) for name, p in cur.items()}
         grads = {}
+        step_std = std if everyone else std[rows]
+        step_batch = plan.expected_batch if everyone else plan.expected_batch[rows]
         for name, s in sums.items():
             shape = (len(rows),) + (1,) * (s.dim() - 1)
             noise = torch.normal(0.0, 1.0, size=s.shape, generator=noise_gen, device=device, dtype=s.dtype)
-            noisy = s + noise * std[rows].view(shape)
-            grads[name] = noisy / plan.expected_batch[rows].view(shape).to(s.dtype)
+            grads[name] = noise.mul_(step_std.view(shape)).add_(s).div_(step_batch.view(shape).to(s.dtype))
         optimizer.step(grads, None if everyone else rows, t + 1)
     loss = [
         float(tot) / cnt if cnt else float("nan") for tot, cnt in zip(total.tolist(), nonempty.tolist(), strict=True)

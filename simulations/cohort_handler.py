@@ -27,7 +27,7 @@ from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment, parse_e
 from flowerbed.seeds import derive_seed
 from flowerbed.simulations.inline_arrays import in_memory_record, stacked_numpy
 from flowerbed.simulations.inline_privacy import NodeRelease, charge_release, prepare_release
-from flowerbed.simulations.inline_records import reply_content, site_record
+from flowerbed.simulations.inline_records import metric_record, reply_content, site_record
 from flowerbed.simulations.vectorized import (
     Unsupported,
     check_functional,
@@ -258,7 +258,7 @@ def _train_reply(
 ) -> Message:
     """The reply the ClientApp's ``train`` builds: weights (row ``row`` of ``params``), metrics, the site's name."""
     arrays = in_memory_record({name: tensor[row] for name, tensor in params.items()})
-    content = reply_content({"arrays": arrays, "metrics": MetricRecord(metrics), "site": site_record(site.name)})
+    content = reply_content({"arrays": arrays, "metrics": metric_record(metrics), "site": site_record(site.name)})
     return Message(content, reply_to=message)
 
 

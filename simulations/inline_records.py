@@ -4,8 +4,8 @@ Flower's ``ConfigRecord`` and ``RecordDict`` check every key and value on insert
 backend builds one reply per client per round, and one privacy state per node, from values it
 made itself (``str`` keys, records, a site name, release lists), where those checks cannot fail.
 Filling the record's mapping directly gives the same record for a fraction of the cost
-(``inline_arrays`` fills its array records the same way). Anything computed by a task (metrics)
-still goes through Flower's constructors.
+(``inline_arrays`` fills its array records the same way). Metrics that are not plain Python
+numbers still go through Flower's constructor.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TypeVar
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.message.recorddict import _SyncedDict
 
-R = TypeVar("R", ConfigRecord, RecordDict)
+R = TypeVar("R", ConfigRecord, MetricRecord, RecordDict)
 V = TypeVar("V", ArrayRecord, MetricRecord, ConfigRecord)
 
 
@@ -28,6 +28,13 @@ def _filled(record: R, items: Mapping) -> R:
 def config_record(values: Mapping[str, str | int | float | list[int]]) -> ConfigRecord:
     """A ``ConfigRecord`` of the given values (strings, numbers, lists of integers)."""
     return _filled(ConfigRecord(), values)
+
+
+def metric_record(values: Mapping[str, int | float]) -> MetricRecord:
+    """A ``MetricRecord`` of plain Python numbers; any other value goes through Flower's checks."""
+    if all(type(v) is int or type(v) is float for v in values.values()):
+        return _filled(MetricRecord(), values)
+    return MetricRecord(dict(values))
 
 
 def site_record(name: str) -> ConfigRecord:

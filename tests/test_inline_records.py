@@ -5,10 +5,17 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.simulations.inline_arrays import in_memory_record
-from flowerbed.simulations.inline_records import ReplyContent, config_record, reply_content, site_record
+from flowerbed.simulations.inline_records import (
+    ReplyContent,
+    config_record,
+    metric_record,
+    reply_content,
+    site_record,
+)
 
 
 def _records():
@@ -28,6 +35,9 @@ def test_reply_content_equals_flowers_record_dict_and_its_views():
         assert dict(got) == dict(expected) and list(got) == list(expected), view
     assert site_record("alpha") == ConfigRecord({"name": "alpha"})
     assert config_record({"run": "r", "steps": [1, 2]}) == ConfigRecord({"run": "r", "steps": [1, 2]})
+    assert metric_record({"n": 3, "loss": 0.5}) == MetricRecord({"n": 3, "loss": 0.5})
+    with pytest.raises(TypeError):  # not a plain number: Flower's own checks refuse it
+        metric_record({"loss": "high"})
 
 
 def test_reply_content_views_write_through_and_it_pickles_and_deflates_as_a_record_dict():

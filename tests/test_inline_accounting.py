@@ -1,11 +1,13 @@
-"""The inline backend's memoized RDP orders leave Opacus's epsilons exactly as they were."""
+"""The inline backend's memoized accountant pieces leave Opacus's epsilons exactly as they were."""
 
 from __future__ import annotations
 
+import numpy as np
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp
+from opacus.accountants.analysis.prv import prvs
 
-import flowerbed.simulations.inline_privacy  # noqa: F401  (installs the memoization)
+import flowerbed.simulations.inline_privacy  # noqa: F401  (installs the memoizations)
 
 
 def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -27,3 +29,26 @@ def test_memoized_rdp_gives_the_same_epsilon_as_opacus():
         rdp._compute_rdp = memo
     assert memoized == again == plain
     assert rdp._compute_rdp.cache_info().hits > 0
+
+
+def test_truncated_floor_evaluated_once_gives_the_same_epsilon_as_opacus():
+    cls = prvs.TruncatedPrivacyRandomVariable
+    assert cls.cdf is not cls.opacus_cdf
+    histories = [[(1.0, 0.25, 4 * c)] for c in (1, 2, 3, 7)] + [[(1.1, 0.21, 5), (0.9, 0.3, 2)]]
+    fast = [_prv_epsilon(h, 1e-5) for h in histories]
+    patched = cls.cdf
+    try:
+        cls.cdf = cls.opacus_cdf
+        plain = [_prv_epsilon(h, 1e-5) for h in histories]
+    finally:
+        cls.cdf = patched
+    assert fast == plain
+
+
+def test_truncated_cdf_equals_opacus_where_the_floor_matters():
+    prv = prvs.PoissonSubsampledGaussianPRV(0.25, 1.0)
+    for t_min in (-10.0, -0.1, 0.05):  # cdf(t_min) is 0, then 0.42, then 0.66
+        truncated = prvs.TruncatedPrivacyRandomVariable(prv, t_min, 20.0)
+        points = np.linspace(t_min - 1, 21, 97)
+        assert np.array_equal(truncated.cdf(points), truncated.opacus_cdf(points))
+        assert all(truncated.cdf(float(t)) == truncated.opacus_cdf(float(t)) for t in points)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import random
 import statistics
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowerbed.privacy.secagg_chunks import set_default_workers
 from flowerbed.privacy.secagg_params import derive_params
 from flowerbed.privacy.secagg_protocol import RoundTimings, run_secure_sum
 
@@ -66,8 +68,8 @@ def flat(model: torch.nn.Module) -> np.ndarray:
 
 
 def train_node(model: torch.nn.Module, global_flat: np.ndarray, node: int, batches: int):
-    """Local SGD from the global weights; returns (update, examples, cpu seconds)."""
-    start = time.thread_time()
+    """Local SGD from the global weights; returns (update, examples, cpu seconds, wall seconds)."""
+    start, wall = time.process_time(), time.perf_counter()
     # a copy: vector_to_parameters makes the parameters views of the vector it is given
     torch.nn.utils.vector_to_parameters(torch.from_numpy(global_flat.copy()), model.parameters())
     gen = torch.Generator().manual_seed(node)
@@ -79,7 +81,7 @@ def train_node(model: torch.nn.Module, global_flat: np.ndarray, node: int, batch
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     update = (flat(model) - global_flat).astype(np.float32)
-    return update, float(batches * BATCH), time.thread_time() - start
+    return update, float(batches * BATCH), time.process_time() - start, time.perf_counter() - wall
 
 
 def plain_sum(updates: dict[int, np.ndarray], weights: dict[int, float]) -> np.ndarray:
@@ -216,14 +218,28 @@ class Series:
     server: list[float] = field(default_factory=list)
     node_median: list[float] = field(default_factory=list)
     node_max: list[float] = field(default_factory=list)
+    server_wall: list[float] = field(default_factory=list)
+    node_wall_median: list[float] = field(default_factory=list)
+    node_wall_max: list[float] = field(default_factory=list)
     error: float = 0.0
 
-    def add(self, wall: float, server: float, nodes: list[float]) -> None:
+    def add(
+        self,
+        wall: float,
+        server: float,
+        nodes: list[float],
+        server_wall: float | None = None,
+        node_walls: list[float] | None = None,
+    ) -> None:
         self.wall.append(wall)
         self.server.append(server)
         self.cpu.append(server + sum(nodes))
         self.node_median.append(statistics.median(nodes) if nodes else 0.0)
         self.node_max.append(max(nodes) if nodes else 0.0)
+        walls = node_walls if node_walls is not None else nodes
+        self.server_wall.append(server if server_wall is None else server_wall)
+        self.node_wall_median.append(statistics.median(walls) if walls else 0.0)
+        self.node_wall_max.append(max(walls) if walls else 0.0)
 
 
 def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[str, Any]:
@@ -236,22 +252,29 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
     train_total, train_median = [], []
     plain, secure, theirs = Series(), Series(), Series()
     for rep in range(reps):
-        updates, weights, train_cpu = {}, {}, []
+        updates, weights, train_cpu, train_wall = {}, {}, [], []
         for i in range(n):
             node = 1000 + i
-            updates[node], weights[node], cpu = train_node(model, global_flat, node + rep, batches)
+            updates[node], weights[node], cpu, wall = train_node(model, global_flat, node + rep, batches)
             train_cpu.append(cpu)
+            train_wall.append(wall)
         train_total.append(sum(train_cpu))
-        train_median.append(statistics.median(train_cpu))
+        train_median.append(statistics.median(train_wall))
         total_weight = sum(weights.values())
         # A: plain weighted sum
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu = time.perf_counter(), time.process_time()
         reference = plain_sum(updates, weights)
-        plain.add(time.perf_counter() - wall, time.thread_time() - cpu, [])
+        plain.add(time.perf_counter() - wall, time.process_time() - cpu, [])
         # B: flowerbed secure aggregation
         timings = RoundTimings()
         result = run_secure_sum(updates, weights, params, round_id=rep, timings=timings)
-        secure.add(timings.wall, timings.server, list(timings.client.values()))
+        secure.add(
+            timings.wall,
+            timings.server,
+            list(timings.client.values()),
+            timings.server_wall,
+            list(timings.client_wall.values()),
+        )
         err = float(np.max(np.abs(result.weighted_sum - reference))) / total_weight
         secure.error = max(secure.error, err)
         # C: Flower SecAgg+
@@ -280,21 +303,23 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
     seq = [(t + s) / (t + p) - 1 for t, s, p in zip(train_total, secure.cpu, plain.cpu, strict=True)]
     par = [
         (t + x + s) / (t + p) - 1
-        for t, x, s, p in zip(train_median, secure.node_max, secure.server, plain.cpu, strict=True)
+        for t, x, s, p in zip(train_median, secure.node_wall_max, secure.server_wall, plain.wall, strict=True)
     ]
     out: dict[str, Any] = {
         "nodes": n,
         "params": m_real,
         "local_batches": batches,
         "secagg": secagg,
-        "train_cpu_s_per_node": med(train_median),
+        "threads": torch.get_num_threads(),
+        "train_wall_s_per_node": med(train_median),
+        "train_cpu_s_total": med(train_total),
         "plain": {"cpu_s": med(plain.cpu), "wall_s": med(plain.wall)},
         "secure": _series(secure),
         "overhead_sequential": med(seq),
         "overhead_parallel": med(par),
         "batches_for_25pct": {
             "sequential": _break_even(n * per_batch, med(plain.cpu), med(secure.cpu)),
-            "parallel": _break_even(per_batch, med(plain.cpu), med(secure.node_max) + med(secure.server)),
+            "parallel": _break_even(per_batch, med(plain.wall), med(secure.node_wall_max) + med(secure.server_wall)),
         },
     }
     if flower:
@@ -314,6 +339,9 @@ def _series(s: Series) -> dict[str, float]:
         "server_cpu_s": med(s.server),
         "node_cpu_s_median": med(s.node_median),
         "node_cpu_s_max": med(s.node_max),
+        "server_wall_s": med(s.server_wall),
+        "node_wall_s_median": med(s.node_wall_median),
+        "node_wall_s_max": med(s.node_wall_max),
         "max_error_of_mean": s.error,
     }
 
@@ -338,15 +366,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--local-batches", type=int, default=None)
     ap.add_argument("--no-flower", action="store_true", help="skip Flower's SecAgg+")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="cores of every node and of the coordinator: torch threads for training, threads for masking "
+        "(default: this machine's cores)",
+    )
     args = ap.parse_args(argv)
     nodes = args.nodes or ([5, 10] if args.quick else [10, 50, 100])
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 1_000_000])
     reps = args.reps or (1 if args.quick else 3)
     batches = args.local_batches or (2 if args.quick else 50)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    set_default_workers(args.threads)
     print(
         f"secure aggregation overhead: {reps} repetitions (medians), local training = {batches} "
-        f"SGD batches of {BATCH} per node on an MLP 100-h-10 (1 torch thread)\n"
+        f"SGD batches of {BATCH} per node on an MLP 100-h-10; every node and the coordinator use "
+        f"{args.threads} thread(s)\n"
         f"Flower {_flwr_version()} SecAgg+: its mod's stage functions + its workflow's computation, "
         "replayed in process (not end to end);\nequivalent parameters: num_shares = k + 1, threshold t, "
         "clipping 8, quantization range 2^16, modulus 2^32; its figures include its own\n(de)serialization "
@@ -366,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             s, fl, be = r["secure"], r.get("flower"), r["batches_for_25pct"]
             line = (
-                f"{n:>4} {r['params']:>9} | {r['train_cpu_s_per_node']:>9.4f}s "
-                f"{r['plain']['cpu_s']:>7.4f}s | {s['cpu_s']:>7.3f}s "
-                f"{s['server_cpu_s']:>7.3f}s {s['node_cpu_s_median']:>7.4f}s | "
+                f"{n:>4} {r['params']:>9} | {r['train_wall_s_per_node']:>9.4f}s "
+                f"{r['plain']['wall_s']:>7.4f}s | {s['cpu_s']:>7.3f}s "
+                f"{s['server_wall_s']:>7.3f}s {s['node_wall_s_max']:>7.4f}s | "
                 f"{r['overhead_sequential']:>6.0%} {r['overhead_parallel']:>7.0%} "
                 f"{be['sequential']:>5.0f}/{be['parallel']:<5.0f} |"
             )
@@ -379,20 +416,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(line, flush=True)
     print(
-        "\nAll figures are CPU seconds (thread time), medians over repetitions; wall times are in "
-        "the JSON.\ntrain/node: one node's local training; plain: the coordinator's weighted sum; "
-        "secure / flower: the whole secure aggregation\n(every node + coordinator); server: the "
-        "coordinator's part; node: the median node's part; ratio: flower / secure.\n"
-        "seq ovh: (all training + secure) / (all training + plain) - 1, nodes one after the other."
-        "\npar ovh: (median training + slowest node's secure part + coordinator) / (median "
-        "training + plain) - 1, nodes in parallel.\nb@25%: local batches per node at which the "
-        "overhead would be 25% (sequential / parallel)."
+        "\ntrain/node: one node's local training (wall, median node); plain: the coordinator's weighted sum "
+        "(wall);\nsecure: CPU seconds of the whole secure aggregation (every node + coordinator, all threads); "
+        "server: the\ncoordinator's part (wall); node: the slowest node's part (wall); flower: the same for "
+        "Flower's SecAgg+ (CPU);\nratio: flower CPU / secure CPU. Medians over repetitions.\n"
+        "seq ovh: (all training + secure) / (all training + plain) - 1 in CPU seconds: one machine, nodes one "
+        "after the other.\npar ovh: (median training + slowest node's secure part + coordinator's part) / "
+        "(median training + plain) - 1\nin wall seconds: nodes on their own machines at the same time (network "
+        "not included).\nb@25%: local batches per node at which the overhead would be 25% (sequential / "
+        "parallel)."
     )
     if args.json:
         doc = {
             "benchmark": "secagg_overhead",
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"python": platform.python_version(), "cpus": torch.get_num_threads()},
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+            "threads": args.threads,
             "local_batches": batches,
             "batch_size": BATCH,
             "repetitions": reps,

@@ -26,12 +26,12 @@ import numpy as np
 from flowerbed.exception import SecureAggregationError
 from flowerbed.privacy import shamir
 from flowerbed.privacy.secagg_crypto import (
+    add_masks,
     agree,
     decrypt_share,
     derive_key,
     encrypt_share,
     generate_keypair,
-    mask_expander,
     public_key_of,
     share_associated_data,
 )
@@ -224,8 +224,7 @@ class SecAggClient:
                 f"{params.threshold}; not sending an input"
             )
         vector, self.out_of_range = encode_input(update, weight, params, me)
-        expander = mask_expander(params.vector_length, params.dtype)
-        expander.add(vector, derive_key(self.self_seed, session=self.session, purpose=b"self-mask"))
+        masks = [(derive_key(self.self_seed, session=self.session, purpose=b"self-mask"), 1)]
         for peer in senders:
             seed = agree(
                 self.mask_sk,
@@ -235,7 +234,8 @@ class SecAggClient:
                 a=me,
                 b=peer,
             )
-            expander.add(vector, seed, 1 if me < peer else -1)
+            masks.append((seed, 1 if me < peer else -1))
+        add_masks(vector, masks)
         self.mask_peers = senders
         self.stage = "masked_input"
         return {"masked": vector}

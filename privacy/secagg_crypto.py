@@ -4,29 +4,31 @@
 - Share encryption: ChaCha20-Poly1305 with associated data naming the round, the sender and the
   receiver, so a share that was altered, replayed from another round or relabelled is rejected.
 - Mask expansion: AES-256-CTR keystream read as unsigned integers (uint32 or uint64), so modular
-  arithmetic is numpy's native wrap-around.
+  arithmetic is numpy's native wrap-around; expanded and added in cache-sized chunks, by several
+  threads on large vectors.
 - Randomness: ``os.urandom`` / ``secrets`` only; no numpy random generator anywhere.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from flowerbed.exception import SecureAggregationError
+from flowerbed.privacy.secagg_chunks import chunk_words, for_each_range
 
 PROTOCOL_ID = b"flowerbed-secagg/v1"
 KEY_BYTES = 32
 NONCE_BYTES = 12
-_ZERO_IV = bytes(16)
+_AES_BLOCK = 16
 
 
 def node_bytes(node_id: int) -> bytes:
@@ -128,67 +130,67 @@ def decrypt_share(
         ) from None
 
 
-class MaskExpander:
-    """Expands 32-byte keys into mask vectors with AES-256-CTR and adds them in place.
+def keystream_encryptor(key: bytes, start_byte: int = 0) -> CipherContext:
+    """An AES-256-CTR encryptor of zeros under ``key``, positioned at byte ``start_byte`` (a multiple of 16)."""
+    if start_byte % _AES_BLOCK:
+        raise ValueError(f"keystreams start on an AES block: {start_byte} is not a multiple of {_AES_BLOCK}")
+    counter = (start_byte // _AES_BLOCK).to_bytes(_AES_BLOCK, "big")
+    return Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
 
-    One expander reuses one keystream buffer, so adding k masks to a vector of length m costs k
-    AES passes over ``m * itemsize`` bytes and k vectorized integer additions (wrapping modulo
-    ``2**(8 * itemsize)``).
+
+def _check_dtype(dtype: np.dtype | type) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+        raise ValueError(f"mask dtype must be uint32 or uint64, not {dtype}")
+    return dtype
+
+
+def _add_range(target: np.ndarray, masks: Sequence[tuple[bytes, int]], lo: int, hi: int) -> None:
+    """``target[lo:hi] += sum(sign * mask(key)[lo:hi])``, one cache-sized chunk at a time."""
+    itemsize = target.dtype.itemsize
+    chunk = min(chunk_words(itemsize), hi - lo)
+    streams = [(keystream_encryptor(key, lo * itemsize), sign) for key, sign in masks]
+    zeros = memoryview(bytes(chunk * itemsize))
+    buffer = bytearray(chunk * itemsize + _AES_BLOCK - 1)
+    for start in range(lo, hi, chunk):
+        stop = min(hi, start + chunk)
+        words = stop - start
+        keystream = np.frombuffer(buffer, dtype=target.dtype, count=words)
+        piece = target[start:stop]
+        for encryptor, sign in streams:
+            encryptor.update_into(zeros[: words * itemsize], buffer)
+            if sign > 0:
+                np.add(piece, keystream, out=piece)
+            else:
+                np.subtract(piece, keystream, out=piece)
+
+
+def add_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]], workers: int | None = None) -> None:
+    """``target += sum(sign * mask(key) for key, sign in masks)`` modulo the dtype's modulus, in place.
+
+    A mask is the AES-256-CTR keystream of its 32-byte key (zero initial counter) read as
+    ``target.dtype`` words, uniform over the modulus. Every mask is added to one cache-sized chunk
+    before the next chunk, and ranges of a large vector are masked by ``workers`` threads
+    (default: ``secagg_chunks.default_workers()``).
 
     Parameters
     ----------
-    length : int
-        Number of vector entries.
-    dtype : numpy dtype
-        ``numpy.uint32`` or ``numpy.uint64``: the modulus is ``2**32`` or ``2**64``.
+    target : numpy.ndarray
+        A contiguous 1-D ``uint32`` or ``uint64`` vector: the modulus is ``2**32`` or ``2**64``.
+    masks : sequence of (bytes, int)
+        Each mask's key and sign (``+1`` adds it, ``-1`` subtracts it).
+    workers : int or None (default: None)
+        Threads to use.
     """
-
-    def __init__(self, length: int, dtype: np.dtype | type) -> None:
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
-            raise ValueError(f"mask dtype must be uint32 or uint64, not {self.dtype}")
-        self.length = int(length)
-        self._nbytes = self.length * self.dtype.itemsize
-        self._zeros = bytes(self._nbytes)
-        self._buffer = bytearray(self._nbytes + 15)
-        self._view = np.frombuffer(self._buffer, dtype=self.dtype, count=self.length)
-
-    def _stream(self, key: bytes) -> np.ndarray:
-        encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
-        encryptor.update_into(self._zeros, self._buffer)
-        return self._view
-
-    def expand(self, key: bytes) -> np.ndarray:
-        """A fresh copy of the mask for ``key`` (uniform over the modulus)."""
-        return self._stream(key).copy()
-
-    def add(self, target: np.ndarray, key: bytes, sign: int = 1) -> None:
-        """``target += sign * mask(key)`` modulo the dtype's modulus, in place."""
-        stream = self._stream(key)
-        if sign > 0:
-            np.add(target, stream, out=target)
-        else:
-            np.subtract(target, stream, out=target)
+    _check_dtype(target.dtype)
+    if target.ndim != 1 or not target.flags.c_contiguous:
+        raise ValueError("masks are added to contiguous 1-D vectors only")
+    if masks and target.size:
+        for_each_range(target.size, target.dtype.itemsize, lambda lo, hi: _add_range(target, masks, lo, hi), workers)
 
 
-_LOCAL = threading.local()
-
-
-def mask_expander(length: int, dtype: np.dtype | type) -> MaskExpander:
-    """A ``MaskExpander`` reused by this thread (buffers of large vectors cost page faults)."""
-    cache: dict[tuple[int, str], MaskExpander] = getattr(_LOCAL, "expanders", None) or {}
-    key = (int(length), np.dtype(dtype).str)
-    if key not in cache:
-        if len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        cache[key] = MaskExpander(length, dtype)
-    _LOCAL.expanders = cache
-    return cache[key]
-
-
-def keystream_words(length: int) -> np.ndarray:
-    """``length`` uniform uint32 words from AES-CTR under a fresh ``os.urandom`` key.
-
-    The array is a view of a reused buffer: use it before the next call in this thread.
-    """
-    return mask_expander(length, np.uint32)._stream(os.urandom(KEY_BYTES))
+def expand_mask(key: bytes, length: int, dtype: np.dtype | type) -> np.ndarray:
+    """The mask of ``key``: ``length`` words of ``dtype`` (what ``add_masks`` adds for it)."""
+    mask = np.zeros(length, dtype=_check_dtype(dtype))
+    add_masks(mask, [(key, 1)])
+    return mask

@@ -49,20 +49,28 @@ Payloads = dict[int, dict[str, Any]]
 
 @dataclass
 class RoundTimings:
-    """CPU seconds spent by each side of an in-memory secure round.
+    """CPU and wall-clock seconds spent by each side of an in-memory secure round.
+
+    CPU is process time (mask expansion runs in threads), measured while only that side works.
 
     Attributes
     ----------
     client : dict of int to float
-        Per node, all its stages together (``time.thread_time``).
+        Per node, CPU seconds of all its stages together.
     server : float
-        The coordinator, all its stages together.
+        The coordinator's CPU seconds, all its stages together.
+    client_wall : dict of int to float
+        Per node, wall-clock seconds of all its stages together.
+    server_wall : float
+        The coordinator's wall-clock seconds.
     wall : float
         Wall-clock seconds of the whole round (nodes run one after the other here).
     """
 
     client: dict[int, float] = field(default_factory=dict)
     server: float = 0.0
+    client_wall: dict[int, float] = field(default_factory=dict)
+    server_wall: float = 0.0
     wall: float = 0.0
 
 
@@ -102,7 +110,7 @@ def run_secure_sum(
         What a node's ``SecureAggregationError`` does: propagate, or make that node drop out
         (what a deployed coordinator sees: an error reply).
     timings : RoundTimings or None (default: None)
-        Filled with CPU seconds per side if given.
+        Filled with CPU and wall-clock seconds per side if given.
 
     Raises
     ------
@@ -121,11 +129,12 @@ def run_secure_sum(
     server = SecAggServer(params, sorted(updates), round_id=round_id)
 
     def server_call(fn: Callable[..., Any], *args: Any) -> Any:
-        start = time.thread_time()
+        start, wall = time.process_time(), time.perf_counter()
         try:
             return fn(*args)
         finally:
-            t.server += time.thread_time() - start
+            t.server += time.process_time() - start
+            t.server_wall += time.perf_counter() - wall
 
     def deliver(stage: str, requests: Payloads) -> Payloads:
         if intercept is not None:
@@ -135,14 +144,15 @@ def run_secure_sum(
         for node, request in requests.items():
             if node in drop_at and STAGES.index(drop_at[node]) <= gone_from:
                 continue
-            start = time.thread_time()
+            start, wall = time.process_time(), time.perf_counter()
             try:
                 replies[node] = clients[node].handle(request, updates[node], weights[node])
             except SecureAggregationError:
                 if node_errors != "drop":
                     raise
             finally:
-                t.client[node] = t.client.get(node, 0.0) + time.thread_time() - start
+                t.client[node] = t.client.get(node, 0.0) + time.process_time() - start
+                t.client_wall[node] = t.client_wall.get(node, 0.0) + time.perf_counter() - wall
         if observe is not None:
             observe(stage, replies)
         return replies

@@ -15,18 +15,29 @@ masked vector, so the coordinator learns only the total over all nodes.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy.secagg_crypto import keystream_words
+from flowerbed.privacy.secagg_chunks import chunk_words, for_each_range
+from flowerbed.privacy.secagg_crypto import KEY_BYTES, keystream_encryptor
 from flowerbed.privacy.secagg_params import SecAggParams
 
 _TWO32 = float(1 << 32)
 
 
-def quantize(update: np.ndarray, *, clip_range: float, levels: int, stochastic: bool) -> tuple[np.ndarray, int]:
-    """Clip to ``[-clip_range, clip_range]`` and quantize to integers in ``[-levels, levels]``.
+def quantize(
+    update: np.ndarray,
+    *,
+    clip_range: float,
+    levels: int,
+    stochastic: bool,
+    factor: int = 1,
+    out: np.ndarray | None = None,
+    workers: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Clip to ``[-clip_range, clip_range]``, quantize to integers in ``[-levels, levels]``, times ``factor``.
 
     Parameters
     ----------
@@ -39,29 +50,54 @@ def quantize(update: np.ndarray, *, clip_range: float, levels: int, stochastic: 
     stochastic : bool
         Round up with probability equal to the fractional part (unbiased, error < 1 step), using
         ``os.urandom``-keyed AES-CTR randomness; otherwise round to nearest (error <= 1/2 step).
+    factor : int (default: 1)
+        Every quantized entry is multiplied by it (a node's integer weight).
+    out : numpy.ndarray or None (default: None)
+        An int64 vector of the update's length to write into.
+    workers : int or None (default: None)
+        Threads (``secagg_chunks.default_workers()`` by default).
 
     Returns
     -------
     (numpy.ndarray of int64, int)
-        The quantized entries and how many entries were outside the clipping range.
+        ``factor`` times the quantized entries, and how many entries were outside the clipping range.
     """
     x = np.asarray(update).ravel()
-    out_of_range = int(np.count_nonzero(np.abs(x) > clip_range))
-    if stochastic:
-        # floor(x / step + u) with u = word / 2**32, computed in place in float64: x / step is
-        # scaled by 2**32 (exact), the uint32 word added, the sum scaled back and floored.
-        bound = float(levels) * _TWO32
-        scaled = np.multiply(x, levels / clip_range * _TWO32, dtype=np.float64)
-        np.clip(scaled, -bound, bound, out=scaled)
-        np.add(scaled, keystream_words(scaled.size), out=scaled)
-        np.multiply(scaled, 1.0 / _TWO32, out=scaled)
-        np.floor(scaled, out=scaled)
-        np.minimum(scaled, levels, out=scaled)
-    else:
-        scaled = np.multiply(x, levels / clip_range, dtype=np.float64)
-        np.clip(scaled, -levels, levels, out=scaled)
-        np.rint(scaled, out=scaled)
-    return scaled.astype(np.int64), out_of_range
+    if out is None:
+        out = np.empty(x.size, dtype=np.int64)
+    key = os.urandom(KEY_BYTES) if stochastic else b""
+    chunk = chunk_words(8)
+
+    def quantize_range(lo: int, hi: int) -> int:
+        # stochastic: floor(x / step + u) with u = word / 2**32, in float64: x / step is scaled by
+        # 2**32 (exact), the uniform uint32 word added, the sum scaled back and floored.
+        words = keystream_encryptor(key, lo * 4) if stochastic else None
+        buffer = bytearray(min(chunk, hi - lo) * 4 + 15)
+        count = 0
+        for start in range(lo, hi, chunk):
+            piece = x[start : min(hi, start + chunk)]
+            count += int(np.count_nonzero(np.abs(piece) > clip_range))
+            if words is not None:
+                bound = float(levels) * _TWO32
+                scaled = np.multiply(piece, levels / clip_range * _TWO32, dtype=np.float64)
+                np.clip(scaled, -bound, bound, out=scaled)
+                words.update_into(bytes(piece.size * 4), buffer)
+                np.add(scaled, np.frombuffer(buffer, dtype=np.uint32, count=piece.size), out=scaled)
+                np.multiply(scaled, 1.0 / _TWO32, out=scaled)
+                np.floor(scaled, out=scaled)
+                np.minimum(scaled, levels, out=scaled)
+            else:
+                scaled = np.multiply(piece, levels / clip_range, dtype=np.float64)
+                np.clip(scaled, -levels, levels, out=scaled)
+                np.rint(scaled, out=scaled)
+            target = out[start : start + piece.size]
+            np.copyto(target, scaled, casting="unsafe")
+            if factor != 1:
+                np.multiply(target, factor, out=target)  # in int64: exact for any weight within max_weight
+        return count
+
+    counts = for_each_range(x.size, 8, quantize_range, workers)
+    return out, int(sum(counts))
 
 
 def weight_units(weight: float, params: SecAggParams, node_id: int | str = "?") -> int:
@@ -104,18 +140,18 @@ def encode_input(
             f"node {node_id}: update has NaN or infinite entries; training diverged (lower the learning rate)"
         )
     units = weight_units(weight, params, node_id)
-    q, out_of_range = quantize(
-        flat,
-        clip_range=params.clip_range,
-        levels=params.levels,
-        stochastic=params.stochastic_rounding,
-    )
     vector = np.empty(params.vector_length, dtype=params.dtype)
     body = vector[: params.dimension]
+    quantize_args = {
+        "clip_range": params.clip_range,
+        "levels": params.levels,
+        "stochastic": params.stochastic_rounding,
+        "factor": units,
+    }
     if params.modulus_bits == 64:
-        np.multiply(q, units, out=body.view(np.int64))  # two's complement = mod 2**64
+        _, out_of_range = quantize(flat, out=body.view(np.int64), **quantize_args)  # two's complement = mod 2**64
     else:
-        np.multiply(q, units, out=q)
+        q, out_of_range = quantize(flat, **quantize_args)
         body[:] = q.astype(np.uint32)  # keeps the low 32 bits: mod 2**32
     vector[params.dimension] = units
     vector[params.dimension + 1] = out_of_range

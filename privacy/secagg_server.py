@@ -18,8 +18,9 @@ import numpy as np
 
 from flowerbed.exception import SecureAggregationError
 from flowerbed.privacy import shamir
+from flowerbed.privacy.secagg_chunks import add_vectors
 from flowerbed.privacy.secagg_client import PARAM_PREFIX
-from flowerbed.privacy.secagg_crypto import agree, derive_key, mask_expander, public_key_of
+from flowerbed.privacy.secagg_crypto import add_masks, agree, derive_key, public_key_of
 from flowerbed.privacy.secagg_graph import graph_seed, neighbour_graph
 from flowerbed.privacy.secagg_params import SecAggParams
 from flowerbed.privacy.secagg_quantize import decode_sum
@@ -227,8 +228,7 @@ class SecAggServer:
         if len(survivors) < params.threshold:
             raise self._fail(f"only {len(survivors)} nodes sent masked inputs")
         total = np.zeros(params.vector_length, dtype=params.dtype)
-        for node in survivors:
-            np.add(total, replies[node]["masked"], out=total)
+        add_vectors(total, [replies[node]["masked"] for node in survivors])
         self._total = total
         self.survivors = survivors
         live = set(survivors)
@@ -285,10 +285,10 @@ class SecAggServer:
         total = self._total
         if total is None:
             raise self._fail("the masked inputs were already released")
-        expander = mask_expander(params.vector_length, params.dtype)
+        masks = []
         for node in self.survivors:
             seed = self._combine(seed_shares[node], node, "self-mask seed")
-            expander.add(total, derive_key(seed, session=self.session, purpose=b"self-mask"), -1)
+            masks.append((derive_key(seed, session=self.session, purpose=b"self-mask"), -1))
         for node in needed_keys:
             mask_sk = self._combine(key_shares[node], node, "mask key")
             if public_key_of(mask_sk) != self.roster[node][1]:
@@ -304,7 +304,8 @@ class SecAggServer:
                         b=peer,
                     )
                     # The peer added +mask if peer < node, else -mask: take it back out.
-                    expander.add(total, seed, -1 if peer < node else 1)
+                    masks.append((seed, -1 if peer < node else 1))
+        add_masks(total, masks)
         weighted_sum, total_weight, out_of_range = decode_sum(total, params)
         self._total = None
         self.stage = "done"

@@ -7,16 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowerbed.exception import ConfigError, SecureAggregationError
 from flowerbed.privacy import shamir
+from flowerbed.privacy.secagg_chunks import CHUNK_BYTES, add_vectors
 from flowerbed.privacy.secagg_crypto import (
-    MaskExpander,
+    add_masks,
     agree,
     decrypt_share,
     encrypt_share,
+    expand_mask,
     generate_keypair,
     share_associated_data,
 )
@@ -110,18 +113,39 @@ def test_aead_rejects_other_round_sender_receiver_and_bit_flips() -> None:
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
 def test_masks_cancel_and_look_uniform(dtype: type) -> None:
     m = 20_000
-    expander = MaskExpander(m, dtype)
     key = os.urandom(32)
     vector = np.arange(m, dtype=dtype)
     original = vector.copy()
-    expander.add(vector, key, +1)
+    add_masks(vector, [(key, +1)])
     assert not np.array_equal(vector, original)
-    expander.add(vector, key, -1)
+    add_masks(vector, [(key, -1)])
     np.testing.assert_array_equal(vector, original)
-    mask = expander.expand(key)
+    mask = expand_mask(key, m, dtype)
     top_bit = mask >> np.uint64(np.dtype(dtype).itemsize * 8 - 1)
     assert abs(top_bit.mean() - 0.5) < 0.02
-    assert not np.array_equal(mask, expander.expand(os.urandom(32)))
+    assert not np.array_equal(mask, expand_mask(os.urandom(32), m, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_chunked_threaded_masks_equal_the_aes_ctr_keystream(dtype: type, workers: int) -> None:
+    """Ranges and chunks resume the keystream at the right AES block: equal to one pass of AES-CTR."""
+    itemsize = np.dtype(dtype).itemsize
+    m = 3 * CHUNK_BYTES // itemsize + 7  # several chunks and a ragged tail
+    keys = [os.urandom(32) for _ in range(3)]
+    signs = [1, -1, 1]
+    expected = np.arange(m, dtype=dtype)
+    for key, sign in zip(keys, signs, strict=True):
+        stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(m * itemsize))
+        words = np.frombuffer(stream, dtype=dtype)
+        expected = expected + words if sign > 0 else expected - words
+    vector = np.arange(m, dtype=dtype)
+    add_masks(vector, list(zip(keys, signs, strict=True)), workers=workers)
+    np.testing.assert_array_equal(vector, expected)
+    others = [np.arange(m, dtype=dtype) * np.asarray(i + 2, dtype=dtype) for i in range(3)]
+    total = np.full(m, np.iinfo(dtype).max, dtype=dtype)
+    add_vectors(total, others, workers=workers)
+    np.testing.assert_array_equal(total, np.full(m, np.iinfo(dtype).max, dtype=dtype) + sum(others))
 
 
 def test_no_numpy_or_stdlib_random_generator_in_the_protocol() -> None:

@@ -4,29 +4,35 @@ For each number of nodes n and model size m, every repetition:
 
 1. trains every node locally (``--local-batches`` SGD batches of 64 on an MLP with about m
    parameters) from the same global model; the update is new weights - global weights;
-2. then, interleaved in the order A B C, aggregates those updates
-   A. in the clear (the plain weighted sum, float64),
-   B. with flowerbed's secure aggregation (``run_secure_sum``: every node's and the
-      coordinator's work, in this process, one node after the other),
+2. then, interleaved in the order A B C, finishes the round
+   A. in the clear, as flowerbed's plain train phase does: every node serializes its new weights
+      into a Flower reply; the coordinator checks every reply (``validate_train_reply``), runs
+      FedAvg's ``aggregate_train`` over them and casts the result to the model's dtypes;
+   B. with flowerbed's secure aggregation: ``run_secure_sum`` (every node's and the coordinator's
+      work, in this process, one node after the other), each masked vector serialized by its node
+      into a Flower ``Array`` and parsed by the coordinator, then the one equivalent reply through
+      FedAvg and the cast, as the secure train phase does;
    C. with Flower 1.42's SecAgg+ at equivalent parameters: the node side is the stage functions of
       ``flwr.client.mod.secure_aggregation.secaggplus_mod`` called directly; the coordinator side
       is the computation of ``SecAggPlusWorkflow`` (routing, summing, Shamir recombination, mask
       regeneration, dequantization) replayed from its source. Flower's workflow runs only under
       its legacy API and a Grid, so it is not run end to end here.
 
-Round times (medians over repetitions) are given two ways:
+Every node and the coordinator get ``--threads`` cores (default: this machine's): torch trains
+with that many threads and secure aggregation masks with that many. Round times (medians over
+repetitions) are given two ways:
 
 - ``sequential``: the whole round on one machine, nodes one after the other (what a simulation
-  pays): sum of the nodes' training + aggregation.
-- ``parallel``: the critical path of a deployment where nodes work at the same time: the median
-  node's training + the slowest node's secure-aggregation work + the coordinator's work. Network
-  time is not included.
+  pays), in CPU seconds: all training + every node's and the coordinator's part of A or B.
+- ``parallel``: the critical path of a deployment where nodes work at the same time, in wall
+  seconds: the median node's training + the slowest node's part + the coordinator's part.
+  Network time is not included (a secure round has three more message exchanges).
 
 Usage::
 
-    python benchmarks/secagg_overhead.py                 # n = 10, 50, 100; m = 10k, 1M
-    python benchmarks/secagg_overhead.py --quick         # a smoke run in seconds
-    python benchmarks/secagg_overhead.py --json out.json
+    python -m flowerbed.benchmarks.secagg_overhead               # n = 10, 50, 100; m = 10k, 1M
+    python -m flowerbed.benchmarks.secagg_overhead --quick        # a smoke run in seconds
+    python -m flowerbed.benchmarks.secagg_overhead --json out.json
 
 Timings are never asserted; ratios compare figures measured in the same run.
 """
@@ -36,20 +42,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import platform
 import random
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 
 from flowerbed.privacy.secagg_chunks import set_default_workers
 from flowerbed.privacy.secagg_params import derive_params
 from flowerbed.privacy.secagg_protocol import RoundTimings, run_secure_sum
+from flowerbed.server.reply_validation import validate_train_reply
+from flowerbed.server.secure_train_phase import equivalent_reply
+from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays
 
 BATCH = 64
 IN_FEATURES = 100
@@ -89,6 +103,70 @@ def plain_sum(updates: dict[int, np.ndarray], weights: dict[int, float]) -> np.n
     for node, update in updates.items():
         total += weights[node] * update
     return total
+
+
+# ------------------------------------------------------------------ flowerbed's two train phases
+def _timed(fn, *args):
+    """``(fn(*args), process CPU seconds, wall seconds)``."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    return out, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _unflatten(shapes: dict[str, tuple[int, ...]], vector: np.ndarray) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[name] = vector[offset : offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def plain_reply(shapes: dict[str, tuple[int, ...]], global_flat: np.ndarray, update: np.ndarray, weight: float):
+    """What a node sends in a plain round: its new weights (serialized) and its number of examples."""
+    state = {k: torch.from_numpy(v) for k, v in _unflatten(shapes, global_flat + update).items()}
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": weight})})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def plain_coordinator(replies: list, shapes: dict[str, tuple[int, ...]], server_round: int) -> None:
+    """The coordinator's part of a plain round: check every reply, FedAvg, cast to the model's dtypes."""
+    reference = {k: np.zeros(shape, dtype=np.float32) for k, shape in shapes.items()}
+    for reply in replies:
+        problem = validate_train_reply(reply, reference)
+        if problem:
+            raise RuntimeError(problem)
+    arrays, _ = FedAvg().aggregate_train(server_round, replies)
+    numpy_to_arrays({k: v.astype(np.float32, copy=False) for k, v in arrays_to_numpy(arrays).items()})
+
+
+def secure_coordinator_finish(result, shapes: dict[str, tuple[int, ...]], global_flat: np.ndarray, server_round: int):
+    """The coordinator's last step in a secure round: one equivalent reply through FedAvg, cast."""
+    reply = equivalent_reply(_unflatten(shapes, global_flat), result, [])
+    arrays, _ = FedAvg().aggregate_train(server_round, [reply])
+    numpy_to_arrays({k: v.astype(np.float32, copy=False) for k, v in arrays_to_numpy(arrays).items()})
+
+
+class _ArrayTransport:
+    """Sends every masked vector through a Flower ``Array``: the node serializes, the coordinator parses."""
+
+    def __init__(self) -> None:
+        self.node_cpu: dict[int, float] = defaultdict(float)
+        self.node_wall: dict[int, float] = defaultdict(float)
+        self.server_cpu = self.server_wall = self.wall = 0.0
+
+    def __call__(self, stage: str, replies: dict[int, dict[str, Any]]) -> None:
+        if stage != "masked_input":
+            return
+        for node, reply in replies.items():
+            array, cpu, wall = _timed(Array, reply["masked"])
+            self.node_cpu[node] += cpu
+            self.node_wall[node] += wall
+            parsed, cpu, wall = _timed(array_view, array)  # as the secure train phase reads it
+            self.server_cpu += cpu
+            self.server_wall += wall
+            self.wall += self.node_wall[node] + wall
+            reply["masked"] = parsed
 
 
 # ------------------------------------------------------------------ Flower 1.42 SecAgg+
@@ -244,9 +322,12 @@ class Series:
 
 def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[str, Any]:
     """Train, then aggregate A (plain) B (flowerbed) C (Flower), ``reps`` times."""
+    # Flower stamps every Message with the running task's identity; here there is no SuperLink
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     model = make_model(m)
     m_real = sum(p.numel() for p in model.parameters())
     global_flat = flat(model)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     params = derive_params(n, m_real, max_weight=float(batches * BATCH))
     train_node(model, global_flat, 0, batches)  # warm-up: first torch call pays one-off costs
     train_total, train_median = [], []
@@ -261,19 +342,30 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
         train_total.append(sum(train_cpu))
         train_median.append(statistics.median(train_wall))
         total_weight = sum(weights.values())
-        # A: plain weighted sum
-        wall, cpu = time.perf_counter(), time.process_time()
         reference = plain_sum(updates, weights)
-        plain.add(time.perf_counter() - wall, time.process_time() - cpu, [])
-        # B: flowerbed secure aggregation
+        # A: a plain round: every node sends its new weights, the coordinator checks every reply
+        # and runs FedAvg over them (flowerbed's plain train phase)
+        replies, plain_nodes_cpu, plain_nodes_wall = [], [], []
+        for node in updates:
+            (reply, cpu, wall) = _timed(plain_reply, shapes, global_flat, updates[node], weights[node])
+            replies.append(reply)
+            plain_nodes_cpu.append(cpu)
+            plain_nodes_wall.append(wall)
+        _, cpu, wall = _timed(plain_coordinator, replies, shapes, rep)
+        plain.add(wall, cpu, plain_nodes_cpu, wall, plain_nodes_wall)
+        del replies
+        # B: the same round through flowerbed's secure aggregation; masked vectors travel as Flower
+        # Arrays (serialized by the node, parsed by the coordinator), the result is one reply to FedAvg
         timings = RoundTimings()
-        result = run_secure_sum(updates, weights, params, round_id=rep, timings=timings)
+        transport = _ArrayTransport()
+        result = run_secure_sum(updates, weights, params, round_id=rep, timings=timings, observe=transport)
+        _, cpu, wall = _timed(secure_coordinator_finish, result, shapes, global_flat, rep)
         secure.add(
-            timings.wall,
-            timings.server,
-            list(timings.client.values()),
-            timings.server_wall,
-            list(timings.client_wall.values()),
+            timings.wall + transport.wall + wall,
+            timings.server + transport.server_cpu + cpu,
+            [timings.client[k] + transport.node_cpu[k] for k in timings.client],
+            timings.server_wall + transport.server_wall + wall,
+            [timings.client_wall[k] + transport.node_wall[k] for k in timings.client_wall],
         )
         err = float(np.max(np.abs(result.weighted_sum - reference))) / total_weight
         secure.error = max(secure.error, err)
@@ -302,8 +394,15 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
     per_batch = med(train_median) / batches
     seq = [(t + s) / (t + p) - 1 for t, s, p in zip(train_total, secure.cpu, plain.cpu, strict=True)]
     par = [
-        (t + x + s) / (t + p) - 1
-        for t, x, s, p in zip(train_median, secure.node_wall_max, secure.server_wall, plain.wall, strict=True)
+        (t + x + s) / (t + px + ps) - 1
+        for t, x, s, px, ps in zip(
+            train_median,
+            secure.node_wall_max,
+            secure.server_wall,
+            plain.node_wall_max,
+            plain.server_wall,
+            strict=True,
+        )
     ]
     out: dict[str, Any] = {
         "nodes": n,
@@ -313,13 +412,17 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
         "threads": torch.get_num_threads(),
         "train_wall_s_per_node": med(train_median),
         "train_cpu_s_total": med(train_total),
-        "plain": {"cpu_s": med(plain.cpu), "wall_s": med(plain.wall)},
+        "plain": _series(plain),
         "secure": _series(secure),
         "overhead_sequential": med(seq),
         "overhead_parallel": med(par),
         "batches_for_25pct": {
             "sequential": _break_even(n * per_batch, med(plain.cpu), med(secure.cpu)),
-            "parallel": _break_even(per_batch, med(plain.wall), med(secure.node_wall_max) + med(secure.server_wall)),
+            "parallel": _break_even(
+                per_batch,
+                med(plain.node_wall_max) + med(plain.server_wall),
+                med(secure.node_wall_max) + med(secure.server_wall),
+            ),
         },
     }
     if flower:
@@ -378,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 1_000_000])
     reps = args.reps or (1 if args.quick else 3)
     batches = args.local_batches or (2 if args.quick else 50)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # FedAvg logs every aggregation
     torch.set_num_threads(args.threads)
     set_default_workers(args.threads)
     print(
@@ -386,8 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} thread(s)\n"
         f"Flower {_flwr_version()} SecAgg+: its mod's stage functions + its workflow's computation, "
         "replayed in process (not end to end);\nequivalent parameters: num_shares = k + 1, threshold t, "
-        "clipping 8, quantization range 2^16, modulus 2^32; its figures include its own\n(de)serialization "
-        "of the masked vectors, which flowerbed's in-memory driver does not need.\n"
+        "clipping 8, quantization range 2^16, modulus 2^32; both include (de)serializing the masked vectors.\n"
     )
     results = []
     header = (
@@ -404,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             s, fl, be = r["secure"], r.get("flower"), r["batches_for_25pct"]
             line = (
                 f"{n:>4} {r['params']:>9} | {r['train_wall_s_per_node']:>9.4f}s "
-                f"{r['plain']['wall_s']:>7.4f}s | {s['cpu_s']:>7.3f}s "
+                f"{r['plain']['server_wall_s']:>7.4f}s | {s['cpu_s']:>7.3f}s "
                 f"{s['server_wall_s']:>7.3f}s {s['node_wall_s_max']:>7.4f}s | "
                 f"{r['overhead_sequential']:>6.0%} {r['overhead_parallel']:>7.0%} "
                 f"{be['sequential']:>5.0f}/{be['parallel']:<5.0f} |"
@@ -416,8 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(line, flush=True)
     print(
-        "\ntrain/node: one node's local training (wall, median node); plain: the coordinator's weighted sum "
-        "(wall);\nsecure: CPU seconds of the whole secure aggregation (every node + coordinator, all threads); "
+        "\ntrain/node: one node's local training (wall, median node); plain: the coordinator's part of a "
+        "plain round (wall);\nsecure: CPU seconds of the whole secure aggregation (every node + coordinator, "
+        "all threads); "
         "server: the\ncoordinator's part (wall); node: the slowest node's part (wall); flower: the same for "
         "Flower's SecAgg+ (CPU);\nratio: flower CPU / secure CPU. Medians over repetitions.\n"
         "seq ovh: (all training + secure) / (all training + plain) - 1 in CPU seconds: one machine, nodes one "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
@@ -26,6 +27,29 @@ def model_to_arrays(model: nn.Module) -> ArrayRecord:
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     """``{name: ndarray}`` in the record's order."""
     return {key: arrays[key].numpy() for key in arrays}
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only ndarray over an ``Array``'s ``.npy`` bytes, without the copy ``Array.numpy()`` makes.
+
+    For large vectors that are only read (a coordinator summing masked inputs).
+
+    Raises
+    ------
+    ValueError
+        If the bytes are not a ``.npy`` array of a plain numeric dtype.
+    """
+    view = getattr(array, "readonly_view", None)
+    if callable(view):
+        return view()
+    data = array.data
+    stream = BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if fortran_order or dtype.hasobject:
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=stream.tell()).reshape(shape)
 
 
 def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from flowerbed.weights import array_view
+
 
 def reply_site(message: Message, fallback: str) -> str:
     """The site name a reply carries (``"site"`` ConfigRecord), else ``fallback``."""
@@ -13,12 +15,6 @@ def reply_site(message: Message, fallback: str) -> str:
         if isinstance(record, ConfigRecord):
             return str(record.get("name", fallback))
     return fallback
-
-
-def _values(array) -> np.ndarray:
-    """The array's values without a needless copy (an in-memory array offers a read-only view)."""
-    view = getattr(array, "readonly_view", None)
-    return view() if callable(view) else array.numpy()
 
 
 def _all_finite(array: np.ndarray) -> bool:
@@ -52,7 +48,7 @@ def validate_train_reply(message: Message, reference: dict[str, np.ndarray]) -> 
         extra = sorted(set(arrays.keys()) - set(reference))
         return f"weights do not match the model (missing {missing}, unexpected {extra})"
     for key, expected in reference.items():
-        array = _values(arrays[key])
+        array = array_view(arrays[key])
         if array.shape != expected.shape:
             return f"{key}: shape {array.shape}, expected {expected.shape}"
         if array.dtype != expected.dtype:

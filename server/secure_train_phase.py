@@ -30,7 +30,7 @@ from flowerbed.privacy.secagg_params import SecAggParams, derive_params
 from flowerbed.privacy.secagg_server import SecAggResult, SecAggServer
 from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.federation import NodeSubset, RoundOutcome
-from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
+from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays
 
 if TYPE_CHECKING:
     from flowerbed.server.federation import Federation
@@ -218,10 +218,11 @@ class _Exchange:
                 continue
             payload = dict(content.config_records[PAYLOAD_KEY])
             if stage == "masked_input":
-                if MASKED_KEY not in content.array_records:
+                record = content.get(MASKED_KEY)  # one lookup: ``array_records`` copies every record
+                if not isinstance(record, ArrayRecord) or MASKED_ARRAY not in record:
                     self.outcome.refused[site] = "masked_input reply carries no masked vector"
                     continue
-                payload["masked"] = content.array_records[MASKED_KEY][MASKED_ARRAY].numpy()
+                payload["masked"] = array_view(record[MASKED_ARRAY])
                 metrics = content.metric_records.get("metrics", MetricRecord({}))
                 clear = {k: v for k, v in metrics.items() if k in CLEAR_METRICS}
                 self.site_metrics[site] = Message(

@@ -155,3 +155,25 @@ def test_scenario_dropouts_stragglers_and_late_joiners(heart_experiment):
     assert any("dropped out" in r for rec in records for r in rec["refused"].values())
     assert any("straggler" in r for rec in records for r in rec["refused"].values())
     assert late & {s for rec in records for s in rec["participants"]}, "the late site takes part once it joined"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(1_000, dtype=np.uint64) * np.uint64(2**40),
+        np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.array(2.5),
+    ],
+)
+def test_array_view_reads_flower_array_bytes_without_a_copy(values):
+    from flwr.app import Array
+
+    from flowerbed.weights import array_view
+
+    array = Array(values)
+    view = array_view(array)
+    np.testing.assert_array_equal(view, values)
+    assert view.dtype == values.dtype and view.shape == values.shape
+    if values.flags.c_contiguous:
+        assert not view.flags.writeable  # a view over the message's bytes, not a copy

@@ -21,6 +21,7 @@ CHUNK_BYTES = 1 << 18
 
 _MAX_WORKERS = 8
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 _workers: int | None = None
 
@@ -81,8 +82,10 @@ def add_vectors(target: np.ndarray, vectors: Sequence[np.ndarray], workers: int 
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
+    """The process's pool, made on first use (and again in a forked child, which has no threads)."""
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or os.getpid() != _POOL_PID:
             _POOL = ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="flowerbed-secagg")
+            _POOL_PID = os.getpid()
         return _POOL

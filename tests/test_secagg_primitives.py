@@ -244,3 +244,26 @@ def test_bad_inputs_name_the_node() -> None:
 def test_params_round_trip_through_a_payload() -> None:
     p = derive_params(17, 123, clip_range=2.5, quantization_bits=12, stochastic_rounding=False)
     assert SecAggParams.from_payload(p.to_payload()) == p
+
+
+def _mask_in_child(queue) -> None:
+    vector = np.zeros(3 * CHUNK_BYTES // 8, dtype=np.uint64)
+    add_masks(vector, [(bytes(32), 1)], workers=2)
+    queue.put(int(vector[-1]))
+
+
+def test_masking_threads_work_in_a_forked_child() -> None:
+    """A child forked after the parent used its pool (as Flower's and Ray's workers may be) gets its own."""
+    import multiprocessing
+
+    vector = np.zeros(3 * CHUNK_BYTES // 8, dtype=np.uint64)
+    add_masks(vector, [(bytes(32), 1)], workers=2)  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_mask_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("masking hung in a forked child")
+    assert queue.get(timeout=5) == int(vector[-1])

@@ -52,3 +52,27 @@ def test_truncated_cdf_equals_opacus_where_the_floor_matters():
         points = np.linspace(t_min - 1, 21, 97)
         assert np.array_equal(truncated.cdf(points), truncated.opacus_cdf(points))
         assert all(truncated.cdf(float(t)) == truncated.opacus_cdf(float(t)) for t in points)
+
+
+def test_reused_mean_integrals_give_the_same_epsilon_as_opacus():
+    cls = prvs.TruncatedPrivacyRandomVariable
+    assert cls.mean is not cls.opacus_mean
+    histories = [[(1.0, 0.25, 4 * c)] for c in range(1, 9)]
+    histories += [[(0.7, 0.01, 100 * c)] for c in (1, 5, 20)] + [[(1.1, 0.05, 20 * c)] for c in (1, 3, 10)]
+    histories += [[(1.1, 0.21, 5), (0.9, 0.3, 2)]]
+    fast = [_prv_epsilon(h, 1e-5) for h in histories]
+    again = [_prv_epsilon(h, 1e-5) for h in histories]  # the inner integrals are cache hits now
+    patched = cls.mean
+    try:
+        cls.mean = cls.opacus_mean
+        plain = [_prv_epsilon(h, 1e-5) for h in histories]
+    finally:
+        cls.mean = patched
+    assert fast == again == plain
+
+
+def test_reused_mean_equals_opacus_mean_to_quadrature_tolerance():
+    prv = prvs.PoissonSubsampledGaussianPRV(0.25, 1.0)
+    for t_min, t_max in ((-10.0, 20.0), (-0.5, 3.0), (-2.0, 150.0), (-0.1, 20.0)):  # the last: cdf(t_min) = 0.42
+        truncated = prvs.TruncatedPrivacyRandomVariable(prv, t_min, t_max)
+        assert abs(truncated.mean() - truncated.opacus_mean()) < 1e-9

@@ -16,6 +16,17 @@ def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
     return accountant.get_epsilon(delta)
 
 
+def _opacus_epsilons(method: str, histories: list[list[tuple[float, float, int]]]) -> list[float]:
+    """Epsilons with Opacus's own ``TruncatedPrivacyRandomVariable.<method>`` put back for the call."""
+    cls = prvs.TruncatedPrivacyRandomVariable
+    patched = getattr(cls, method)
+    try:
+        setattr(cls, method, getattr(cls, f"opacus_{method}"))
+        return [_prv_epsilon(h, 1e-5) for h in histories]
+    finally:
+        setattr(cls, method, patched)
+
+
 def test_memoized_rdp_gives_the_same_epsilon_as_opacus():
     assert hasattr(rdp._compute_rdp, "cache_info")
     history = [(1.1, 0.21, 5), (1.1, 0.21, 5), (0.9, 0.3, 2)]
@@ -36,13 +47,7 @@ def test_truncated_floor_evaluated_once_gives_the_same_epsilon_as_opacus():
     assert cls.cdf is not cls.opacus_cdf
     histories = [[(1.0, 0.25, 4 * c)] for c in (1, 2, 3, 7)] + [[(1.1, 0.21, 5), (0.9, 0.3, 2)]]
     fast = [_prv_epsilon(h, 1e-5) for h in histories]
-    patched = cls.cdf
-    try:
-        cls.cdf = cls.opacus_cdf
-        plain = [_prv_epsilon(h, 1e-5) for h in histories]
-    finally:
-        cls.cdf = patched
-    assert fast == plain
+    assert fast == _opacus_epsilons("cdf", histories)
 
 
 def test_truncated_cdf_equals_opacus_where_the_floor_matters():
@@ -62,13 +67,7 @@ def test_reused_mean_integrals_give_the_same_epsilon_as_opacus():
     histories += [[(1.1, 0.21, 5), (0.9, 0.3, 2)]]
     fast = [_prv_epsilon(h, 1e-5) for h in histories]
     again = [_prv_epsilon(h, 1e-5) for h in histories]  # the inner integrals are cache hits now
-    patched = cls.mean
-    try:
-        cls.mean = cls.opacus_mean
-        plain = [_prv_epsilon(h, 1e-5) for h in histories]
-    finally:
-        cls.mean = patched
-    assert fast == again == plain
+    assert fast == again == _opacus_epsilons("mean", histories)
 
 
 def test_reused_mean_equals_opacus_mean_to_quadrature_tolerance():

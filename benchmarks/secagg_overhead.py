@@ -129,9 +129,8 @@ def plain_reply(shapes: dict[str, tuple[int, ...]], global_flat: np.ndarray, upd
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
-def plain_coordinator(replies: list, shapes: dict[str, tuple[int, ...]], server_round: int) -> None:
-    """The coordinator's part of a plain round: check every reply, FedAvg, cast to the model's dtypes."""
-    reference = {k: np.zeros(shape, dtype=np.float32) for k, shape in shapes.items()}
+def plain_coordinator(replies: list, reference: dict[str, np.ndarray], server_round: int) -> None:
+    """The coordinator's part of a plain round: check every reply against the global model, FedAvg, cast."""
     for reply in replies:
         problem = validate_train_reply(reply, reference)
         if problem:
@@ -159,13 +158,13 @@ class _ArrayTransport:
         if stage != "masked_input":
             return
         for node, reply in replies.items():
-            array, cpu, wall = _timed(Array, reply["masked"])
+            array, cpu, node_wall = _timed(Array, reply["masked"])
             self.node_cpu[node] += cpu
-            self.node_wall[node] += wall
-            parsed, cpu, wall = _timed(array_view, array)  # as the secure train phase reads it
+            self.node_wall[node] += node_wall
+            parsed, cpu, server_wall = _timed(array_view, array)  # as the secure train phase reads it
             self.server_cpu += cpu
-            self.server_wall += wall
-            self.wall += self.node_wall[node] + wall
+            self.server_wall += server_wall
+            self.wall += node_wall + server_wall
             reply["masked"] = parsed
 
 
@@ -351,7 +350,7 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
             replies.append(reply)
             plain_nodes_cpu.append(cpu)
             plain_nodes_wall.append(wall)
-        _, cpu, wall = _timed(plain_coordinator, replies, shapes, rep)
+        _, cpu, wall = _timed(plain_coordinator, replies, _unflatten(shapes, global_flat), rep)
         plain.add(wall, cpu, plain_nodes_cpu, wall, plain_nodes_wall)
         del replies
         # B: the same round through flowerbed's secure aggregation; masked vectors travel as Flower

@@ -67,21 +67,22 @@ def quantize(
         out = np.empty(x.size, dtype=np.int64)
     key = os.urandom(KEY_BYTES) if stochastic else b""
     chunk = chunk_words(8)
+    bound = float(levels) * _TWO32
 
     def quantize_range(lo: int, hi: int) -> int:
         # stochastic: floor(x / step + u) with u = word / 2**32, in float64: x / step is scaled by
         # 2**32 (exact), the uniform uint32 word added, the sum scaled back and floored.
         words = keystream_encryptor(key, lo * 4) if stochastic else None
-        buffer = bytearray(min(chunk, hi - lo) * 4 + 15)
+        zeros = memoryview(bytes(min(chunk, hi - lo) * 4))
+        buffer = bytearray(len(zeros) + 15)  # update_into wants room for one more AES block
         count = 0
         for start in range(lo, hi, chunk):
             piece = x[start : min(hi, start + chunk)]
             count += int(np.count_nonzero(np.abs(piece) > clip_range))
             if words is not None:
-                bound = float(levels) * _TWO32
                 scaled = np.multiply(piece, levels / clip_range * _TWO32, dtype=np.float64)
                 np.clip(scaled, -bound, bound, out=scaled)
-                words.update_into(bytes(piece.size * 4), buffer)
+                words.update_into(zeros[: piece.size * 4], buffer)
                 np.add(scaled, np.frombuffer(buffer, dtype=np.uint32, count=piece.size), out=scaled)
                 np.multiply(scaled, 1.0 / _TWO32, out=scaled)
                 np.floor(scaled, out=scaled)

@@ -66,11 +66,17 @@ def _memoize_rdp_orders() -> None:
         rdp._compute_rdp = functools.lru_cache(maxsize=65536)(rdp._compute_rdp)
 
 
-def _truncated_cdf(self, t):
-    """Opacus's ``TruncatedPrivacyRandomVariable.cdf`` with ``cdf(t_min)`` evaluated once per variable."""
+def _cdf_floor(self):
+    """``cdf(t_min)`` of a truncated PRV, evaluated once per variable."""
     floor = self.__dict__.get("_cdf_at_t_min")
     if floor is None:
         floor = self.__dict__["_cdf_at_t_min"] = self._prv.cdf(self.t_min)
+    return floor
+
+
+def _truncated_cdf(self, t):
+    """Opacus's ``TruncatedPrivacyRandomVariable.cdf`` with ``cdf(t_min)`` evaluated once per variable."""
+    floor = _cdf_floor(self)
     return np.where(
         t < self.t_min,
         0.0,
@@ -130,7 +136,7 @@ def _truncated_mean(self) -> float:
     )
     prv = self._prv
     reusable = isinstance(prv, prvs.PoissonSubsampledGaussianPRV)
-    floor = prv.cdf(self.t_min)
+    floor = _cdf_floor(self)
     mean = 0.0
     last = len(points) - 2
     for i, (left, right) in enumerate(pairwise(points)):

@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flowerbed.server.run_folder import read_timings
-from flowerbed.tests.deployment_harness import (
+from flowerbed.benchmarks.deployment_harness import (
     HEART_TOML,
     SITES,
     Deployment,
@@ -38,6 +37,7 @@ from flowerbed.tests.deployment_harness import (
     wait_for,
     write_federation,
 )
+from flowerbed.server.run_folder import read_timings
 
 QUICK = ["--set", "evaluate.local_baselines=false", "--set", "evaluate.central=false"]
 

@@ -43,7 +43,7 @@ from flowerbed.tasks.task import DataSchema
 
 def heart_data() -> tuple[np.ndarray, np.ndarray, DataSchema]:
     """Cleveland's preprocessed training split."""
-    from flowerbed.simulations.heart_disease import bundled_path, load_site
+    from flowerbed.tasks.data.heart import bundled_path, load_site
 
     site = load_site(bundled_path("cleveland"), "cleveland")
     return site.x_train, site.y_train, site.schema

@@ -58,9 +58,9 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from flowerbed.privacy.secagg_chunks import set_default_workers
-from flowerbed.privacy.secagg_params import derive_params
-from flowerbed.privacy.secagg_protocol import RoundTimings, run_secure_sum
+from flowerbed.privacy.secagg.chunks import set_default_workers
+from flowerbed.privacy.secagg.params import derive_params
+from flowerbed.privacy.secagg.protocol import RoundTimings, run_secure_sum
 from flowerbed.server.reply_validation import validate_train_reply
 from flowerbed.server.secure_train_phase import equivalent_reply
 from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays

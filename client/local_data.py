@@ -16,7 +16,7 @@ from flwr.app import Context
 
 from flowerbed.exception import NodeError
 from flowerbed.experiment import DataConfig, Experiment
-from flowerbed.simulations.datasets import load_federation, load_node_data
+from flowerbed.tasks.data.catalog import load_federation, load_node_data
 from flowerbed.tasks.task import SiteData
 
 

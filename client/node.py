@@ -32,7 +32,7 @@ import numpy as np
 
 from flowerbed.exception import DataError, NodeError
 from flowerbed.experiment import Experiment
-from flowerbed.privacy.provisioning import NodeKit
+from flowerbed.kit import NodeKit
 
 INSECURE_WARNING = (
     "WARNING: this node runs with --insecure: no TLS (model updates cross the network "
@@ -362,8 +362,8 @@ def check_node_data(
         The task is not allowed on this node.
     """
     from flowerbed.client.approval import check_task_approved
-    from flowerbed.simulations.datasets import dataset_schema, load_node_data
     from flowerbed.tasks import resolve_task
+    from flowerbed.tasks.data.catalog import dataset_schema, load_node_data
 
     experiment = experiment or Experiment()
     path = Path(data_path).expanduser()

@@ -37,7 +37,7 @@ def node_check_command(
 ) -> None:
     """Validate local data against the task's schema, without any network access."""
     from flowerbed.client.node import check_node_data
-    from flowerbed.privacy.provisioning import load_kit
+    from flowerbed.kit import load_kit
 
     name = site or (load_kit(kit).site if kit else data.stem)
     extra = {"approvals": str(approvals)} if approvals else {}
@@ -81,7 +81,7 @@ def node_start_command(
 ) -> None:
     """Join the federation: a Flower SuperNode with this kit's CA and key, serving local data."""
     from flowerbed.client.node import Node, NodeSettings
-    from flowerbed.privacy.provisioning import load_kit
+    from flowerbed.kit import load_kit
 
     if executor not in ("warm", "flower"):
         raise NodeError(f"--executor {executor!r}: use 'warm' or 'flower'")

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flowerbed.client.app import _error_reply, app
 from flowerbed.client.app import train as plain_train
 from flowerbed.exception import FlowerbedError
-from flowerbed.privacy.secagg_client import SecAggClient
+from flowerbed.privacy.secagg.client import SecAggClient
 from flowerbed.weights import arrays_to_numpy
 
 STATE_KEY = "flowerbed.secagg"

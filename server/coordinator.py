@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowerbed.exception import ConfigError, NodeError
-from flowerbed.privacy.federation_config import FederationConfig
-from flowerbed.privacy.provisioning import ProvisionPaths
+from flowerbed.server.federation_config import FederationConfig
+from flowerbed.server.provisioning import ProvisionPaths
 
 CONNECTION = "flowerbed"
 INSECURE_WARNING = (

@@ -1,6 +1,6 @@
 """The coordinator operator's commands: ``provision``, ``coordinator start``, ``run ...``.
 
-Thin typer wrappers over ``flowerbed.privacy.provisioning``, ``flowerbed.server.coordinator`` and
+Thin typer wrappers over ``flowerbed.server.provisioning``, ``flowerbed.server.coordinator`` and
 ``flowerbed.server.run_control``; the library functions are what tests call.
 """
 
@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flowerbed.privacy.federation_config import FederationConfig, append_site, load_federation
+from flowerbed.server.federation_config import FederationConfig, append_site, load_federation
 
 console = Console(highlight=False)
 
@@ -51,7 +51,7 @@ def provision_command(
     ] = None,
 ) -> None:
     """Make the federation's CA, the coordinator's TLS certificate and one start-up kit per hospital."""
-    from flowerbed.privacy.provisioning import provision
+    from flowerbed.server.provisioning import provision
 
     sites = list(site) if site else None
     if add_site:

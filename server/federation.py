@@ -28,7 +28,7 @@ from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
 from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
-from flowerbed.simulations.scenarios import select_round_participants
+from flowerbed.server.round_policy import select_round_participants
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 

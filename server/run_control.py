@@ -34,8 +34,8 @@ import tomli_w
 import flowerbed
 from flowerbed.exception import RunError
 from flowerbed.experiment import experiment_data, parse_experiment
-from flowerbed.privacy.federation_config import FederationConfig
 from flowerbed.server.coordinator import CONNECTION, INSECURE_WARNING, CoordinatorPaths, _executable, flower_env
+from flowerbed.server.federation_config import FederationConfig
 
 APP_PYPROJECT = """\
 # The Flower app bundle `flowerbed run start` submits: configuration only, no code. The

@@ -12,8 +12,8 @@ from flowerbed.experiment import Experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.server import run_folder
 from flowerbed.server.federation import CentralEvaluator, Federation, Reporter
-from flowerbed.simulations.datasets import dataset_schema
 from flowerbed.tasks import resolve_task
+from flowerbed.tasks.data.catalog import dataset_schema
 
 
 def initial_model(experiment: Experiment) -> torch.nn.Module:

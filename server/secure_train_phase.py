@@ -26,8 +26,8 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import ConfigError, SecureAggregationError
 from flowerbed.experiment import Experiment
-from flowerbed.privacy.secagg_params import SecAggParams, derive_params
-from flowerbed.privacy.secagg_server import SecAggResult, SecAggServer
+from flowerbed.privacy.secagg.params import SecAggParams, derive_params
+from flowerbed.privacy.secagg.server import SecAggResult, SecAggServer
 from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.federation import NodeSubset, RoundOutcome
 from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays

@@ -66,7 +66,7 @@ def report(
     from rich.console import Console
     from rich.table import Table
 
-    from flowerbed.simulations.report import final_metrics, load_run, write_report
+    from flowerbed.simulations.research.report import final_metrics, load_run, write_report
 
     written = write_report(run_dirs, out)
     console = Console()
@@ -94,7 +94,7 @@ def sweep(
     """Run an experiment over a grid of settings; write summary.csv, summary.md and overlay.png."""
     from rich.console import Console
 
-    from flowerbed.simulations.sweep import load_sweep, run_sweep
+    from flowerbed.simulations.research.sweep import load_sweep, run_sweep
 
     console = Console(highlight=False)
     if dry_run:
@@ -126,12 +126,12 @@ def partition(
     from rich.console import Console
 
     from flowerbed.experiment import load_experiment
-    from flowerbed.simulations.datasets import load_federation
-    from flowerbed.simulations.partition_summary import (
+    from flowerbed.simulations.research.partition_summary import (
         summarize_sites,
         to_rich_table,
         write_partition_summary,
     )
+    from flowerbed.tasks.data.catalog import load_federation
 
     config = load_experiment(experiment, overrides)
     summary = summarize_sites(load_federation(config.data, config.seed))

@@ -18,8 +18,8 @@ from flowerbed.server.federation import SilentReporter
 from flowerbed.server.progress import ConsoleReporter
 from flowerbed.server.run_folder import new_run_dir, read_experiment, read_summary, write_summary
 from flowerbed.server.runner import run_federation
-from flowerbed.simulations.central import make_central_evaluator
-from flowerbed.simulations.datasets import load_federation
+from flowerbed.simulations.research.central import make_central_evaluator
+from flowerbed.tasks.data.catalog import load_federation
 from flowerbed.tasks.task import SiteData
 
 
@@ -53,12 +53,12 @@ def bundled_experiment(name: str) -> Path:
 def run_backend(experiment: Experiment, server_app: ServerApp, num_nodes: int) -> None:
     """Execute the apps on the experiment's backend (the seam between harness and engine)."""
     if experiment.backend.name == "flower":
-        from flowerbed.simulations.flower_backend import run_on_flower
+        from flowerbed.simulations.engine.flower_backend import run_on_flower
 
         run_on_flower(server_app, client_app, num_nodes, experiment.backend)
         return
     if experiment.backend.name == "inline":
-        from flowerbed.simulations.inline_backend import run_inline
+        from flowerbed.simulations.engine.inline_backend import run_inline
 
         run_inline(experiment, server_app, client_app, num_nodes)
         return
@@ -93,15 +93,15 @@ def simulate(
         raise outcome["error"]
     summary = outcome.get("summary") or read_summary(run_dir)
     if experiment.evaluate.local_baselines and summary:
-        from flowerbed.simulations.baselines import local_only_baselines
-        from flowerbed.simulations.comparison import comparison_summary, print_comparison
+        from flowerbed.simulations.research.baselines import local_only_baselines
+        from flowerbed.simulations.research.comparison import comparison_summary, print_comparison
 
         summary["comparison"] = comparison_summary(summary, local_only_baselines(experiment, sites))
         write_summary(run_dir, summary)
         if not quiet:
             print_comparison(summary["comparison"], console or Console(highlight=False))
     if experiment.evaluate.plots:
-        from flowerbed.simulations.report import write_report
+        from flowerbed.simulations.research.report import write_report
 
         written = write_report([run_dir])
         if not quiet:

@@ -10,7 +10,7 @@ from flowerbed.experiment import Experiment, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART_TOML = ROOT / "simulations" / "experiments" / "heart.toml"
-HEART_DATA = ROOT / "simulations" / "data" / "heart_disease"
+HEART_DATA = ROOT / "tasks" / "data" / "heart_disease"
 
 
 @pytest.fixture

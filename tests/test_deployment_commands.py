@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from flowerbed.benchmarks.deployment_harness import HEART_TOML, write_federation
 from flowerbed.client.node import NodeSettings, explain_exit, supernode_command, write_node_config
 from flowerbed.exception import ConfigError, NodeError, RunError
-from flowerbed.privacy.federation_config import load_federation
-from flowerbed.privacy.provisioning import load_kit, provision
+from flowerbed.kit import load_kit
 from flowerbed.server.coordinator import superlink_command, write_cli_connection
+from flowerbed.server.federation_config import load_federation
+from flowerbed.server.provisioning import provision
 from flowerbed.server.run_control import RunRecord, _write_runs, collect_run, find_run, resolve_experiment_text
-from flowerbed.tests.deployment_harness import HEART_TOML, write_federation
 
 
 @pytest.fixture

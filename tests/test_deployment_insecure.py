@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerbed.tests.deployment_harness import HEART_TOML, SITES, Deployment, free_port, wait_for, write_federation
+from flowerbed.benchmarks.deployment_harness import HEART_TOML, SITES, Deployment, free_port, wait_for, write_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

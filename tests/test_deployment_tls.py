@@ -15,11 +15,18 @@ from pathlib import Path
 
 import pytest
 
+from flowerbed.benchmarks.deployment_harness import (
+    HEART_DATA,
+    HEART_TOML,
+    Deployment,
+    free_port,
+    wait_for,
+    write_federation,
+)
 from flowerbed.client.approval import approve_task
-from flowerbed.privacy.federation_config import load_federation
-from flowerbed.privacy.provisioning import generate_node_key_pair, provision, write_private, write_public
+from flowerbed.server.federation_config import load_federation
+from flowerbed.server.provisioning import generate_node_key_pair, provision, write_private, write_public
 from flowerbed.server.run_control import run_status, start_run
-from flowerbed.tests.deployment_harness import HEART_DATA, HEART_TOML, Deployment, free_port, wait_for, write_federation
 
 SITES = ["cleveland", "hungary", "switzerland"]
 USER_TASK = "heart_user_task:task"

@@ -9,8 +9,8 @@ import pytest
 
 from flowerbed.exception import DataError
 from flowerbed.experiment import DataConfig
-from flowerbed.simulations import heart_disease
-from flowerbed.simulations.datasets import load_federation, load_node_data
+from flowerbed.tasks.data import heart as heart_disease
+from flowerbed.tasks.data.catalog import load_federation, load_node_data
 
 from .conftest import HEART_DATA
 

@@ -7,7 +7,7 @@ from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp
 from opacus.accountants.analysis.prv import prvs
 
-import flowerbed.simulations.inline_privacy  # noqa: F401  (installs the memoizations)
+import flowerbed.simulations.engine.inline_privacy  # noqa: F401  (installs the memoizations)
 
 
 def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:

@@ -16,17 +16,17 @@ from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_arrays
 from flowerbed.privacy.planner import DPPlan, epsilon_for, make_plan
 from flowerbed.server.run_folder import read_summary
-from flowerbed.simulations.inline_privacy import charge_release, prepare_release
-from flowerbed.simulations.per_sample_grads import clipped_sample_sums
-from flowerbed.simulations.simulate import simulate
-from flowerbed.simulations.stacked_net import StackedNet
-from flowerbed.simulations.vectorized import Cohort, stack_cohort, stacked
-from flowerbed.simulations.vectorized_dp import (
+from flowerbed.simulations.cohort.per_sample_grads import clipped_sample_sums
+from flowerbed.simulations.cohort.stacked_net import StackedNet
+from flowerbed.simulations.cohort.vectorized import Cohort, stack_cohort, stacked
+from flowerbed.simulations.cohort.vectorized_dp import (
     PrivateCohortPlan,
     clipped_sums,
     per_sample_function,
     train_cohort_private,
 )
+from flowerbed.simulations.engine.inline_privacy import charge_release, prepare_release
+from flowerbed.simulations.simulate import simulate
 from flowerbed.tasks import resolve_task
 from flowerbed.tasks.task import DataSchema, SiteData
 

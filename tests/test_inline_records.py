@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flowerbed.simulations.inline_arrays import in_memory_record
-from flowerbed.simulations.inline_records import (
+from flowerbed.simulations.engine.inline_arrays import in_memory_record
+from flowerbed.simulations.engine.inline_records import (
     ReplyContent,
     config_record,
     metric_record,

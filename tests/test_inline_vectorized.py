@@ -13,13 +13,13 @@ from flwr.clientapp import ClientApp
 from flowerbed.client.app import app as client_app
 from flowerbed.client.training import train_local
 from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, DataConfig, PartitionConfig, TrainConfig
-from flowerbed.simulations.cohort_handler import CohortHandler
-from flowerbed.simulations.datasets import load_federation
-from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.cohort.stacked_net import StackedNet
+from flowerbed.simulations.cohort.vectorized import check_functional, stack_cohort, train_cohort
+from flowerbed.simulations.engine.cohort_handler import CohortHandler
+from flowerbed.simulations.engine.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
-from flowerbed.simulations.stacked_net import StackedNet
-from flowerbed.simulations.vectorized import check_functional, stack_cohort, train_cohort
 from flowerbed.tasks import resolve_task
+from flowerbed.tasks.data.catalog import load_federation
 from flowerbed.weights import load_safetensors
 
 CPU = torch.device("cpu")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from flowerbed.privacy.federation_config import load_federation
-from flowerbed.privacy.provisioning import provision
+from flowerbed.benchmarks.deployment_harness import free_port, write_federation
 from flowerbed.server.coordinator import Coordinator, CoordinatorPaths, _ControlClient, register_nodes
-from flowerbed.tests.deployment_harness import free_port, write_federation
+from flowerbed.server.federation_config import load_federation
+from flowerbed.server.provisioning import provision
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

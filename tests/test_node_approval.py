@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from flowerbed.benchmarks.deployment_harness import HEART_DATA
 from flowerbed.client.approval import approve_task, check_task_approved, revoke_task, task_source
 from flowerbed.client.node import check_node_data
 from flowerbed.exception import DataError, TaskError
 from flowerbed.experiment import Experiment
-from flowerbed.simulations.heart_disease import SCHEMA
-from flowerbed.tests.deployment_harness import HEART_DATA
+from flowerbed.tasks.data.heart import SCHEMA
 
 TASK = "approval_demo.tasks:task"
 

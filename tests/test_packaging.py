@@ -1,4 +1,4 @@
-"""The wheel: every folder is a ``flowerbed.*`` package, data ships, nothing lands at the top level."""
+"""The wheel: every folder is a ``flowerbed.*`` package, data ships, tests do not, nothing lands at the top level."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .conftest import ROOT
 
-SUBPACKAGES = ("server", "client", "strategies", "privacy", "simulations", "tasks", "tests", "benchmarks")
+SUBPACKAGES = ("server", "client", "strategies", "privacy", "simulations", "tasks", "benchmarks")
 
 CHECK = """
 import importlib.util, sys, pathlib, flowerbed
@@ -20,7 +20,8 @@ for name in {names}:
     spec = importlib.util.find_spec('flowerbed.' + name)
     assert spec is not None and str(site) in spec.origin, (name, spec)
     assert not (site / name).exists(), 'top-level ' + name + ' in site-packages'
-data = site / 'flowerbed' / 'simulations' / 'data' / 'heart_disease'
+assert not (site / 'flowerbed' / 'tests').exists(), 'the tests are shipped'
+data = site / 'flowerbed' / 'tasks' / 'data' / 'heart_disease'
 assert len(list(data.glob('processed.*.data'))) == 4 and (data / 'README.md').is_file()
 assert (site / 'flowerbed' / 'simulations' / 'experiments' / 'heart.toml').is_file()
 print('ok')
@@ -39,7 +40,9 @@ def test_wheel_installs_every_folder_under_flowerbed(tmp_path: Path):
     )
     wheel = next(dist.glob("flowerbed-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert not [n for n in names if n.split("/")[0] in SUBPACKAGES], "a folder escaped the flowerbed package"
+    assert not [n for n in names if n.split("/")[0] in (*SUBPACKAGES, "tests")], (
+        "a folder escaped the flowerbed package"
+    )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120, env=clean)
     python = venv / "bin" / "python"

@@ -11,7 +11,7 @@ from rich.console import Console
 from sklearn.datasets import load_digits
 
 from flowerbed.experiment import PartitionConfig
-from flowerbed.simulations.partition_summary import (
+from flowerbed.simulations.research.partition_summary import (
     plot_partition,
     summarize_partition,
     summarize_sites,
@@ -19,7 +19,7 @@ from flowerbed.simulations.partition_summary import (
     to_markdown,
     to_rich_table,
 )
-from flowerbed.simulations.partitioners import label_skew, partition
+from flowerbed.tasks.data.partitioners import label_skew, partition
 from flowerbed.tasks.task import DataSchema, SiteData
 
 

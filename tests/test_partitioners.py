@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import PartitionConfig, parse_experiment
-from flowerbed.simulations.partitioners import (
+from flowerbed.tasks.data.partitioners import (
     label_histograms,
     label_skew,
     natural_names,

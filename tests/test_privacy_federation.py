@@ -17,10 +17,10 @@ from flowerbed.experiment import DataConfig
 from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_file
 from flowerbed.privacy.planner import epsilon_for, sampling
 from flowerbed.server.run_folder import read_metrics, read_summary
-from flowerbed.simulations import inline_backend
-from flowerbed.simulations.datasets import load_federation
-from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.engine import inline_backend
+from flowerbed.simulations.engine.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
+from flowerbed.tasks.data.catalog import load_federation
 
 SIGMA = 1.0
 

@@ -189,7 +189,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flowerbed.client.app import app
 from flowerbed.experiment import load_experiment
 from flowerbed.privacy.ledger import PrivacyLedger
-from flowerbed.simulations.datasets import load_federation
+from flowerbed.tasks.data.catalog import load_federation
 from flowerbed.tasks import resolve_task
 from flowerbed.weights import model_to_arrays
 
@@ -227,7 +227,7 @@ for r in range(1, 11):
 def test_node_killed_between_charge_and_reply_never_under_counts(tmp_path: Path) -> None:
     from flowerbed.experiment import load_experiment
     from flowerbed.privacy.planner import sampling
-    from flowerbed.simulations.datasets import load_federation
+    from flowerbed.tasks.data.catalog import load_federation
     from tests.conftest import HEART_TOML
 
     path = str(tmp_path / "ledger.sqlite")

@@ -11,13 +11,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.cli.supernode.register import try_load_public_key
 
 from flowerbed.exception import ConfigError, NodeError
-from flowerbed.privacy.federation_config import append_site, load_federation
-from flowerbed.privacy.provisioning import (
+from flowerbed.kit import load_kit
+from flowerbed.server.federation_config import append_site, load_federation
+from flowerbed.server.provisioning import (
     ProvisionPaths,
     certificate_sans,
     is_signed_by,
     load_certificate,
-    load_kit,
     provision,
 )
 

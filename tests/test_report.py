@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flowerbed.exception import RunError
-from flowerbed.simulations.report import (
+from flowerbed.simulations.research.report import (
     epsilon_panels,
     final_metrics,
     global_panels,

@@ -115,7 +115,7 @@ def test_invalid_replies_are_rejected_with_the_site_named(heart_experiment):
 def test_node_without_data_answers_with_a_clear_error():
     from flwr.app import Context
 
-    from flowerbed.simulations.inline_grid import InlineGrid
+    from flowerbed.simulations.engine.inline_grid import InlineGrid
 
     grid = InlineGrid(real_client_app, 1)
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})

@@ -9,8 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from flowerbed.server import run_folder
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
-from flowerbed.simulations.inline_arrays import InMemoryArray, in_memory_record
-from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.engine.inline_arrays import InMemoryArray, in_memory_record
+from flowerbed.simulations.engine.inline_grid import InlineGrid
 
 
 @pytest.fixture(autouse=True)

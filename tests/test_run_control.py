@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from flowerbed.benchmarks.deployment_harness import HEART_TOML, free_port, wait_for, write_federation
 from flowerbed.exception import RunError
-from flowerbed.privacy.federation_config import load_federation
 from flowerbed.server import run_control
 from flowerbed.server.coordinator import Coordinator
-from flowerbed.tests.deployment_harness import HEART_TOML, free_port, wait_for, write_federation
+from flowerbed.server.federation_config import load_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -6,7 +6,7 @@ import pytest
 
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import ScenarioConfig, parse_experiment
-from flowerbed.simulations.scenarios import (
+from flowerbed.server.round_policy import (
     is_active,
     late_joiners,
     select_round_participants,

@@ -10,10 +10,10 @@ from flwr.serverapp import strategy as flower_strategies
 
 from flowerbed.client.app import app as real_client_app
 from flowerbed.exception import ConfigError
-from flowerbed.privacy.secagg_protocol import derive_params, run_secure_sum
+from flowerbed.privacy.secagg.protocol import derive_params, run_secure_sum
 from flowerbed.server.run_folder import read_metrics, read_summary
 from flowerbed.server.secure_train_phase import WEIGHTED_MEAN, equivalent_reply
-from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.engine.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
 from flowerbed.weights import arrays_to_numpy, load_safetensors, numpy_to_arrays
 

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowerbed.exception import ConfigError, SecureAggregationError
-from flowerbed.privacy import shamir
-from flowerbed.privacy.secagg_chunks import CHUNK_BYTES, add_vectors
-from flowerbed.privacy.secagg_crypto import (
+from flowerbed.privacy.secagg import shamir
+from flowerbed.privacy.secagg.chunks import CHUNK_BYTES, add_vectors
+from flowerbed.privacy.secagg.crypto import (
     add_masks,
     agree,
     decrypt_share,
@@ -23,9 +23,9 @@ from flowerbed.privacy.secagg_crypto import (
     generate_keypair,
     share_associated_data,
 )
-from flowerbed.privacy.secagg_graph import neighbour_graph
-from flowerbed.privacy.secagg_params import SecAggParams, derive_params
-from flowerbed.privacy.secagg_quantize import decode_sum, encode_input, quantize
+from flowerbed.privacy.secagg.graph import neighbour_graph
+from flowerbed.privacy.secagg.params import SecAggParams, derive_params
+from flowerbed.privacy.secagg.quantize import decode_sum, encode_input, quantize
 
 PRIVACY = Path(__file__).resolve().parents[1] / "privacy"
 
@@ -149,7 +149,9 @@ def test_chunked_threaded_masks_equal_the_aes_ctr_keystream(dtype: type, workers
 
 
 def test_no_numpy_or_stdlib_random_generator_in_the_protocol() -> None:
-    for path in [*PRIVACY.glob("secagg_*.py"), PRIVACY / "shamir.py"]:
+    paths = sorted((PRIVACY / "secagg").glob("*.py"))
+    assert len(paths) >= 9, paths
+    for path in paths:
         text = path.read_text()
         for banned in ("np.random", "numpy.random", "import random", "from random"):
             assert banned not in text, f"{path.name} uses {banned}"

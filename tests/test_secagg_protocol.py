@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy.secagg_protocol import (
+from flowerbed.privacy.secagg.protocol import (
     STAGES,
     SecAggClient,
     SecAggServer,

@@ -43,7 +43,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
 def test_twenty_client_dirichlet_digits_runs_in_under_two_minutes(
     digits_run: tuple[Path, float],
 ) -> None:
-    from flowerbed.simulations.report import write_report
+    from flowerbed.simulations.research.report import write_report
 
     run_dir, seconds = digits_run
     experiment = load_experiment(EXPERIMENT)

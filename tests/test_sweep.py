@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flowerbed.exception import ConfigError
-from flowerbed.simulations.sweep import load_sweep
+from flowerbed.simulations.research.sweep import load_sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "simulations" / "experiments"
 BASE = EXPERIMENTS / "digits_dirichlet.toml"

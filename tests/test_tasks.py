@@ -40,7 +40,7 @@ def test_unknown_task_and_bad_args_are_named():
 
 
 def test_user_task_by_reference_trains_in_a_federation(heart_experiment):
-    name = "flowerbed.tests.user_task_example:wide_mlp"
+    name = "tests.user_task_example:wide_mlp"
     task = resolve_task(name, {"width": 12})
     assert task.build_model(TABULAR)[1].out_features == 12
     run_dir = simulate(heart_experiment(f"task.name={name!r}", "task.args={width=12}", "rounds=2"), quiet=True)

@@ -1,4 +1,4 @@
-"""A user task, referenced in tests as ``flowerbed.tests.user_task_example:wide_mlp``."""
+"""A user task, referenced in tests as ``tests.user_task_example:wide_mlp``."""
 
 from __future__ import annotations
 
@@ -15,4 +15,4 @@ def wide_mlp(width: int = 48) -> Task:
             nn.Flatten(), nn.Linear(schema.num_features, width), nn.Tanh(), nn.Linear(width, schema.num_classes)
         )
 
-    return Task(name="flowerbed.tests.user_task_example:wide_mlp", model_fn=build, kinds=("tabular",))
+    return Task(name="tests.user_task_example:wide_mlp", model_fn=build, kinds=("tabular",))

@@ -17,8 +17,8 @@ from typing import Protocol
 import numpy as np
 from rich.table import Table
 
-from flowerbed.simulations.partitioners import label_histograms, label_skew
-from flowerbed.simulations.plots import pyplot
+from flowerbed.simulations.research.plots import pyplot
+from flowerbed.tasks.data.partitioners import label_histograms, label_skew
 
 __all__ = [
     "PartitionSummary",

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy import shamir
-from flowerbed.privacy.secagg_chunks import add_vectors
-from flowerbed.privacy.secagg_client import PARAM_PREFIX
-from flowerbed.privacy.secagg_crypto import add_masks, agree, derive_key, public_key_of
-from flowerbed.privacy.secagg_graph import graph_seed, neighbour_graph
-from flowerbed.privacy.secagg_params import SecAggParams
-from flowerbed.privacy.secagg_quantize import decode_sum
+from flowerbed.privacy.secagg import shamir
+from flowerbed.privacy.secagg.chunks import add_vectors
+from flowerbed.privacy.secagg.client import PARAM_PREFIX
+from flowerbed.privacy.secagg.crypto import add_masks, agree, derive_key, public_key_of
+from flowerbed.privacy.secagg.graph import graph_seed, neighbour_graph
+from flowerbed.privacy.secagg.params import SecAggParams
+from flowerbed.privacy.secagg.quantize import decode_sum
 
 
 @dataclass

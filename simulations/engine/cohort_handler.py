@@ -1,7 +1,7 @@
 """The inline grid's batch handler: a round's train and evaluate messages as vectorized cohorts.
 
 Messages that carry the same global weights and the same experiment, whose task is a built-in
-model, are answered together (``flowerbed.simulations.vectorized``); the replies are the very
+model, are answered together (``flowerbed.simulations.cohort.vectorized``); the replies are the very
 Messages the ClientApp would build (weights, ``num-examples``, ``train-loss``, the ``site``
 record), so the server cannot tell the paths apart. Everything else (other message types such as
 discovery or secure-aggregation stages, user tasks, secure-aggregation rounds, any node whose data
@@ -25,17 +25,17 @@ from flowerbed.client.local_data import resolve_site
 from flowerbed.exception import FlowerbedError
 from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment, parse_experiment
 from flowerbed.seeds import derive_seed
-from flowerbed.simulations.inline_arrays import in_memory_record, stacked_numpy
-from flowerbed.simulations.inline_privacy import NodeRelease, charge_release, prepare_release
-from flowerbed.simulations.inline_records import metric_record, reply_content, site_record
-from flowerbed.simulations.vectorized import (
+from flowerbed.simulations.cohort.vectorized import (
     Unsupported,
     check_functional,
     cohort_logits,
     stack_cohort,
     train_cohort,
 )
-from flowerbed.simulations.vectorized_dp import PrivateCohortPlan, train_cohort_private
+from flowerbed.simulations.cohort.vectorized_dp import PrivateCohortPlan, train_cohort_private
+from flowerbed.simulations.engine.inline_arrays import in_memory_record, stacked_numpy
+from flowerbed.simulations.engine.inline_privacy import NodeRelease, charge_release, prepare_release
+from flowerbed.simulations.engine.inline_records import metric_record, reply_content, site_record
 from flowerbed.tasks import is_builtin, resolve_device, resolve_task
 from flowerbed.tasks.task import SiteData, Task
 from flowerbed.weights import arrays_to_numpy

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy import shamir
-from flowerbed.privacy.secagg_crypto import (
+from flowerbed.privacy.secagg import shamir
+from flowerbed.privacy.secagg.crypto import (
     add_masks,
     agree,
     decrypt_share,
@@ -35,9 +35,9 @@ from flowerbed.privacy.secagg_crypto import (
     public_key_of,
     share_associated_data,
 )
-from flowerbed.privacy.secagg_graph import graph_seed, neighbour_graph
-from flowerbed.privacy.secagg_params import SecAggParams
-from flowerbed.privacy.secagg_quantize import encode_input
+from flowerbed.privacy.secagg.graph import graph_seed, neighbour_graph
+from flowerbed.privacy.secagg.params import SecAggParams
+from flowerbed.privacy.secagg.quantize import encode_input
 
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
 """The four stages, in order."""

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy.secagg_client import STAGES, SecAggClient
-from flowerbed.privacy.secagg_params import SecAggParams, derive_params
-from flowerbed.privacy.secagg_server import SecAggResult, SecAggServer
+from flowerbed.privacy.secagg.client import STAGES, SecAggClient
+from flowerbed.privacy.secagg.params import SecAggParams, derive_params
+from flowerbed.privacy.secagg.server import SecAggResult, SecAggServer
 
 __all__ = [
     "STAGES",

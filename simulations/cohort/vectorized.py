@@ -8,7 +8,7 @@ weights of ``K`` clients are stacked along a leading dimension and one step of a
 
 Clients of different sizes are ragged: at a given step, some clients are already done and the
 others may have batches of different sizes (the last batch of an epoch is short). For the built-in
-models with the built-in cross-entropy (``flowerbed.simulations.stacked_net``), one step of every
+models with the built-in cross-entropy (``flowerbed.simulations.cohort.stacked_net``), one step of every
 active client is one forward and backward pass: batches are padded to the longest, and each
 client's loss is the mean of its own rows' cross-entropies (padding is masked out), which is the
 task's loss on the unpadded batch. Any other model or loss runs each step per group of clients
@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from flowerbed.experiment import TrainConfig
-from flowerbed.simulations.stacked_net import StackedNet, per_row_cross_entropy
+from flowerbed.simulations.cohort.stacked_net import StackedNet, per_row_cross_entropy
 from flowerbed.tasks.task import cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,9 +1,9 @@
 """The ``inline`` backend: the ServerApp and every virtual node in this one process.
 
 Train and evaluate messages of built-in tasks are answered as vectorized cohorts
-(``flowerbed.simulations.cohort_handler``); everything else goes to the ClientApp, one message at
+(``flowerbed.simulations.engine.cohort_handler``); everything else goes to the ClientApp, one message at
 a time. With ``backend.workers > 1`` the cohorts are shared among that many Ray actors
-(``flowerbed.simulations.inline_workers``).
+(``flowerbed.simulations.engine.inline_workers``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from flwr.serverapp import ServerApp
 
 from flowerbed.client.app import app as flowerbed_client_app
 from flowerbed.experiment import Experiment
-from flowerbed.simulations.cohort_handler import CohortHandler
-from flowerbed.simulations.inline_grid import InlineGrid
+from flowerbed.simulations.engine.cohort_handler import CohortHandler
+from flowerbed.simulations.engine.inline_grid import InlineGrid
 
 
 def run_inline(
@@ -33,7 +33,7 @@ def run_inline(
     vectorize = experiment.backend.vectorize and client_app is flowerbed_client_app
     workers = experiment.backend.workers
     if vectorize and workers > 1:
-        from flowerbed.simulations.inline_workers import WorkerPool
+        from flowerbed.simulations.engine.inline_workers import WorkerPool
 
         handler = WorkerPool(workers, experiment.backend)
     else:

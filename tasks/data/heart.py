@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flowerbed.exception import DataError
-from flowerbed.simulations.tabular_utils import stratified_split
+from flowerbed.tasks.data.tabular import stratified_split
 from flowerbed.tasks.task import DataSchema, SiteData
 
 COLUMNS = (
@@ -47,7 +47,7 @@ def bundled_path(site: str) -> Path:
     """Path of a bundled hospital file (``cleveland``, ``hungarian``, ``switzerland``, ``va``)."""
     if site not in SITES:
         raise DataError(f"unknown heart-disease site {site!r}: use one of {', '.join(SITES)}")
-    return Path(str(resources.files("flowerbed.simulations.data").joinpath("heart_disease", SITES[site])))
+    return Path(str(resources.files("flowerbed.tasks.data").joinpath("heart_disease", SITES[site])))
 
 
 def read_raw(path: str | Path) -> np.ndarray:

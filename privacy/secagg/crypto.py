@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy.secagg_chunks import chunk_words, for_each_range
+from flowerbed.privacy.secagg.chunks import chunk_words, for_each_range
 
 PROTOCOL_ID = b"flowerbed-secagg/v1"
 KEY_BYTES = 32

@@ -10,7 +10,7 @@ batches are steps too (noise only).
 The Poisson batches of a step are padded to the largest one and the padding is masked out of
 the sums. For the built-in models with the built-in cross-entropy, the per-sample gradients of
 all ``K`` clients come from one forward and one backward pass on batched kernels
-(``flowerbed.simulations.per_sample_grads``); any other model or loss uses two nested ``vmap``
+(``flowerbed.simulations.cohort.per_sample_grads``); any other model or loss uses two nested ``vmap``
 (over clients, then over the rows of each client's batch). Sampling and noise are drawn from a
 generator seeded by the operating system unless a seed is given (tests only).
 """
@@ -27,8 +27,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.planner import DPPlan
-from flowerbed.simulations.per_sample_grads import CLIP_EPS, clipped_sample_sums
-from flowerbed.simulations.vectorized import (
+from flowerbed.simulations.cohort.per_sample_grads import CLIP_EPS, clipped_sample_sums
+from flowerbed.simulations.cohort.vectorized import (
     Cohort,
     CohortResult,
     LossFn,

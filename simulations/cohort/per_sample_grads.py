@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowerbed.simulations.stacked_net import LayerRecord, Params, StackedNet, Trace, per_row_cross_entropy
+from flowerbed.simulations.cohort.stacked_net import LayerRecord, Params, StackedNet, Trace, per_row_cross_entropy
 
 CLIP_EPS = 1e-6  # Opacus's ``clip_per_sample``: C / (norm + 1e-6)
 

@@ -15,8 +15,8 @@ from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.experiment import Experiment
 from flowerbed.seeds import derive_seed
 from flowerbed.server.runner import initial_model
-from flowerbed.simulations.datasets import pooled_test_set
 from flowerbed.tasks import resolve_device, resolve_task
+from flowerbed.tasks.data.catalog import pooled_test_set
 from flowerbed.tasks.task import SiteData
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from flowerbed.privacy.secagg_crypto import PROTOCOL_ID, node_bytes
+from flowerbed.privacy.secagg.crypto import PROTOCOL_ID, node_bytes
 
 
 def graph_seed(session: bytes, roster: Mapping[int, tuple[bytes, bytes]]) -> bytes:

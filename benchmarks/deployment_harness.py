@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART_TOML = ROOT / "simulations" / "experiments" / "heart.toml"
-HEART_DATA = ROOT / "simulations" / "data" / "heart_disease"
+HEART_DATA = ROOT / "tasks" / "data" / "heart_disease"
 SITES = {
     "cleveland": "processed.cleveland.data",
     "hungary": "processed.hungarian.data",

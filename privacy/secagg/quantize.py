@@ -20,9 +20,9 @@ import os
 import numpy as np
 
 from flowerbed.exception import SecureAggregationError
-from flowerbed.privacy.secagg_chunks import chunk_words, for_each_range
-from flowerbed.privacy.secagg_crypto import KEY_BYTES, keystream_encryptor
-from flowerbed.privacy.secagg_params import SecAggParams
+from flowerbed.privacy.secagg.chunks import chunk_words, for_each_range
+from flowerbed.privacy.secagg.crypto import KEY_BYTES, keystream_encryptor
+from flowerbed.privacy.secagg.params import SecAggParams
 
 _TWO32 = float(1 << 32)
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from flowerbed.exception import ConfigError, DataError
 from flowerbed.experiment import DataConfig
-from flowerbed.simulations import heart_disease
-from flowerbed.simulations.tabular_utils import impute_and_scale, read_numeric_csv, stratified_split
+from flowerbed.tasks.data import heart as heart_disease
+from flowerbed.tasks.data.tabular import impute_and_scale, read_numeric_csv, stratified_split
 from flowerbed.tasks.task import DataSchema, SiteData
 
 BUILTIN = ("heart-disease", "digits", "breast-cancer", "csv", "images")
@@ -60,7 +60,7 @@ def _cut(
 
 
 def _partitioned(x: np.ndarray, y: np.ndarray, schema: DataSchema, data: DataConfig, seed: int) -> list[SiteData]:
-    from flowerbed.simulations.partitioners import partition
+    from flowerbed.tasks.data.partitioners import partition
 
     parts = partition(y, data.partition, seed)
     width = len(str(len(parts) - 1))

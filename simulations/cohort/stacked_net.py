@@ -9,7 +9,7 @@ faster than in the contiguous layout on a CPU. Each client's logits are those of
 its own weights, up to floating-point rounding.
 
 ``forward(..., trace=...)`` also records every parameterized layer's input and output: the
-per-sample gradients of DP-SGD are computed from them (``flowerbed.simulations.per_sample_grads``).
+per-sample gradients of DP-SGD are computed from them (``flowerbed.simulations.cohort.per_sample_grads``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class _Worker:
         import torch
 
         from flowerbed.client.app import app as client_app
-        from flowerbed.simulations.cohort_handler import CohortHandler
+        from flowerbed.simulations.engine.cohort_handler import CohortHandler
 
         torch.set_num_threads(max(1, threads))
         self.handler = CohortHandler(client_app)

@@ -8,8 +8,8 @@ import torch
 from flowerbed.client.training import evaluate_local
 from flowerbed.experiment import Experiment
 from flowerbed.server.federation import CentralEvaluator
-from flowerbed.simulations.datasets import pooled_test_set
 from flowerbed.tasks import resolve_device, resolve_task
+from flowerbed.tasks.data.catalog import pooled_test_set
 from flowerbed.tasks.task import SiteData
 
 

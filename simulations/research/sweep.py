@@ -198,7 +198,7 @@ def run_sweep(
         A combination that fails with a ``FlowerbedError`` is recorded as a failed row and the
         sweep goes on; any other exception stops it.
     """
-    from flowerbed.simulations.report import final_metrics, load_run
+    from flowerbed.simulations.research.report import final_metrics, load_run
     from flowerbed.simulations.simulate import simulate
 
     sweep = load_sweep(path)
@@ -257,8 +257,8 @@ def _write_tables(keys: tuple[str, ...], folder: Path, rows: list[SweepRow]) -> 
 
 
 def _overlay(path: Path, rows: list[SweepRow], name: str) -> Path:
-    from flowerbed.simulations.plots import plot_panels
-    from flowerbed.simulations.report import epsilon_panels, global_panels, load_run
+    from flowerbed.simulations.research.plots import plot_panels
+    from flowerbed.simulations.research.report import epsilon_panels, global_panels, load_run
 
     runs = [load_run(r.run_dir) for r in rows if r.run_dir is not None]
     labels = [r.label for r in rows]
@@ -371,7 +371,7 @@ def _check_data(
     combinations: tuple[tuple[Any, ...], ...],
     base_path: Path,
 ) -> None:
-    from flowerbed.simulations.datasets import load_federation
+    from flowerbed.tasks.data.catalog import load_federation
 
     checked: set[str] = set()
     for experiment, combo in zip(experiments, combinations, strict=True):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flowerbed.exception import RunError
-from flowerbed.simulations.plots import Series, plot_panels
+from flowerbed.simulations.research.plots import Series, plot_panels
 
 __all__ = [
     "RunRecord",

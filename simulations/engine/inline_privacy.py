@@ -46,7 +46,7 @@ from flowerbed.exception import PrivacyBudgetExceeded
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.ledger import Budget, PrivacyLedger, compose
 from flowerbed.privacy.planner import DPPlan, make_plan
-from flowerbed.simulations.inline_records import config_record
+from flowerbed.simulations.engine.inline_records import config_record
 from flowerbed.tasks.task import SiteData
 
 STATE_KEY = "flowerbed.dp-ledger"

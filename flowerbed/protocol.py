@@ -1,0 +1,51 @@
+"""What travels between the coordinator and the nodes: message keys and node error codes.
+
+The coordinator recognises a node's refusal by its code, never by its text: the text is for
+people, written once where the refusal is made.
+
+| code | name | the node refused because |
+|---:|---|---|
+| 4000 | ``NODE_ERROR`` | anything else (a node-side problem the hospital can fix) |
+| 4001 | ``CONFIG`` | its own node config is invalid (unknown key, bad value) |
+| 4002 | ``TASK_NOT_APPROVED`` | the run's task is not approved at this node |
+| 4003 | ``DATA`` | its local data is missing, unreadable or unfit for the request |
+| 4004 | ``POLICY`` | the request breaks the node's policy (e.g. plain training on a node with a budget) |
+| 4005 | ``BUDGET_EXHAUSTED`` | the next release would exceed the node's privacy budget |
+| 4006 | ``SECURE_AGGREGATION`` | a secure-aggregation stage failed a check |
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+#: Keys of the ``"config"`` record that carry the run to the nodes (see docs/architecture.md).
+EXPERIMENT_KEY = "flowerbed.experiment"
+RUN_ID_KEY = "flowerbed.run-id"
+#: Record keys of a reply: the site's name (a ``ConfigRecord``) beside Flower's ``arrays``/``metrics``.
+SITE_RECORD = "site"
+
+
+class ErrorCode(IntEnum):
+    """The code of a node's error reply (``flwr.app.Error.code``)."""
+
+    NODE_ERROR = 4000
+    CONFIG = 4001
+    TASK_NOT_APPROVED = 4002
+    DATA = 4003
+    POLICY = 4004
+    BUDGET_EXHAUSTED = 4005
+    SECURE_AGGREGATION = 4006
+
+
+#: Refusals that will not change during a run: the coordinator leaves the site out of later rounds.
+PERSISTENT_REFUSALS = frozenset(
+    {ErrorCode.CONFIG, ErrorCode.TASK_NOT_APPROVED, ErrorCode.POLICY, ErrorCode.BUDGET_EXHAUSTED}
+)
+
+
+def error_name(code: int) -> str:
+    """A code's name (``BUDGET_EXHAUSTED``), or the number for a code flowerbed does not define."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)

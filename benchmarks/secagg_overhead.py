@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
+from flowerbed.flower_internals import enter_task_identity
 from flowerbed.privacy.secagg.chunks import set_default_workers
 from flowerbed.privacy.secagg.params import derive_params
 from flowerbed.privacy.secagg.protocol import RoundTimings, run_secure_sum
@@ -322,7 +322,7 @@ class Series:
 def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[str, Any]:
     """Train, then aggregate A (plain) B (flowerbed) C (Flower), ``reps`` times."""
     # Flower stamps every Message with the running task's identity; here there is no SuperLink
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    enter_task_identity(1, 1)
     model = make_model(m)
     m_real = sum(p.numel() for p in model.parameters())
     global_flat = flat(model)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowerbed.exception import TaskError
+from flowerbed.exception import TaskError, TaskNotApproved
 from flowerbed.tasks.registry import is_builtin
 
 APPROVALS_KEY = "approvals"
@@ -128,32 +128,32 @@ def check_task_approved(task_name: str, node_config: Mapping[str, Any] | None) -
     """Allow built-in tasks, and user tasks whose installed source matches an approval.
 
     Simulated nodes (a ``partition-id`` and no ``data-path``) run on the researcher's own
-    machine and allow every task.
+    machine and allow every task, unless their config names an ``approvals`` file.
 
     Raises
     ------
-    TaskError
-        If a deployed node was asked to run a user task it has not approved, or whose source
-        changed since it was approved; the message names the task, the site and the command to run
-        (the ClientApp's error reply adds ``node <site>:`` in front).
+    TaskNotApproved
+        If the node was asked to run a user task it has not approved, or whose source changed
+        since it was approved; the message names the task, the site and the command to run
+        (the node's error reply adds ``node <site>:`` in front).
     """
     if is_builtin(task_name):
         return
     config = node_config or {}
-    if "partition-id" in config and "data-path" not in config:
+    if "partition-id" in config and "data-path" not in config and not config.get(APPROVALS_KEY):
         return
     site = config.get("site", "this node")
     path = approvals_path(config)
     record = read_approvals(path).get(task_name)
     if record is None:
-        raise TaskError(
+        raise TaskNotApproved(
             f"task {task_name!r} is not approved on this node ({site}). Built-in tasks run by "
             f"default; the hospital's IT must review the task's source and run "
             f"`flowerbed node approve {task_name}` (approvals: {path})"
         )
     current = task_source(task_name).sha256
     if current != record.get("sha256"):
-        raise TaskError(
+        raise TaskNotApproved(
             f"task {task_name!r} changed since it was approved on this node ({site}; approved sha256 "
             f"{str(record.get('sha256'))[:12]}..., installed {current[:12]}...); review it and run "
             f"`flowerbed node approve {task_name}` again"

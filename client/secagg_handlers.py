@@ -1,6 +1,6 @@
 """The node's side of the secure train phase: four ClientApp handlers on custom train actions.
 
-Registered on ``flowerbed.client.app.app`` for the message types ``train.secagg_advertise``,
+Registered by ``flowerbed.client.app`` (``HANDLERS``) for the message types ``train.secagg_advertise``,
 ``train.secagg_share_keys``, ``train.secagg_masked_input`` and ``train.secagg_unmask``. The node's
 protocol state (its private keys and the shares it holds) lives in its Flower ``Context`` between
 messages. In the masked-input stage the node trains exactly as in a plain round (the same ``train``
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from flowerbed.client.app import _error_reply, app
-from flowerbed.client.app import train as plain_train
+from flowerbed.client.handlers import error_reply
+from flowerbed.client.handlers import train as plain_train
 from flowerbed.exception import FlowerbedError
 from flowerbed.privacy.secagg.client import SecAggClient
 from flowerbed.weights import arrays_to_numpy
@@ -54,23 +54,20 @@ def _stage(message: Message, context: Context) -> Message:
         out = client.handle(_payload(message))
         _save(context, client)
     except FlowerbedError as exc:
-        return _error_reply(message, context, exc)
+        return error_reply(message, context, exc)
     return Message(RecordDict({PAYLOAD_KEY: ConfigRecord(out)}), reply_to=message)
 
 
-@app.train("secagg_advertise")
 def secagg_advertise(message: Message, context: Context) -> Message:
     """Stage 1: start the round, answer with two fresh public keys."""
     return _stage(message, context)
 
 
-@app.train("secagg_share_keys")
 def secagg_share_keys(message: Message, context: Context) -> Message:
     """Stage 2: answer with encrypted shares for the neighbours."""
     return _stage(message, context)
 
 
-@app.train("secagg_masked_input")
 def secagg_masked_input(message: Message, context: Context) -> Message:
     """Stage 3: train as in a plain round, answer with the masked update."""
     trained = plain_train(message, context)
@@ -87,7 +84,7 @@ def secagg_masked_input(message: Message, context: Context) -> Message:
         out = client.masked_input(_payload(message), update, float(metrics["num-examples"]))
         _save(context, client)
     except FlowerbedError as exc:
-        return _error_reply(message, context, exc)
+        return error_reply(message, context, exc)
     content = RecordDict(
         {
             PAYLOAD_KEY: ConfigRecord({"stage": "masked_input"}),  # counts travel masked
@@ -99,7 +96,15 @@ def secagg_masked_input(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-@app.train("secagg_unmask")
 def secagg_unmask(message: Message, context: Context) -> Message:
     """Stage 4: answer with the shares that unmask the sum (and nothing more)."""
     return _stage(message, context)
+
+
+#: Custom train actions and their handlers, registered on the ClientApp.
+HANDLERS = {
+    "secagg_advertise": secagg_advertise,
+    "secagg_share_keys": secagg_share_keys,
+    "secagg_masked_input": secagg_masked_input,
+    "secagg_unmask": secagg_unmask,
+}

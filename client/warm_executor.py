@@ -26,11 +26,9 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+from flowerbed import flower_internals
 
 POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = "0.05"
@@ -51,42 +49,37 @@ def preload(modules: Iterable[str]) -> list[str]:
 class ForkExecutor:
     """A Flower SuperExec executor that forks a warm child per ClientApp message.
 
-    Implements Flower's ``flwr.supercore.superexec.executor.Executor`` protocol. Task types other
+    Implements the executor protocol of Flower's SuperExec. Task types other
     than ClientApp (none reach a SuperNode today) are launched the standard way.
     """
 
     def __init__(self) -> None:
-        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
         self._owner = os.getpid()
         self._children: set[int] = set()
-        self._fallback = SubprocessExecutor()
+        self._fallback = flower_internals.subprocess_executor()
 
     def get_eligible_capacity(
         self,
-        supported_task_types: set[TaskType],
+        supported_task_types: set[Any],
         *,
         insecure: bool = False,
         root_certificates_path: str | None = None,
-    ) -> tuple[set[TaskType], set[str]]:
+    ) -> tuple[set[Any], set[str]]:
         """Every task type can start without waiting."""
         return set(supported_task_types), set()
 
-    def wait_for_capacity(self, task_type: TaskType | None = None, **_: object) -> None:
+    def wait_for_capacity(self, task_type: Any = None, **_: object) -> None:
         """Nothing to wait for."""
 
-    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+    def launch(self, spec: Any) -> Any:
         """Fork a child that runs Flower's ``run_clientapp`` for this one message."""
-        from flwr.supercore.constant import TaskType
-        from flwr.supercore.superexec.executor.types import LaunchResult
-
-        if spec.task_type != TaskType.CLIENT_APP:
+        if spec.task_type != flower_internals.clientapp_task_type():
             return self._fallback.launch(spec)
         pid = os.fork()
         if pid == 0:  # child
             os._exit(_run_one(spec))
         self._children.add(pid)
-        return LaunchResult.accepted()
+        return flower_internals.launch_accepted()
 
     def reconcile(self) -> None:
         """Reap children that finished."""
@@ -107,10 +100,9 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGTERM)
 
 
-def _run_one(spec: ExecutionSpec) -> int:
+def _run_one(spec: Any) -> int:
     """Body of a forked child: run one ClientApp message and return the exit code."""
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+    run_clientapp, validate_and_resolve_root_certificates = flower_internals.clientapp_runner()
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -146,11 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     for problem in preload(args.preload or PRELOAD):
         print(f"flowerbed warm executor: could not preload {problem}", file=sys.stderr, flush=True)
 
-    from flwr.supercore.superexec import run_superexec as superexec
-
-    executor = ForkExecutor()
-    superexec.get_executor = lambda *_, **__: executor  # Flower's loop, our executor
-    superexec.run_superexec(
+    flower_internals.run_superexec_with(  # Flower's loop, our executor
+        ForkExecutor(),
         runtime_api_address=args.runtime_api_address,
         insecure=True,
         parent_pid=args.parent_pid,

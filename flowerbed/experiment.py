@@ -16,10 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flowerbed.config_utils import read_toml, validate
 from flowerbed.exception import ConfigError
 
-#: Keys of the ``"config"`` record that carry the run to the nodes (see docs/architecture.md).
-EXPERIMENT_KEY = "flowerbed.experiment"
-RUN_ID_KEY = "flowerbed.run-id"
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)

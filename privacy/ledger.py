@@ -130,6 +130,18 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Charge:
+    """One release to record: which dataset, which run and round, under which plan, how many steps."""
+
+    dataset: str
+    run_id: str
+    round: int
+    plan: DPPlan
+    steps: int
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class Release:
     """One row of the ledger."""
 
@@ -173,8 +185,55 @@ def _compose_merged(history: tuple[tuple[float, float, int], ...], delta: float,
         return float(acc.get_epsilon(delta=delta))
 
 
+def check_budget(
+    history: Iterable[tuple[float, float, int]],
+    step: tuple[float, float, int],
+    budget: Budget,
+    *,
+    dataset: str,
+    site: str = "",
+    rounds: int = 1,
+) -> float:
+    """Refuse unless ``step`` after ``history`` fits in ``budget``; return the projected epsilon.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        Naming the site, the dataset, what was spent, the budget and the fix (the only place
+        this refusal is written).
+    """
+    history = list(history)
+    projected = compose([*history, step], budget.delta, budget.accountant)
+    if projected > budget.epsilon:
+        spent = compose(history, budget.delta, budget.accountant)
+        where = f"site {site}, " if site else ""
+        what = "the next round" if rounds == 1 else f"{rounds} more rounds"
+        raise PrivacyBudgetExceeded(
+            f"privacy budget exhausted: spent {spent:.3g} of {budget.epsilon:.3g} on dataset "
+            f"{_short(dataset)} ({where}delta {budget.delta:.3g}); {what} would bring it "
+            f"to {projected:.3g}; raise budget-epsilon in the node config, or lower rounds "
+            "or local epochs, or raise the noise"
+        )
+    return projected
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_json(plan: DPPlan) -> str:
+    return json.dumps(plan.to_dict(), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_plan(text: str) -> DPPlan:
+    return DPPlan.from_dict(json.loads(text))
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _short(dataset: str) -> str:
@@ -254,22 +313,57 @@ class PrivacyLedger:
             ).fetchone()
         return int(count)
 
+    def histories(self, datasets: Iterable[str]) -> dict[str, History]:
+        """(noise multiplier, sample rate, steps) of each dataset's releases, oldest first, in one read."""
+        wanted = sorted(set(datasets))
+        out: dict[str, History] = {d: [] for d in wanted}
+        with self._connect() as con:
+            for part in _chunks(wanted):
+                marks = ",".join("?" * len(part))
+                rows = con.execute(
+                    "SELECT dataset, noise_multiplier, sample_rate, steps FROM releases "
+                    f"WHERE dataset IN ({marks}) ORDER BY id",
+                    part,
+                ).fetchall()
+                for dataset, sigma, q, steps in rows:
+                    out[dataset].append((sigma, q, steps))
+        return out
+
     # ------------------------------------------------------------------ plans
     def save_plan(self, dataset: str, run_id: str, plan: DPPlan) -> DPPlan:
         """Store a run's plan; the first stored plan wins and is returned (restarts reuse it)."""
+        return self.save_plans([(dataset, run_id, plan)])[0]
+
+    def save_plans(self, items: list[tuple[str, str, DPPlan]]) -> list[DPPlan]:
+        """``save_plan`` for many (dataset, run, plan) at once, in one transaction."""
+        if not items:
+            return []
         with self._connect() as con:
-            con.execute(
-                "INSERT OR IGNORE INTO plans (dataset, run_id, plan, time) VALUES (?, ?, ?, ?)",
-                (dataset, run_id, json.dumps(plan.to_dict(), sort_keys=True), _now()),
-            )
-        stored = self.load_plan(dataset, run_id)
-        return plan if stored is None else stored
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany(
+                    "INSERT OR IGNORE INTO plans (dataset, run_id, plan, time) VALUES (?, ?, ?, ?)",
+                    [(d, r, _plan_json(p), _now()) for d, r, p in items],
+                )
+                stored = {
+                    (d, r): text
+                    for d, r, text in con.execute(
+                        "SELECT dataset, run_id, plan FROM plans WHERE run_id IN "
+                        f"({','.join('?' * len({r for _, r, _ in items}))})",
+                        sorted({r for _, r, _ in items}),
+                    )
+                }
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return [_parse_plan(stored[(d, r)]) if (d, r) in stored else p for d, r, p in items]
 
     def load_plan(self, dataset: str, run_id: str) -> DPPlan | None:
         """The plan stored for a run on a dataset, if any."""
         with self._connect() as con:
             row = con.execute("SELECT plan FROM plans WHERE dataset = ? AND run_id = ?", (dataset, run_id)).fetchone()
-        return None if row is None else DPPlan.from_dict(json.loads(row[0]))
+        return None if row is None else _parse_plan(row[0])
 
     # ----------------------------------------------------------------- budget
     def check(self, dataset: str, plan: DPPlan, budget: Budget, *, rounds: int = 1, site: str = "") -> float:
@@ -283,36 +377,10 @@ class PrivacyLedger:
         Raises
         ------
         PrivacyBudgetExceeded
-            When the projection exceeds ``budget.epsilon``; the message names the site, the
-            dataset and the numbers.
+            When the projection exceeds ``budget.epsilon`` (``check_budget``'s refusal).
         """
-        with self._connect() as con:
-            return self._check(con, dataset, plan, budget, rounds, site)
-
-    def _check(
-        self,
-        con: sqlite3.Connection,
-        dataset: str,
-        plan: DPPlan,
-        budget: Budget,
-        rounds: int,
-        site: str,
-    ) -> float:
-        releases = self._releases(con, dataset)
-        history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in releases]
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * rounds)
-        projected = compose([*history, step], budget.delta, budget.accountant)
-        if projected > budget.epsilon:
-            spent = compose(history, budget.delta, budget.accountant)
-            where = f"site {site}, " if site else ""
-            what = "the next round" if rounds == 1 else f"{rounds} more rounds"
-            raise PrivacyBudgetExceeded(
-                f"privacy budget exhausted: spent {spent:.3g} of {budget.epsilon:.3g} on dataset "
-                f"{_short(dataset)} ({where}delta {budget.delta:.3g}); {what} would bring it "
-                f"to {projected:.3g}; raise budget-epsilon in the node config, or lower rounds "
-                "or local epochs, or raise the noise"
-            )
-        return projected
+        return check_budget(self.history(dataset), step, budget, dataset=dataset, site=site, rounds=rounds)
 
     def charge(
         self,
@@ -335,34 +403,62 @@ class PrivacyLedger:
         PrivacyBudgetExceeded
             With ``budget``, when this release does not fit; nothing is written.
         """
-        steps = plan.steps_per_round if steps is None else int(steps)
+        charge = Charge(dataset, run_id, int(round), plan, plan.steps_per_round if steps is None else int(steps), site)
+        (outcome,) = self.charge_many([charge], [budget])
+        if isinstance(outcome, PrivacyBudgetExceeded):
+            raise outcome
+        return outcome
+
+    def charge_many(self, charges: list[Charge], budgets: list[Budget | None]) -> list[Release | PrivacyBudgetExceeded]:
+        """Record many releases in one exclusive transaction, each checked against its budget.
+
+        Releases are checked in order, each after the ones before it in the same call (two
+        releases of one dataset both count). A release that does not fit is not written and its
+        place in the result holds the refusal; the others are committed, and synced, together.
+        """
+        if not charges:
+            return []
+        outcomes: list[Release | PrivacyBudgetExceeded] = []
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
-                if budget is not None:
-                    one = DPPlan.from_dict({**plan.to_dict(), "steps_per_round": steps})
-                    self._check(con, dataset, one, budget, 1, site)
-                cur = con.execute(
-                    "INSERT INTO releases (dataset, run_id, round, noise_multiplier, sample_rate,"
-                    " steps, accountant, site, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        dataset,
-                        run_id,
-                        int(round),
-                        float(plan.noise_multiplier),
-                        float(plan.sample_rate),
-                        steps,
-                        plan.accountant,
-                        site,
-                        _now(),
-                    ),
-                )
+                known: dict[str, History] = {}
+                for dataset in {c.dataset for c in charges}:
+                    known[dataset] = [
+                        (r.noise_multiplier, r.sample_rate, r.steps) for r in self._releases(con, dataset)
+                    ]
+                for charge, budget in zip(charges, budgets, strict=True):
+                    step = (float(charge.plan.noise_multiplier), float(charge.plan.sample_rate), int(charge.steps))
+                    if budget is not None:
+                        try:
+                            check_budget(known[charge.dataset], step, budget, dataset=charge.dataset, site=charge.site)
+                        except PrivacyBudgetExceeded as exc:
+                            outcomes.append(exc)
+                            continue
+                    now = _now()
+                    cur = con.execute(
+                        "INSERT INTO releases (dataset, run_id, round, noise_multiplier, sample_rate,"
+                        " steps, accountant, site, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (charge.dataset, charge.run_id, charge.round, *step, charge.plan.accountant, charge.site, now),
+                    )
+                    known[charge.dataset].append(step)
+                    outcomes.append(
+                        Release(
+                            int(cur.lastrowid),
+                            charge.dataset,
+                            charge.run_id,
+                            charge.round,
+                            *step,
+                            charge.plan.accountant,
+                            charge.site,
+                            now,
+                        )
+                    )
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            row = con.execute(f"SELECT {_COLUMNS} FROM releases WHERE id = ?", (cur.lastrowid,)).fetchone()
-        return Release(*row)
+        return outcomes
 
     # ---------------------------------------------------------------- summary
     def summary(self, delta: float, accountant: str = "prv") -> list[dict[str, Any]]:

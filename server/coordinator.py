@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowerbed import flower_internals
 from flowerbed.exception import ConfigError, NodeError
 from flowerbed.server.federation_config import FederationConfig
 from flowerbed.server.provisioning import ProvisionPaths
@@ -252,11 +253,9 @@ class _ControlClient:
 
 
 def _flower_reason(exc: Exception) -> str:
-    from flwr.supercore.error import FlowerError
-
     response = getattr(exc, "response", None)
-    error = FlowerError.from_json(response.text) if response is not None else None
-    return error.message if error is not None else str(exc)
+    message = flower_internals.flower_error_message(response.text) if response is not None else None
+    return message or str(exc)
 
 
 def register_nodes(

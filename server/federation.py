@@ -12,7 +12,6 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,18 +21,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
-from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment
+from flowerbed.experiment import Experiment
+from flowerbed.protocol import EXPERIMENT_KEY, PERSISTENT_REFUSALS, RUN_ID_KEY, ErrorCode, error_name
 from flowerbed.seeds import derive_seed
 from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
 from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
+from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
 from flowerbed.server.round_policy import select_round_participants
+from flowerbed.server.secure_train_phase import secure_train_round
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 
 STOP_FILE = "STOP"
-BUDGET_EXHAUSTED = "privacy budget exhausted"  # the node's refusal (privacy/ledger.py)
 PER_SITE_ONLY = ("epsilon", "delta")
 
 CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, float]]
@@ -62,29 +63,6 @@ class SilentReporter:
 
     def run_finished(self, summary: dict[str, Any]) -> None:
         """Ignore."""
-
-
-class NodeSubset:
-    """A view of a ``Grid`` that exposes only the chosen nodes, so a strategy samples exactly them."""
-
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
-        self._node_ids = sorted(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        """The chosen nodes, sorted."""
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-@dataclass
-class RoundOutcome:
-    """Replies of one exchange, split into accepted (sorted by site) and refused (site -> reason)."""
-
-    accepted: list[tuple[str, Message]] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
 
 
 def _metrics_dict(record: MetricRecord | None) -> dict[str, Any]:
@@ -137,6 +115,7 @@ class Federation:
         self._node_sites: dict[int, str] = {}  # the reverse of site_nodes (one lookup per reply)
         self.excluded: dict[str, str] = {}
         self.exhausted: dict[str, str] = {}  # site -> why its privacy budget stopped it
+        self.left_out: dict[str, str] = {}  # site -> the refusal (policy, approval, config) that ends its training
         self.history: list[dict[str, Any]] = []
         self.timings: list[dict[str, Any]] = []
         self.final_weights: dict[str, np.ndarray] = initial_weights
@@ -210,7 +189,8 @@ class Federation:
 
     def sample_sites(self, server_round: int) -> list[str]:
         """The sites that train this round: seeded by the run's seed and the round, sorted."""
-        pool = sorted(s for s in self.site_nodes if s not in self.excluded and s not in self.exhausted)
+        gone = self.excluded.keys() | self.exhausted.keys() | self.left_out.keys()
+        pool = sorted(s for s in self.site_nodes if s not in gone)
         k = min(self.experiment.train.clients_per_round or len(pool), len(pool))
         rng = random.Random(derive_seed(self.experiment.seed, "sample", server_round))
         return sorted(rng.sample(pool, k))
@@ -227,6 +207,7 @@ class Federation:
             answered.add(site)
             if reply.has_error():
                 outcome.refused[site] = str(reply.error.reason)
+                outcome.codes[site] = int(reply.error.code)
                 continue
             problem = validate_train_reply(reply, reference) if reference is not None else None
             if problem:
@@ -244,8 +225,6 @@ class Federation:
     ) -> tuple[ArrayRecord | None, dict[str, Any], RoundOutcome]:
         """Configure, exchange, validate and aggregate one training round."""
         if self.experiment.secagg.enabled:  # several exchanges in place of the plain one
-            from flowerbed.server.secure_train_phase import secure_train_round
-
             return secure_train_round(self, strategy, server_round, arrays, sites)
         subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
         messages = strategy.configure_train(server_round, arrays, self.config(), subset)
@@ -306,7 +285,7 @@ class Federation:
             if len(sites) < self.min_nodes:
                 stopped = (
                     f"round {server_round}: {len(sites)} sites left to train, fewer than the minimum "
-                    f"{self.min_nodes}; privacy budgets spent: {self.exhausted}"
+                    f"{self.min_nodes}; privacy budgets spent: {self.exhausted}; left out: {self.left_out}"
                 )
                 break
             decision = select_round_participants(
@@ -352,10 +331,14 @@ class Federation:
         return self.finish(strategy, arrays, stopped)
 
     def _exclude_exhausted(self, server_round: int, outcome: RoundOutcome) -> None:
-        """Leave out of later rounds every site whose privacy budget is spent, and say why."""
-        for site, reason in outcome.refused.items():
-            if BUDGET_EXHAUSTED in reason and site not in self.exhausted:
+        """Leave out of later rounds every site that refused for good (budget spent, policy), and say why."""
+        for site, code in outcome.codes.items():
+            reason = outcome.refused[site]
+            if code == ErrorCode.BUDGET_EXHAUSTED and site not in self.exhausted:
                 self.exhausted[site] = f"round {server_round}: {reason}"
+                self.reporter.note(f"site {site} leaves the run: {reason}")
+            elif code in PERSISTENT_REFUSALS and site not in self.left_out and site not in self.exhausted:
+                self.left_out[site] = f"round {server_round}: {reason}"
                 self.reporter.note(f"site {site} leaves the run: {reason}")
 
     def _round_record(
@@ -371,6 +354,7 @@ class Federation:
             "sampled": sampled,
             "participants": [s for s, _ in outcome.accepted],
             "refused": outcome.refused,
+            "refused_codes": {site: error_name(code) for site, code in sorted(outcome.codes.items())},
             # epsilon is per site (never averaged): drop the strategy's mean of it
             "train": {k: v for k, v in train_metrics.items() if k not in PER_SITE_ONLY},
             "evaluate": {},
@@ -413,6 +397,7 @@ class Federation:
             "epsilon": {"per_site": epsilon, "max": max(epsilon.values()) if epsilon else None},
             "refused": refusals,
             "excluded": self.excluded,
+            "left_out": self.left_out,
             "budget_exhausted": self.exhausted,
         }
         return summary

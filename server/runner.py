@@ -9,6 +9,7 @@ import torch
 from flwr.serverapp import Grid
 
 from flowerbed.experiment import Experiment
+from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.seeds import derive_seed
 from flowerbed.server import run_folder
 from flowerbed.server.federation import CentralEvaluator, Federation, Reporter
@@ -20,7 +21,8 @@ def initial_model(experiment: Experiment) -> torch.nn.Module:
     """The global model before round 1: the same weights for the same seed, everywhere."""
     task = resolve_task(experiment.task.name, experiment.task.args)
     schema = dataset_schema(experiment.data, experiment.seed)
-    return task.build_model(schema, seed=derive_seed(experiment.seed, "init"), private=experiment.privacy.enabled)
+    model = task.build_model(schema, seed=derive_seed(experiment.seed, "init"))
+    return make_private_compatible(model) if experiment.privacy.enabled else model
 
 
 def run_federation(

@@ -17,10 +17,11 @@ Strategies that need individual updates are refused (``check_secagg_strategy``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower_strategies
 from flwr.serverapp.strategy import Strategy
 
@@ -29,11 +30,28 @@ from flowerbed.experiment import Experiment
 from flowerbed.privacy.secagg.params import SecAggParams, derive_params
 from flowerbed.privacy.secagg.server import SecAggResult, SecAggServer
 from flowerbed.server.exchange import send_and_receive
-from flowerbed.server.federation import NodeSubset, RoundOutcome
+from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
 from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays
 
-if TYPE_CHECKING:
-    from flowerbed.server.federation import Federation
+
+class Federation(Protocol):
+    """What the secure phase uses of the round loop (``flowerbed.server.federation.Federation``)."""
+
+    grid: Grid
+    experiment: Experiment
+    reporter: Any
+    site_nodes: dict[str, int]
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def min_nodes(self) -> int: ...
+
+    def config(self) -> ConfigRecord: ...
+
+    def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord: ...
+
 
 ACTION_PREFIX = "train.secagg_"
 PAYLOAD_KEY = "secagg"

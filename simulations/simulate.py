@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from flowerbed.client.app import app as client_app
+from flowerbed.client.node_round import SIM_NODE_DIR_ENV
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.server.federation import SilentReporter
@@ -21,6 +25,8 @@ from flowerbed.server.runner import run_federation
 from flowerbed.simulations.research.central import make_central_evaluator
 from flowerbed.tasks.data.catalog import load_federation
 from flowerbed.tasks.task import SiteData
+
+NODES_DIR = "nodes"
 
 
 def _server_app(experiment: Experiment, run_dir: Path, sites: list[SiteData], resume: bool, reporter, outcome: dict):
@@ -43,6 +49,24 @@ def _server_app(experiment: Experiment, run_dir: Path, sites: list[SiteData], re
             outcome["error"] = exc
 
     return app
+
+
+@contextlib.contextmanager
+def virtual_nodes_home(folder: Path) -> Iterator[None]:
+    """Keep the virtual hospitals' own state (their privacy ledger) in ``folder`` while a simulation runs.
+
+    It is the nodes' side of the run folder: the coordinator's code never reads it, and a resumed
+    run's nodes find their releases there.
+    """
+    previous = os.environ.get(SIM_NODE_DIR_ENV)
+    os.environ[SIM_NODE_DIR_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SIM_NODE_DIR_ENV, None)
+        else:
+            os.environ[SIM_NODE_DIR_ENV] = previous
 
 
 def bundled_experiment(name: str) -> Path:
@@ -88,7 +112,8 @@ def simulate(
     reporter = SilentReporter() if quiet else ConsoleReporter(console)
     outcome: dict[str, Any] = {}
     server_app = _server_app(experiment, run_dir, sites, resume, reporter, outcome)
-    run_backend(experiment, server_app, len(sites))
+    with virtual_nodes_home(run_dir / NODES_DIR):
+        run_backend(experiment, server_app, len(sites))
     if "error" in outcome:
         raise outcome["error"]
     summary = outcome.get("summary") or read_summary(run_dir)

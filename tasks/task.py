@@ -91,11 +91,11 @@ class Task:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
     metrics_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = accuracy_metrics
 
-    def build_model(self, schema: DataSchema, seed: int | None = None, *, private: bool = False) -> nn.Module:
+    def build_model(self, schema: DataSchema, seed: int | None = None) -> nn.Module:
         """A fresh model; with ``seed``, the same initial weights on every machine.
 
-        With ``private``, layers DP-SGD cannot train (BatchNorm) are replaced by Opacus's fixers,
-        identically on the server and every node, so weights keep the same names and shapes.
+        For DP-SGD, the server and every node pass it through
+        ``flowerbed.privacy.dp_sgd.make_private_compatible``, so weights keep the same names and shapes.
         """
         if seed is None:
             model = self.model_fn(schema)
@@ -103,10 +103,6 @@ class Task:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = self.model_fn(schema)
-        if private:
-            from flowerbed.privacy.dp_sgd import make_private_compatible
-
-            model = make_private_compatible(model)
         return model
 
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from flowerbed.exception import PrivacyBudgetExceeded
+from flowerbed.client import node_round
+from flowerbed.client.node_round import SIM_NODE_DIR_ENV, NodeRequest, Refusal, admit, release_train
+from flowerbed.client.training import TrainResult
 from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_arrays
 from flowerbed.privacy.planner import DPPlan, epsilon_for, make_plan
+from flowerbed.protocol import ErrorCode
 from flowerbed.server.run_folder import read_summary
 from flowerbed.simulations.cohort.per_sample_grads import clipped_sample_sums
 from flowerbed.simulations.cohort.stacked_net import StackedNet
@@ -25,7 +25,6 @@ from flowerbed.simulations.cohort.vectorized_dp import (
     per_sample_function,
     train_cohort_private,
 )
-from flowerbed.simulations.engine.inline_privacy import charge_release, prepare_release
 from flowerbed.simulations.simulate import simulate
 from flowerbed.tasks import resolve_task
 from flowerbed.tasks.task import DataSchema, SiteData
@@ -176,43 +175,44 @@ def test_private_cohort_trains_every_client_its_planned_steps():
 
 
 def test_release_accounting_follows_the_node_ledger(tmp_path, monkeypatch, heart_experiment):
-    monkeypatch.setenv("FLOWERBED_SIM_LEDGER_DIR", str(tmp_path / "sim"))
+    monkeypatch.setenv(SIM_NODE_DIR_ENV, str(tmp_path / "sim"))
     experiment = heart_experiment("privacy.enabled=true", "privacy.noise_multiplier=1.1", "rounds=5")
     site = _site(50)
-    virtual = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    eps = []
-    for server_round in (1, 2):
-        release = prepare_release(virtual, site, experiment, "r1")
-        eps.append(charge_release(release, run_id="r1", server_round=server_round, steps=release.plan.steps_per_round))
-    plan = release.plan
-    assert plan == make_plan(n=50, batch_size=16, local_epochs=2, rounds=5, max_grad_norm=1.0, noise_multiplier=1.1)
-    assert eps[1][0] == pytest.approx(epsilon_for(1.1, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
-    assert 0 < eps[0][0] < eps[1][0] and eps[1][1] == plan.delta
-    # A resumed run (a fresh process: empty node state) goes on from the rounds in the run's metrics.
-    run_dir = tmp_path / "runs" / "r1"
-    run_dir.mkdir(parents=True)
-    rows = [{"round": 1, "participants": ["alpha"]}, {"round": 2, "participants": ["alpha", "beta"]}]
-    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    fresh = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    release = prepare_release(fresh, site, experiment, "r1", server_round=3)
-    third, _ = charge_release(release, run_id="r1", server_round=3, steps=plan.steps_per_round)
+    monkeypatch.setattr(node_round, "resolve_site", lambda config, experiment: site)
+
+    def round_trip(node_config: dict, run_id: str, server_round: int):
+        request = NodeRequest("train", experiment, run_id, server_round, node_config)
+        (admitted,) = admit([request])
+        if isinstance(admitted, Refusal):
+            return admitted
+        steps = admitted.private.plan.steps_per_round
+        (released,) = release_train([admitted], [TrainResult(loss=0.0, steps=steps, num_examples=site.num_train)])
+        return released
+
+    virtual = {"partition-id": 0}
+    eps = [round_trip(virtual, "r1", r)["epsilon"] for r in (1, 2)]
+    plan = make_plan(n=50, batch_size=16, local_epochs=2, rounds=5, max_grad_norm=1.0, noise_multiplier=1.1)
+    assert eps[1] == pytest.approx(epsilon_for(1.1, plan.sample_rate, 2 * plan.steps_per_round, plan.delta))
+    assert 0 < eps[0] < eps[1]
+    # A resumed run (a fresh process) goes on from the node's own ledger, never from the coordinator's files.
+    node_round.open_ledger.cache_clear()
+    third = round_trip(virtual, "r1", 3)["epsilon"]
     assert third == pytest.approx(epsilon_for(1.1, plan.sample_rate, 3 * plan.steps_per_round, plan.delta))
+    assert (tmp_path / "sim" / "ledger.sqlite").is_file()
     dataset = fingerprint_arrays(site.x_train, site.y_train)
     # A node with its own ledger and budget: charged there, refused before training when spent.
     ledger_path = tmp_path / "ledger.sqlite"
-    config = {"ledger": str(ledger_path), "budget-epsilon": eps[0][0] * 1.2, "budget-delta": plan.delta}
-    node = Context(run_id=1, node_id=2, node_config=config, state=RecordDict(), run_config={})
-    release = prepare_release(node, site, experiment, "r2")
-    first, _ = charge_release(release, run_id="r2", server_round=1, steps=plan.steps_per_round)
+    config = {"partition-id": 0, "ledger": str(ledger_path), "budget-epsilon": eps[0] * 1.2, "budget-delta": plan.delta}
+    first = round_trip(config, "r2", 1)["epsilon"]
     own = PrivacyLedger(ledger_path)
     assert first == pytest.approx(own.epsilon(dataset, plan.delta))
-    with pytest.raises(PrivacyBudgetExceeded, match="site alpha"):
-        prepare_release(node, site, experiment, "r2")
+    refused = round_trip(config, "r2", 2)
+    assert refused.code == ErrorCode.BUDGET_EXHAUSTED and "site alpha" in refused.reason
     assert len(own.releases(dataset)) == 1
 
 
 def test_inline_dp_run_reports_the_clientapps_epsilon(heart_experiment, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWERBED_SIM_LEDGER_DIR", str(tmp_path / "sim"))
+    monkeypatch.setenv(SIM_NODE_DIR_ENV, str(tmp_path / "sim"))
     base = ("privacy.enabled=true", "privacy.noise_multiplier=1.2", "rounds=2", "evaluate.central=false")
     fast = read_summary(simulate(heart_experiment(*base), quiet=True))
     slow = read_summary(simulate(heart_experiment(*base, "backend.vectorize=false"), quiet=True))

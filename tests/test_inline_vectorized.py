@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 
 from flowerbed.client.app import app as client_app
 from flowerbed.client.training import train_local
-from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, DataConfig, PartitionConfig, TrainConfig
+from flowerbed.experiment import DataConfig, PartitionConfig, TrainConfig
+from flowerbed.protocol import EXPERIMENT_KEY, RUN_ID_KEY
 from flowerbed.simulations.cohort.stacked_net import StackedNet
 from flowerbed.simulations.cohort.vectorized import check_functional, stack_cohort, train_cohort
 from flowerbed.simulations.engine.cohort_handler import CohortHandler

@@ -6,16 +6,13 @@ import json
 
 import pytest
 
-from flowerbed.client.private_round import (
-    SIM_NODE_CONFIG_ENV,
-    NodePrivacy,
-    dataset_fingerprint,
-    node_privacy_config,
-)
+from flowerbed.client.node_config import parse_node_config
+from flowerbed.client.node_round import SIM_NODE_CONFIG_ENV, dataset_fingerprint, ledger_path, node_config
 from flowerbed.exception import ConfigError, NodeError
 from flowerbed.experiment import DataConfig
 from flowerbed.privacy.ledger import PrivacyLedger, fingerprint_file
 from flowerbed.privacy.planner import epsilon_for, sampling
+from flowerbed.protocol import ErrorCode
 from flowerbed.server.run_folder import read_metrics, read_summary
 from flowerbed.simulations.engine import inline_backend
 from flowerbed.simulations.engine.inline_grid import InlineGrid
@@ -102,27 +99,29 @@ def test_a_node_out_of_budget_refuses_and_the_run_goes_on(heart_experiment, tmp_
 def test_node_settings_come_from_the_node_only(tmp_path, monkeypatch):
     sim = {"partition-id": 0, "ledger": str(tmp_path / "l.sqlite")}
     monkeypatch.setenv(SIM_NODE_CONFIG_ENV, '{"*": {"budget-epsilon": 5}, "va": {"budget-epsilon": 2}}')
-    assert node_privacy_config(sim, "va")["budget-epsilon"] == 2
-    assert node_privacy_config(sim, "cleveland")["budget-epsilon"] == 5
+    assert node_config(sim, "va").budget_epsilon == 2
+    assert node_config(sim, "cleveland").budget_epsilon == 5
     # A deployed node (no partition-id) ignores the simulation variable ...
-    deployed = {"ledger": str(tmp_path / "l.sqlite")}
-    assert "budget-epsilon" not in node_privacy_config(deployed, "va")
+    deployed = {"ledger": str(tmp_path / "l.sqlite"), "data-path": "x.csv"}
+    assert node_config(deployed, "va").budget_epsilon is None
     # ... and must name its ledger.
     with pytest.raises(NodeError, match="ledger"):
-        NodePrivacy.from_node_config({"data-path": "x.csv"}, "run")
+        ledger_path(parse_node_config({"data-path": "x.csv"}), "run")
     monkeypatch.setenv(SIM_NODE_CONFIG_ENV, "[1, 2]")
     with pytest.raises(ConfigError, match=SIM_NODE_CONFIG_ENV):
-        node_privacy_config(sim, "va")
+        node_config(sim, "va")
 
 
 def test_dataset_names_follow_the_file_or_the_node_config(tmp_path):
     sites = load_federation(heart_data_config(), 0)
     data = tmp_path / "site.data"
     data.write_text("1,2,3\n")
-    by_file = dataset_fingerprint(sites[0], {"data-path": str(data)})
+    by_file = dataset_fingerprint(sites[0], parse_node_config({"data-path": str(data)}))
     assert by_file == fingerprint_file(data)
-    assert dataset_fingerprint(sites[0], {}) != dataset_fingerprint(sites[1], {})
-    assert dataset_fingerprint(sites[0], {"dataset-id": "cardio-2024", "data-path": str(data)}) == "id:cardio-2024"
+    none = parse_node_config({})
+    assert dataset_fingerprint(sites[0], none) != dataset_fingerprint(sites[1], none)
+    named = parse_node_config({"dataset-id": "cardio-2024", "data-path": str(data)})
+    assert dataset_fingerprint(sites[0], named) == "id:cardio-2024"
 
 
 def test_a_node_with_a_budget_never_trains_without_dp(heart_experiment, tmp_path):
@@ -154,6 +153,7 @@ def test_a_node_with_a_budget_never_trains_without_dp(heart_experiment, tmp_path
     guarded = {"partition-id": 0, "ledger": str(tmp_path / "l.sqlite"), "budget-epsilon": 8.0}
     refused = ask(plain, guarded)
     assert refused.has_error() and "only trains with differential privacy" in refused.error.reason
+    assert refused.error.code == ErrorCode.POLICY
     assert not ask(plain, {"partition-id": 0}).has_error()  # no budget: plain training allowed
     private = ask(
         heart_experiment("train.local_epochs=1", "privacy.enabled=true", "privacy.noise_multiplier=1.0"), guarded

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flowerbed.exception import ConfigError, TaskError
+from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.server.run_folder import read_summary
 from flowerbed.simulations.simulate import simulate
 from flowerbed.tasks import DataSchema, resolve_device, resolve_task
@@ -69,7 +70,8 @@ def test_private_models_replace_batchnorm_the_same_way_everywhere():
         )
 
     task = Task(name="bn", model_fn=with_batchnorm, kinds=("image",))
-    server, node = task.build_model(IMAGE, seed=1, private=True), task.build_model(IMAGE, private=True)
+    server = make_private_compatible(task.build_model(IMAGE, seed=1))
+    node = make_private_compatible(task.build_model(IMAGE))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in server.modules())
     assert server.state_dict().keys() == node.state_dict().keys()
     node.load_state_dict(server.state_dict())

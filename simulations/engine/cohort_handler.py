@@ -1,30 +1,39 @@
 """The inline grid's batch handler: a round's train and evaluate messages as vectorized cohorts.
 
 Messages that carry the same global weights and the same experiment, whose task is a built-in
-model, are answered together (``flowerbed.simulations.cohort.vectorized``); the replies are the very
-Messages the ClientApp would build (weights, ``num-examples``, ``train-loss``, the ``site``
-record), so the server cannot tell the paths apart. Everything else (other message types such as
-discovery or secure-aggregation stages, user tasks, secure-aggregation rounds, any node whose data
-or weights the ClientApp would refuse) is handed to the ClientApp, one message at a time.
+model, are answered together. Every virtual node goes through the node's own round
+(``flowerbed.client.node_round``): the same ``admit`` (config, approval, data, policy, budget) and
+the same ``release`` (ledger charge, reply metrics) as the ClientApp, with only the train step
+replaced by the cohort kernels (``flowerbed.simulations.cohort``). A refused node gets the same
+error reply, with the same code, as from the ClientApp. Everything else (discovery, the
+secure-aggregation stages, user tasks, a model that does not fit) goes to the ClientApp, one
+message at a time.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from flowerbed.client.app import _error_reply
-from flowerbed.client.local_data import resolve_site
+from flowerbed.client.handlers import node_request, refusal_reply
+from flowerbed.client.node_round import (
+    Admitted,
+    Kind,
+    Metrics,
+    Refusal,
+    admit,
+    release_evaluate,
+    release_train,
+)
+from flowerbed.client.training import TrainResult
 from flowerbed.exception import FlowerbedError
-from flowerbed.experiment import EXPERIMENT_KEY, RUN_ID_KEY, Experiment, parse_experiment
-from flowerbed.seeds import derive_seed
+from flowerbed.privacy.dp_sgd import make_private_compatible
+from flowerbed.protocol import EXPERIMENT_KEY, SITE_RECORD
 from flowerbed.simulations.cohort.vectorized import (
     Unsupported,
     check_functional,
@@ -34,18 +43,12 @@ from flowerbed.simulations.cohort.vectorized import (
 )
 from flowerbed.simulations.cohort.vectorized_dp import PrivateCohortPlan, train_cohort_private
 from flowerbed.simulations.engine.inline_arrays import in_memory_record, stacked_numpy
-from flowerbed.simulations.engine.inline_privacy import NodeRelease, charge_release, prepare_release
 from flowerbed.simulations.engine.inline_records import metric_record, reply_content, site_record
-from flowerbed.tasks import is_builtin, resolve_device, resolve_task
-from flowerbed.tasks.task import SiteData, Task
+from flowerbed.tasks import is_builtin, resolve_device
 from flowerbed.weights import arrays_to_numpy
 
 Pair = tuple[Message, Context]
-
-
-@functools.lru_cache(maxsize=16)
-def _experiment(text: str) -> Experiment:
-    return parse_experiment(json.loads(text), "experiment sent by the server")
+_KINDS: dict[str, Kind] = {MessageType.TRAIN: "train", MessageType.EVALUATE: "evaluate"}
 
 
 class CohortHandler:
@@ -75,7 +78,7 @@ class CohortHandler:
                     groups.setdefault(key, []).append(i)
             for key, members in groups.items():
                 try:
-                    answered = self._answer_group(key[0], [pairs[i] for i in members])
+                    answered = self._answer_group(_KINDS[key[0]], [pairs[i] for i in members])
                 except Unsupported:
                     continue
                 for i, reply in zip(members, answered, strict=True):
@@ -91,7 +94,7 @@ class CohortHandler:
     @staticmethod
     def _group_key(message: Message) -> tuple | None:
         kind = message.metadata.message_type
-        if kind not in (MessageType.TRAIN, MessageType.EVALUATE) or message.has_error():
+        if kind not in _KINDS or message.has_error():
             return None
         content = message.content
         if "arrays" not in content or "config" not in content:
@@ -99,169 +102,108 @@ class CohortHandler:
         config = content["config"]
         if EXPERIMENT_KEY not in config:
             return None
-        server_round = config.get("server-round", 0)
-        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), server_round
+        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), config.get("server-round", 0)
 
-    def _answer_group(self, kind: str, pairs: list[Pair]) -> list[Message | None]:
-        message = pairs[0][0]
+    def _answer_group(self, kind: Kind, pairs: list[Pair]) -> list[Message | None]:
         try:
-            experiment = _experiment(str(message.content["config"][EXPERIMENT_KEY]))
+            requests = [node_request(message, context, kind) for message, context in pairs]
         except FlowerbedError:
             raise Unsupported("the experiment does not parse") from None
+        experiment = requests[0].experiment
         if not is_builtin(experiment.task.name):
             raise Unsupported(f"task {experiment.task.name!r} is not a built-in model")
-        if kind == MessageType.TRAIN and experiment.secagg.enabled:
+        if kind == "train" and experiment.secagg.enabled:
             raise Unsupported("secure-aggregation rounds go through the ClientApp")
-        replies: list[Message | None] = [None] * len(pairs)
-        sites: list[tuple[int, SiteData]] = []
-        for i, (_, context) in enumerate(pairs):
-            try:
-                sites.append((i, resolve_site(context, experiment)))
-            except FlowerbedError:
-                continue  # the ClientApp builds the error reply
-        if not sites:
-            return replies
         try:
-            task = resolve_task(experiment.task.name, experiment.task.args)
             device = resolve_device(experiment.task.device)
         except FlowerbedError:
-            raise Unsupported("the task or device does not resolve here") from None
-        by_schema: dict[Any, list[tuple[int, SiteData]]] = {}
-        for i, site in sites:
-            by_schema.setdefault(site.schema, []).append((i, site))
+            raise Unsupported("the device does not resolve here") from None
+        replies: list[Message | None] = [None] * len(pairs)
+        by_schema: dict[Any, list[tuple[int, Admitted]]] = {}
+        for i, outcome in enumerate(admit(requests)):
+            if isinstance(outcome, Refusal):
+                replies[i] = refusal_reply(pairs[i][0], outcome)
+            else:
+                by_schema.setdefault(outcome.site.schema, []).append((i, outcome))
+        message = pairs[0][0]
         for schema, members in by_schema.items():
+            task = members[0][1].task
             try:
-                model = task.build_model(schema, private=experiment.privacy.enabled)
+                model = task.build_model(schema)
             except (FlowerbedError, ValueError, TypeError):
                 continue  # the ClientApp reports why the model does not fit the data
+            if experiment.privacy.enabled:
+                model = make_private_compatible(model)
             check_functional(model)
             weights = self._weights(message, model, device)
             if weights is None:
                 continue  # the ClientApp reports the mismatch
-            chosen = [pairs[i] for i, _ in members]
-            site_list = [s for _, s in members]
-            if kind == MessageType.TRAIN:
-                out = self._train(experiment, task, model, weights, chosen, site_list, device)
+            admitted = [a for _, a in members]
+            if kind == "train":
+                trained, results = self._train(model, weights, admitted, device)
+                released = release_train(admitted, results)
             else:
-                out = self._evaluate(task, model, weights, chosen, site_list, device)
-            for (i, _), reply in zip(members, out, strict=True):
-                replies[i] = reply
+                trained, released = None, release_evaluate(admitted, self._evaluate(model, weights, admitted, device))
+            for row, ((i, a), outcome) in enumerate(zip(members, released, strict=True)):
+                if isinstance(outcome, Refusal):  # an update that may not leave the node is dropped here
+                    replies[i] = refusal_reply(pairs[i][0], outcome)
+                else:
+                    replies[i] = _reply(pairs[i][0], a.site.name, outcome, trained, row)
         return replies
 
     @staticmethod
     def _weights(message: Message, model: torch.nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
-        """The received weights as the model's parameters (``None`` where ``load_arrays`` would refuse)."""
+        """The received weights as the model's parameters (``None`` where the ClientApp would refuse)."""
         arrays = arrays_to_numpy(message.content["arrays"])
         params = dict(model.named_parameters())
         if set(arrays) != set(params) or any(arrays[k].shape != tuple(p.shape) for k, p in params.items()):
             return None
         return {k: torch.from_numpy(arrays[k].copy()).to(device=device, dtype=p.dtype) for k, p in params.items()}
 
+    @staticmethod
     def _train(
-        self,
-        experiment: Experiment,
-        task: Task,
-        model: torch.nn.Module,
-        weights: dict[str, torch.Tensor],
-        pairs: list[Pair],
-        sites: list[SiteData],
-        device: torch.device,
-    ) -> list[Message]:
-        if experiment.privacy.enabled:
-            return self._train_private(experiment, task, model, weights, pairs, sites, device)
-        server_round = int(pairs[0][0].content["config"]["server-round"])
+        model: torch.nn.Module, weights: dict[str, torch.Tensor], admitted: Sequence[Admitted], device: torch.device
+    ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
+        """The cohort kernels in place of each node's train step."""
+        experiment, task = admitted[0].request.experiment, admitted[0].task
+        sites = [a.site for a in admitted]
         cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
-        seeds = [derive_seed(experiment.seed, "train", server_round, s.name) for s in sites]
-        result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds)
-        trained = stacked_numpy(result.params)
-        return [
-            _train_reply(message, site, trained, j, {"num-examples": site.num_train, "train-loss": result.loss[j]})
-            for j, ((message, _), site) in enumerate(zip(pairs, sites, strict=True))
-        ]
-
-    def _train_private(
-        self,
-        experiment: Experiment,
-        task: Task,
-        model: torch.nn.Module,
-        weights: dict[str, torch.Tensor],
-        pairs: list[Pair],
-        sites: list[SiteData],
-        device: torch.device,
-    ) -> list[Message]:
-        """DP-SGD with the ClientApp's node guards: budget check before, charge before the reply."""
-        if any(s.num_train == 0 for s in sites):
-            raise Unsupported("DP-SGD needs training rows at every node")
-        config = pairs[0][0].content["config"]
-        server_round = int(config["server-round"])
-        run_id = str(config.get(RUN_ID_KEY, "run"))
-        replies: list[Message | None] = [None] * len(pairs)
-        releases: dict[int, NodeRelease] = {}
-        for j, ((message, context), site) in enumerate(zip(pairs, sites, strict=True)):
-            try:
-                releases[j] = prepare_release(context, site, experiment, run_id, server_round)
-            except FlowerbedError as exc:
-                replies[j] = _error_reply(message, context, exc)
-        members = sorted(releases)
-        if members:
-            chosen = [sites[j] for j in members]
-            cohort = stack_cohort([s.x_train for s in chosen], [s.y_train for s in chosen], device)
-            plans = [releases[j].plan for j in members]
-            seeds = [releases[j].test_seed for j in members if releases[j].test_seed is not None]
-            seed = derive_seed(seeds[0], "dp-cohort", server_round, chosen[0].name) if seeds else None
-            stacked_plan = PrivateCohortPlan.from_plans(plans, [s.num_train for s in chosen], device)
+        if experiment.privacy.enabled:
+            plans = [a.private.plan for a in admitted]  # type: ignore[union-attr]
+            seeds = [a.private.noise_seed for a in admitted if a.private.noise_seed is not None]  # type: ignore[union-attr]
+            stacked_plan = PrivateCohortPlan.from_plans(plans, [s.num_train for s in sites], device)
             result = train_cohort_private(
-                model, task.loss_fn, cohort, weights, experiment.train, stacked_plan, seed=seed
+                model, task.loss_fn, cohort, weights, experiment.train, stacked_plan, seed=seeds[0] if seeds else None
             )
-            trained = stacked_numpy(result.params)
-            for row, j in enumerate(members):
-                message, context = pairs[j]
-                try:
-                    epsilon, delta = charge_release(
-                        releases[j], run_id=run_id, server_round=server_round, steps=result.steps[row]
-                    )
-                except FlowerbedError as exc:  # spent elsewhere meanwhile: the update is discarded
-                    replies[j] = _error_reply(message, context, exc)
-                    continue
-                # As the ClientApp: under DP the training loss stays at the node.
-                metrics = {"num-examples": sites[j].num_train, "epsilon": epsilon, "delta": delta}
-                replies[j] = _train_reply(message, sites[j], trained, row, metrics)
-        return replies  # type: ignore[return-value]
+        else:
+            result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, [a.seed for a in admitted])
+        results = [
+            TrainResult(loss=result.loss[j], steps=result.steps[j], num_examples=s.num_train)
+            for j, s in enumerate(sites)
+        ]
+        return stacked_numpy(result.params), results
 
     @staticmethod
     def _evaluate(
-        task: Task,
-        model: torch.nn.Module,
-        weights: dict[str, torch.Tensor],
-        pairs: list[Pair],
-        sites: list[SiteData],
-        device: torch.device,
-    ) -> list[Message]:
-        xs = [torch.as_tensor(s.x_test, device=device) for s in sites]
-        logits = cohort_logits(model, weights, xs)
-        replies = []
-        for (message, _), site, out in zip(pairs, sites, logits, strict=True):
-            if len(site.y_test) == 0:
-                metrics: dict[str, Any] = {"loss": float("nan"), "num-examples": 0}
-            else:
-                labels = torch.as_tensor(site.y_test, device=device)
-                metrics = {"loss": float(task.loss_fn(out, labels))}
-                metrics.update(task.metrics_fn(out, labels))
-                metrics["num-examples"] = len(site.y_test)
-            content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
-            replies.append(Message(content, reply_to=message))
-        return replies
+        model: torch.nn.Module, weights: dict[str, torch.Tensor], admitted: Sequence[Admitted], device: torch.device
+    ) -> list[Metrics]:
+        """The task's loss and metrics on each node's test split, from one forward pass."""
+        task = admitted[0].task
+        xs = [torch.as_tensor(a.site.x_test, device=device) for a in admitted]
+        metrics: list[Metrics] = []
+        for a, out in zip(admitted, cohort_logits(model, weights, xs), strict=True):
+            labels = torch.as_tensor(a.site.y_test, device=device)
+            values: Metrics = {"loss": float(task.loss_fn(out, labels))}
+            values.update(task.metrics_fn(out, labels))
+            metrics.append(values)
+        return metrics
 
 
-def _train_reply(
-    message: Message, site: SiteData, params: dict[str, np.ndarray], row: int, metrics: dict[str, Any]
-) -> Message:
-    """The reply the ClientApp's ``train`` builds: weights (row ``row`` of ``params``), metrics, the site's name."""
-    arrays = in_memory_record({name: tensor[row] for name, tensor in params.items()})
-    content = reply_content({"arrays": arrays, "metrics": metric_record(metrics), "site": site_record(site.name)})
-    return Message(content, reply_to=message)
-
-
-def make_handler(client_app: ClientApp, *, vectorize: bool = True) -> Callable[[list[Pair]], list[Message]]:
-    """A ``batch_handler`` for ``InlineGrid``."""
-    return CohortHandler(client_app, vectorize=vectorize)
+def _reply(message: Message, site: str, metrics: Metrics, trained: dict[str, np.ndarray] | None, row: int) -> Message:
+    """The reply the ClientApp builds: weights (row ``row`` of ``trained``) for training, metrics, the site."""
+    records: dict[str, Any] = {}
+    if trained is not None:
+        records["arrays"] = in_memory_record({name: tensor[row] for name, tensor in trained.items()})
+    records["metrics"] = metric_record(metrics)
+    records[SITE_RECORD] = site_record(site)
+    return Message(reply_content(records), reply_to=message)

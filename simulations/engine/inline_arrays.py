@@ -14,7 +14,8 @@ from io import BytesIO
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.common.constant import SType
+
+from flowerbed.flower_internals import init_numpy_array, record_data
 
 
 class InMemoryArray(Array):
@@ -27,7 +28,7 @@ class InMemoryArray(Array):
     """
 
     def __init__(self, ndarray: np.ndarray) -> None:
-        self.__dict__.update(dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY)
+        init_numpy_array(self, str(ndarray.dtype), tuple(ndarray.shape))
         self._ndarray = ndarray
 
     @property
@@ -59,7 +60,7 @@ def in_memory_record(tensors: dict[str, torch.Tensor | np.ndarray]) -> ArrayReco
     nothing else writes to, e.g. rows of one stacked copy made for a whole cohort).
     """
     record = ArrayRecord()  # filled directly: the constructor would re-serialize every array
-    data = record.__dict__["_data"]  # str keys and Array values, which ArrayRecord's checks accept
+    data = record_data(record)  # str keys and Array values, which ArrayRecord's checks accept
     for name, values in tensors.items():
         array = values if isinstance(values, np.ndarray) else values.detach().cpu().numpy().copy()
         data[str(name)] = InMemoryArray(array)

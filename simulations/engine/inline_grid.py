@@ -13,10 +13,9 @@ from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from flowerbed.flower_internals import enter_task_identity, in_process_run, set_message_id
 
 MessageHandler = Callable[[list[tuple[Message, Context]]], list[Message]]
 
@@ -38,10 +37,8 @@ class InlineGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, batch_handler: MessageHandler | None = None) -> None:
         self.client_app = client_app
         self.batch_handler = batch_handler
-        self._run = Run.create_empty(run_id=secrets.randbits(63))
-        TaskIdentity.run_id = self._run.run_id
-        TaskIdentity.task_id = secrets.randbits(63)
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self._run = in_process_run(secrets.randbits(63))
+        enter_task_identity(self._run.run_id, secrets.randbits(63))
         self.contexts: dict[int, Context] = {}
         for partition_id in range(num_nodes):
             node_id = secrets.randbits(63)
@@ -54,12 +51,12 @@ class InlineGrid(Grid):
             )
         self._replies: dict[str, Message] = {}
 
-    def set_run(self, run: Run) -> None:
+    def set_run(self, run) -> None:
         """Use ``run``'s identity."""
         self._run = run
 
     @property
-    def run(self) -> Run:
+    def run(self):
         """The run."""
         return self._run
 
@@ -75,7 +72,7 @@ class InlineGrid(Grid):
         """Handle the messages now; their replies wait for ``pull_messages``."""
         pending: list[tuple[Message, Context]] = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid4())
+            set_message_id(message, str(uuid4()))
             pending.append((message, self.contexts[message.metadata.dst_node_id]))
         replies = None
         if self.batch_handler is not None and pending:

@@ -11,29 +11,25 @@ numbers still go through Flower's constructor.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.app.message.recorddict import _SyncedDict
+
+from flowerbed.flower_internals import filled, record_data, typed_view
 
 R = TypeVar("R", ConfigRecord, MetricRecord, RecordDict)
 V = TypeVar("V", ArrayRecord, MetricRecord, ConfigRecord)
 
 
-def _filled(record: R, items: Mapping) -> R:
-    record.__dict__["_data"].update(items)
-    return record
-
-
 def config_record(values: Mapping[str, str | int | float | list[int]]) -> ConfigRecord:
     """A ``ConfigRecord`` of the given values (strings, numbers, lists of integers)."""
-    return _filled(ConfigRecord(), values)
+    return filled(ConfigRecord(), values)
 
 
 def metric_record(values: Mapping[str, int | float]) -> MetricRecord:
     """A ``MetricRecord`` of plain Python numbers; any other value goes through Flower's checks."""
     if all(type(v) is int or type(v) is float for v in values.values()):
-        return _filled(MetricRecord(), values)
+        return filled(MetricRecord(), values)
     return MetricRecord(dict(values))
 
 
@@ -52,29 +48,27 @@ class ReplyContent(RecordDict):
     Pickled and deflated as a plain ``RecordDict``.
     """
 
-    def _view(self, kind: type[V]) -> _SyncedDict[V]:
-        view = _SyncedDict[kind](self, kind)  # type: ignore[valid-type]
-        view.__dict__["_data"].update((k, v) for k, v in self.__dict__["_data"].items() if isinstance(v, kind))
-        return view
+    def _view(self, kind: type[V]) -> Any:
+        return typed_view(self, kind, {k: v for k, v in record_data(self).items() if isinstance(v, kind)})
 
     @property
-    def array_records(self) -> _SyncedDict[ArrayRecord]:  # type: ignore[override]
+    def array_records(self) -> Any:  # type: ignore[override]
         """Dictionary holding only ArrayRecord instances."""
         return self._view(ArrayRecord)
 
     @property
-    def metric_records(self) -> _SyncedDict[MetricRecord]:  # type: ignore[override]
+    def metric_records(self) -> Any:  # type: ignore[override]
         """Dictionary holding only MetricRecord instances."""
         return self._view(MetricRecord)
 
     @property
-    def config_records(self) -> _SyncedDict[ConfigRecord]:  # type: ignore[override]
+    def config_records(self) -> Any:  # type: ignore[override]
         """Dictionary holding only ConfigRecord instances."""
         return self._view(ConfigRecord)
 
     def plain(self) -> RecordDict:
         """The same records in a plain ``RecordDict``."""
-        return _filled(RecordDict(), self.__dict__["_data"])
+        return filled(RecordDict(), record_data(self))
 
     def deflate(self) -> bytes:
         """Deflate as the plain ``RecordDict`` it stands for."""
@@ -82,9 +76,9 @@ class ReplyContent(RecordDict):
 
     def __reduce__(self):
         """Pickle (Ray) as a plain ``RecordDict``."""
-        return _filled, (RecordDict(), dict(self.__dict__["_data"]))
+        return filled, (RecordDict(), dict(record_data(self)))
 
 
 def reply_content(records: Mapping[str, ArrayRecord | MetricRecord | ConfigRecord]) -> RecordDict:
     """A reply's ``RecordDict`` of the given records, in the given key order."""
-    return _filled(ReplyContent(), records)
+    return filled(ReplyContent(), records)

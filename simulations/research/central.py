@@ -7,6 +7,7 @@ import torch
 
 from flowerbed.client.training import evaluate_local
 from flowerbed.experiment import Experiment
+from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.server.federation import CentralEvaluator
 from flowerbed.tasks import resolve_device, resolve_task
 from flowerbed.tasks.data.catalog import pooled_test_set
@@ -17,7 +18,9 @@ def make_central_evaluator(experiment: Experiment, sites: list[SiteData]) -> Cen
     """Evaluate weights on all sites' test splits together (the pooled test set)."""
     task = resolve_task(experiment.task.name, experiment.task.args)
     device = resolve_device(experiment.task.device)
-    model = task.build_model(sites[0].schema, private=experiment.privacy.enabled)
+    model = task.build_model(sites[0].schema)
+    if experiment.privacy.enabled:
+        model = make_private_compatible(model)
     x, y = pooled_test_set(sites)
 
     def evaluate(weights: dict[str, np.ndarray]) -> dict[str, float]:

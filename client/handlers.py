@@ -1,0 +1,134 @@
+"""The ClientApp's handlers: Flower messages in, one node round, Flower messages out.
+
+A thin adapter over ``flowerbed.client.node_round``: it reads the request from the message, lets
+the node admit it, trains or evaluates, releases, and builds the reply. A refusal becomes an error
+reply with the node's ``ErrorCode``, never a silent failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from flowerbed.client.node_round import (
+    Admitted,
+    Kind,
+    NodeRequest,
+    Refusal,
+    admit,
+    evaluate_step,
+    node_label,
+    node_model,
+    query_metrics,
+    refusal_for,
+    release_evaluate,
+    release_train,
+    train_step,
+)
+from flowerbed.exception import FlowerbedError, NodeError
+from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.protocol import EXPERIMENT_KEY, RUN_ID_KEY, SITE_RECORD
+from flowerbed.tasks import resolve_device
+from flowerbed.weights import arrays_to_numpy, model_to_arrays
+
+
+@functools.lru_cache(maxsize=16)
+def _experiment(text: str) -> Experiment:
+    return parse_experiment(json.loads(text), "experiment sent by the server")
+
+
+def node_request(message: Message, context: Context, kind: Kind) -> NodeRequest:
+    """The request a message makes of this node.
+
+    Raises
+    ------
+    NodeError
+        When the message does not come from a flowerbed ServerApp.
+    """
+    config = message.content.config_records.get("config")
+    if config is None or EXPERIMENT_KEY not in config:
+        raise NodeError(f"message has no {EXPERIMENT_KEY!r}: the server is not a flowerbed ServerApp")
+    return NodeRequest(
+        kind=kind,
+        experiment=_experiment(str(config[EXPERIMENT_KEY])),
+        run_id=str(config.get(RUN_ID_KEY, "run")),
+        server_round=int(config.get("server-round", 0)),
+        node_config=context.node_config,
+    )
+
+
+def refusal_reply(message: Message, refusal: Refusal) -> Message:
+    """The error reply for a refusal (its code is what the coordinator reads)."""
+    return Message(Error(code=int(refusal.code), reason=refusal.reason), reply_to=message)
+
+
+def error_reply(message: Message, context: Context, exc: FlowerbedError) -> Message:
+    """The error reply for an error raised while answering ``message``."""
+    return refusal_reply(message, refusal_for(exc, node_label(context.node_config)))
+
+
+def site_record(name: str) -> ConfigRecord:
+    """The record naming the replying site."""
+    return ConfigRecord({"name": name})
+
+
+def _admitted(message: Message, context: Context, kind: Kind) -> Admitted | Refusal:
+    try:
+        request = node_request(message, context, kind)
+    except FlowerbedError as exc:
+        return refusal_for(exc, node_label(context.node_config))
+    (outcome,) = admit([request])
+    return outcome
+
+
+def query(message: Message, context: Context) -> Message:
+    """Answer discovery: the site's name and what the node reveals about its size."""
+    admitted = _admitted(message, context, "query")
+    if isinstance(admitted, Refusal):
+        return refusal_reply(message, admitted)
+    content = RecordDict(
+        {SITE_RECORD: site_record(admitted.site.name), "metrics": MetricRecord(query_metrics(admitted))}
+    )
+    return Message(content, reply_to=message)
+
+
+def train(message: Message, context: Context) -> Message:
+    """Train the received global model on local data and reply with the new weights."""
+    admitted = _admitted(message, context, "train")
+    if isinstance(admitted, Refusal):
+        return refusal_reply(message, admitted)
+    try:
+        model = node_model(admitted, arrays_to_numpy(message.content["arrays"]))
+        result = train_step(admitted, model, resolve_device(admitted.request.experiment.task.device))
+    except FlowerbedError as exc:
+        return refusal_reply(message, refusal_for(exc, admitted.site.name))
+    (released,) = release_train([admitted], [result])
+    if isinstance(released, Refusal):  # the update is discarded
+        return refusal_reply(message, released)
+    content = RecordDict(
+        {
+            "arrays": model_to_arrays(model),
+            "metrics": MetricRecord(released),
+            SITE_RECORD: site_record(admitted.site.name),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the received global model on the site's own test split."""
+    admitted = _admitted(message, context, "evaluate")
+    if isinstance(admitted, Refusal):
+        return refusal_reply(message, admitted)
+    try:
+        model = node_model(admitted, arrays_to_numpy(message.content["arrays"]))
+        metrics = evaluate_step(admitted, model, resolve_device(admitted.request.experiment.task.device))
+    except FlowerbedError as exc:
+        return refusal_reply(message, refusal_for(exc, admitted.site.name))
+    (released,) = release_evaluate([admitted], [metrics])
+    if isinstance(released, Refusal):
+        return refusal_reply(message, released)
+    content = RecordDict({"metrics": MetricRecord(released), SITE_RECORD: site_record(admitted.site.name)})
+    return Message(content, reply_to=message)

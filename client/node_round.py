@@ -1,0 +1,452 @@
+"""One node round: admit -> train -> release, the rules of a hospital's node in one place.
+
+Every path that answers for a node runs these steps: the Flower ClientApp (a deployed SuperNode,
+and each virtual node on Flower's simulation engine) and the inline backend's cohorts, which
+replace only the train step with batched kernels. The steps work on plain data, for one node or
+many at once, with the same outcome either way.
+
+- **admit**: the node's own config (typed, unknown keys refused), task approval, its local data,
+  the request's policy (plain training on a node with a budget is refused), and for DP training
+  the ledger, the dataset's fingerprint, the run's plan and the budget check. A refusal carries
+  the ``ErrorCode`` the coordinator reads.
+- **train**: the local arithmetic (``train_step`` here; the cohort kernels in the inline backend).
+- **release**: a DP round is charged to the node's ledger (durably, before any reply exists), and
+  the reply's metrics are made: ``num-examples`` and ``train-loss``, or under DP ``epsilon`` and
+  ``delta`` instead of the loss (a loss on private rows carries no noise).
+
+Simulated nodes take extra keys from ``FLOWERBED_SIM_NODE_CONFIG`` (a JSON object keyed by ``"*"``
+then by site name, e.g. ``{"*": {"dp-test-seed": 0}, "va": {"budget-epsilon": 2}}``); deployed
+nodes ignore it. A simulated node without ``ledger`` keeps its releases in
+``$FLOWERBED_SIM_NODE_DIR/ledger.sqlite`` (``flowerbed simulate`` points it at the run folder's
+``nodes/``), else in a per-run folder of the system's temporary folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowerbed.client.approval import check_task_approved
+from flowerbed.client.local_data import resolve_site
+from flowerbed.client.node_config import NodeConfig, parse_node_config
+from flowerbed.client.private_training import train_private
+from flowerbed.client.training import TrainResult, evaluate_local, train_local
+from flowerbed.exception import ConfigError, DataError, FlowerbedError, NodeError, PolicyRefusal
+from flowerbed.experiment import Experiment
+from flowerbed.privacy.dp_sgd import make_private_compatible
+from flowerbed.privacy.ledger import (
+    Budget,
+    Charge,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    check_budget,
+    compose,
+    fingerprint_arrays,
+    fingerprint_file,
+)
+from flowerbed.privacy.planner import DPPlan, make_plan
+from flowerbed.protocol import ErrorCode
+from flowerbed.seeds import derive_seed
+from flowerbed.tasks import SiteData, Task, is_builtin, resolve_task
+
+SIM_NODE_CONFIG_ENV = "FLOWERBED_SIM_NODE_CONFIG"
+SIM_NODE_DIR_ENV = "FLOWERBED_SIM_NODE_DIR"
+
+Kind = Literal["query", "train", "evaluate"]
+Metrics = dict[str, int | float]
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """What the coordinator asks of one node, as plain data.
+
+    Parameters
+    ----------
+    kind : {"query", "train", "evaluate"}
+        Discovery, a training round, or an evaluation.
+    experiment : Experiment
+        The run's experiment, as the coordinator sent it.
+    run_id : str
+        The run's id (ledger entries and plans are keyed by it).
+    server_round : int
+        The round (0 for discovery).
+    node_config : Mapping[str, Any]
+        The node's own configuration (Flower's ``context.node_config``).
+    """
+
+    kind: Kind
+    experiment: Experiment
+    run_id: str
+    server_round: int
+    node_config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A node's refusal: the code the coordinator reads and the reason people read."""
+
+    code: ErrorCode
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrivateRelease:
+    """A DP round admitted at a node: where it is charged and under which plan."""
+
+    ledger: PrivacyLedger
+    dataset: str
+    plan: DPPlan
+    budget: Budget | None
+    noise_seed: int | None  # deterministic sampling and noise: tests and simulations only
+
+    @property
+    def delta(self) -> float:
+        """The delta epsilon is reported at: the budget's, else the plan's."""
+        return self.plan.delta if self.budget is None else self.budget.delta
+
+    @property
+    def accountant(self) -> str:
+        """The accountant that composes the releases: the budget's, else the plan's."""
+        return self.plan.accountant if self.budget is None else self.budget.accountant
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request the node accepted, with everything its train or evaluate step needs."""
+
+    request: NodeRequest
+    config: NodeConfig
+    site: SiteData
+    task: Task
+    seed: int  # the plain path's batch order
+    private: PrivateRelease | None = None
+
+
+Outcome = Admitted | Refusal
+
+
+def refusal_for(exc: FlowerbedError, node: str) -> Refusal:
+    """The refusal for an error, with the node named first."""
+    return Refusal(exc.code, f"node {node}: {exc}")
+
+
+def node_label(raw: Mapping[str, Any]) -> str:
+    """How a node is named in a refusal before its data is known."""
+    if raw.get("site"):
+        return str(raw["site"])
+    if raw.get("data-path"):
+        return Path(str(raw["data-path"])).stem
+    return f"partition {raw['partition-id']}" if "partition-id" in raw else "?"
+
+
+# --------------------------------------------------------------------------------------- admit
+
+
+def admit(requests: Sequence[NodeRequest]) -> list[Outcome]:
+    """Admit or refuse each request, in order (DP bookkeeping batched per ledger)."""
+    outcomes: list[Outcome] = []
+    for request in requests:
+        try:
+            outcomes.append(_admit_one(request))
+        except FlowerbedError as exc:
+            outcomes.append(refusal_for(exc, node_label(request.node_config)))
+    private = [
+        i
+        for i, o in enumerate(outcomes)
+        if isinstance(o, Admitted) and o.request.kind == "train" and o.request.experiment.privacy.enabled
+    ]
+    for i, outcome in zip(private, _admit_private([outcomes[i] for i in private]), strict=True):  # type: ignore[misc]
+        outcomes[i] = outcome
+    return outcomes
+
+
+def node_config(raw: Mapping[str, Any], site: str | None = None) -> NodeConfig:
+    """The node's typed config; a simulated node's adds ``FLOWERBED_SIM_NODE_CONFIG``'s entries for ``site``."""
+    simulated = "partition-id" in raw and "data-path" not in raw
+    overlay = os.environ.get(SIM_NODE_CONFIG_ENV) if simulated else None
+    merged = dict(raw)
+    if overlay:
+        for key in ("*", site):
+            merged.update(_overlay(overlay).get(key, {}) if key is not None else {})
+    return parse_node_config(merged, deployed=not simulated)
+
+
+@functools.lru_cache(maxsize=8)
+def _overlay(text: str) -> dict[str, dict[str, Any]]:
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(SIM_NODE_CONFIG_ENV, ["must be a JSON object of objects keyed by '*' or site name"])
+
+
+def _admit_one(request: NodeRequest) -> Admitted:
+    raw, experiment = request.node_config, request.experiment
+    config = node_config(raw)
+    site = resolve_site(config, experiment)
+    if os.environ.get(SIM_NODE_CONFIG_ENV) and config.simulated:
+        config = node_config(raw, site.name)  # the overlay's entries for this site
+        site = resolve_site(config, experiment)
+    if not is_builtin(experiment.task.name):
+        check_task_approved(experiment.task.name, {**raw, **config.model_dump(by_alias=True, exclude_none=True)})
+    task = _task(experiment)
+    if request.kind == "evaluate" and len(site.y_test) == 0:
+        raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")
+    if request.kind == "train":
+        if site.num_train == 0:
+            raise DataError(f"site {site.name} has no training rows")
+        if not experiment.privacy.enabled and config.budget_epsilon is not None:
+            raise PolicyRefusal(
+                f"site {site.name} only trains with differential privacy (its node config sets "
+                f"budget-epsilon = {config.budget_epsilon:g}); set privacy.enabled = true and "
+                "privacy.target_epsilon in the experiment"
+            )
+    seed = derive_seed(experiment.seed, "train", request.server_round, site.name)
+    return Admitted(request, config, site, task, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _task_cached(name: str, args_json: str) -> Task:
+    return resolve_task(name, json.loads(args_json))
+
+
+def _task(experiment: Experiment) -> Task:
+    return _task_cached(experiment.task.name, json.dumps(experiment.task.args, sort_keys=True))
+
+
+def ledger_path(config: NodeConfig, run_id: str) -> Path:
+    """The node's ledger file: ``ledger`` from its config, or a simulated node's default.
+
+    Raises
+    ------
+    NodeError
+        A deployed node without ``ledger`` cannot train with DP.
+    """
+    if config.ledger is not None:
+        return Path(config.ledger).expanduser()
+    if config.simulated:
+        root = os.environ.get(SIM_NODE_DIR_ENV)
+        if root:
+            return Path(root) / "ledger.sqlite"
+        safe_run = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+        return Path(tempfile.gettempdir()) / "flowerbed-nodes" / safe_run / "ledger.sqlite"
+    raise NodeError(
+        "DP training needs a privacy ledger: start the node with "
+        "--node-config 'ledger=\"/var/lib/flowerbed/ledger.sqlite\" budget-epsilon=8.0'"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def open_ledger(path: Path) -> PrivacyLedger:
+    """The ledger at ``path`` (opened, and its schema made, once per process)."""
+    return PrivacyLedger(path)
+
+
+_ARRAY_FINGERPRINTS: dict[int, tuple[SiteData, str]] = {}
+
+
+def dataset_fingerprint(site: SiteData, config: NodeConfig) -> str:
+    """The ledger's name for the local dataset.
+
+    ``dataset-id`` from the node config when set (a name that stays when the file is updated, so
+    a new version does not start a fresh budget); else the SHA-256 of the node's data file; else
+    (simulations) of the training arrays.
+    """
+    if config.dataset_id:
+        return f"id:{config.dataset_id}"
+    if config.data_path is not None and Path(config.data_path).is_file():
+        stat = Path(config.data_path).stat()
+        return _file_fingerprint(config.data_path, stat.st_size, stat.st_mtime_ns)
+    cached = _ARRAY_FINGERPRINTS.get(id(site))
+    if cached is None or cached[0] is not site:
+        if len(_ARRAY_FINGERPRINTS) > 65536:
+            _ARRAY_FINGERPRINTS.clear()
+        cached = _ARRAY_FINGERPRINTS[id(site)] = (site, fingerprint_arrays(site.x_train, site.y_train))
+    return cached[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    return fingerprint_file(path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _new_plan(n: int, batch_size: int, local_epochs: int, rounds: int, privacy: tuple) -> DPPlan:
+    max_grad_norm, target_epsilon, noise_multiplier, delta, accountant = privacy
+    return make_plan(
+        n=n,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        rounds=rounds,
+        max_grad_norm=max_grad_norm,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise_multiplier,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def run_plan(experiment: Experiment, n: int) -> DPPlan:
+    """The plan a node makes for the run on ``n`` training rows (equal sites share it)."""
+    p, t = experiment.privacy, experiment.train
+    return _new_plan(
+        n, t.batch_size, t.local_epochs, experiment.rounds,
+        (p.max_grad_norm, p.target_epsilon, p.noise_multiplier, p.delta, p.accountant),
+    )  # fmt: skip
+
+
+def budget_of(config: NodeConfig) -> Budget | None:
+    """The hospital's budget from its node config (``None``: releases are recorded, not limited)."""
+    if config.budget_epsilon is None:
+        return None
+    return _budget(config.budget_epsilon, config.budget_delta, config.budget_accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _budget(epsilon: float, delta: float, accountant: str) -> Budget:
+    return Budget(epsilon=epsilon, delta=delta, accountant=accountant)
+
+
+def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
+    """Ledger, dataset, stored plan and budget check for DP training requests, one ledger read each."""
+    outcomes: list[Outcome] = list(admitted)
+    by_ledger: dict[Path, list[tuple[int, str, DPPlan]]] = {}
+    for i, a in enumerate(admitted):
+        try:
+            path = ledger_path(a.config, a.request.run_id)
+            plan = run_plan(a.request.experiment, a.site.num_train)
+        except FlowerbedError as exc:
+            outcomes[i] = refusal_for(exc, a.site.name)
+            continue
+        by_ledger.setdefault(path, []).append((i, dataset_fingerprint(a.site, a.config), plan))
+    for path, members in by_ledger.items():
+        try:
+            ledger = open_ledger(path)
+            plans = ledger.save_plans([(d, admitted[i].request.run_id, p) for i, d, p in members])
+            histories = ledger.histories(d for _, d, _ in members)
+        except FlowerbedError as exc:
+            for i, _, _ in members:
+                outcomes[i] = refusal_for(exc, admitted[i].site.name)
+            continue
+        for (i, dataset, _), plan in zip(members, plans, strict=True):
+            a = admitted[i]
+            budget = budget_of(a.config)
+            if budget is not None:
+                step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+                try:
+                    check_budget(histories[dataset], step, budget, dataset=dataset, site=a.site.name)
+                except PrivacyBudgetExceeded as exc:
+                    outcomes[i] = refusal_for(exc, a.site.name)
+                    continue
+            seed = a.config.dp_test_seed
+            noise_seed = None if seed is None else derive_seed(seed, "dp", a.request.server_round, a.site.name)
+            outcomes[i] = replace(a, private=PrivateRelease(ledger, dataset, plan, budget, noise_seed))
+    return outcomes
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def node_model(admitted: Admitted, weights: Mapping[str, np.ndarray]) -> nn.Module:
+    """The task's model for this node's data, holding the received weights.
+
+    Raises
+    ------
+    NodeError
+        When the weights do not fit the model this node builds (names or shapes differ).
+    """
+    experiment = admitted.request.experiment
+    model = admitted.task.build_model(admitted.site.schema)
+    if experiment.privacy.enabled:
+        model = make_private_compatible(model)
+    state = model.state_dict()
+    problems = sorted(set(state) ^ set(weights))
+    problems += [k for k in state if k in weights and tuple(weights[k].shape) != tuple(state[k].shape)]
+    if problems:
+        raise NodeError(
+            f"the received model does not fit site {admitted.site.name}'s data and task "
+            f"({', '.join(problems[:5])}); check the experiment's task and data sections"
+        )
+    model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}, strict=True)
+    return model
+
+
+def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> TrainResult:
+    """The local arithmetic of one round on one node: DP-SGD under the admitted plan, or plain SGD."""
+    experiment, site = admitted.request.experiment, admitted.site
+    if admitted.private is not None:
+        plan = admitted.private.plan
+        return train_private(
+            model, admitted.task, site.x_train, site.y_train, experiment.train,
+            plan=plan, seed=admitted.private.noise_seed, device=device,
+        )  # fmt: skip
+    return train_local(
+        model, admitted.task, site.x_train, site.y_train, experiment.train, seed=admitted.seed, device=device
+    )
+
+
+def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device) -> Metrics:
+    """The task's loss and metrics on the node's own test split."""
+    site = admitted.site
+    return evaluate_local(model, admitted.task, site.x_test, site.y_test, device=device)
+
+
+# ------------------------------------------------------------------------------------- release
+
+
+def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) -> list[Metrics | Refusal]:
+    """Charge every DP round (one transaction per ledger), then each reply's metrics, in order.
+
+    A round that no longer fits the budget (another process spent it meanwhile) is refused and
+    its update must be discarded.
+    """
+    out: list[Metrics | Refusal] = []
+    by_ledger: dict[Path, list[int]] = {}
+    for i, (a, result) in enumerate(zip(admitted, results, strict=True)):
+        if a.private is None:
+            out.append({"num-examples": result.num_examples, "train-loss": result.loss})
+        else:
+            out.append({})
+            by_ledger.setdefault(a.private.ledger.path, []).append(i)
+    for members in by_ledger.values():
+        ledger = admitted[members[0]].private.ledger  # type: ignore[union-attr]
+        charges = [_charge(admitted[i], results[i]) for i in members]
+        budgets = [admitted[i].private.budget for i in members]  # type: ignore[union-attr]
+        charged = ledger.charge_many(charges, budgets)
+        histories = ledger.histories(c.dataset for c in charges)
+        for i, charge, outcome in zip(members, charges, charged, strict=True):
+            private = admitted[i].private
+            if isinstance(outcome, PrivacyBudgetExceeded):
+                out[i] = refusal_for(outcome, admitted[i].site.name)
+                continue
+            epsilon = compose(histories[charge.dataset], private.delta, private.accountant)  # type: ignore[union-attr]
+            out[i] = {"num-examples": results[i].num_examples, "epsilon": epsilon, "delta": private.delta}  # type: ignore[union-attr]
+    return out
+
+
+def _charge(a: Admitted, result: TrainResult) -> Charge:
+    private = a.private
+    assert private is not None
+    return Charge(private.dataset, a.request.run_id, a.request.server_round, private.plan, result.steps, a.site.name)
+
+
+def release_evaluate(admitted: Sequence[Admitted], metrics: Sequence[Metrics]) -> list[Metrics | Refusal]:
+    """What each node's evaluation reply says: the task's metrics on its test split and ``num-examples``."""
+    return [{**m, "num-examples": len(a.site.y_test)} for a, m in zip(admitted, metrics, strict=True)]
+
+
+def query_metrics(admitted: Admitted) -> Metrics:
+    """What discovery reveals: the number of training examples."""
+    return {"num-examples": admitted.site.num_train}

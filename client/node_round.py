@@ -156,10 +156,11 @@ def admit(requests: Sequence[NodeRequest]) -> list[Outcome]:
     """Admit or refuse each request, in order (DP bookkeeping batched per ledger)."""
     outcomes: list[Outcome] = []
     for request in requests:
+        label = [node_label(request.node_config)]  # the site's name once its data is known
         try:
-            outcomes.append(_admit_one(request))
+            outcomes.append(_admit_one(request, label))
         except FlowerbedError as exc:
-            outcomes.append(refusal_for(exc, node_label(request.node_config)))
+            outcomes.append(refusal_for(exc, label[0]))
     private = [
         i
         for i, o in enumerate(outcomes)
@@ -192,10 +193,11 @@ def _overlay(text: str) -> dict[str, dict[str, Any]]:
     raise ConfigError(SIM_NODE_CONFIG_ENV, ["must be a JSON object of objects keyed by '*' or site name"])
 
 
-def _admit_one(request: NodeRequest) -> Admitted:
+def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
     raw, experiment = request.node_config, request.experiment
     config = node_config(raw)
     site = resolve_site(config, experiment)
+    label[0] = site.name
     if os.environ.get(SIM_NODE_CONFIG_ENV) and config.simulated:
         config = node_config(raw, site.name)  # the overlay's entries for this site
         site = resolve_site(config, experiment)

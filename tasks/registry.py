@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,13 @@ def resolve_task(name: str, args: dict[str, Any] | None = None) -> Task:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise TaskError(f"task.name = {name!r} cannot be imported: {exc}") from None
+    if callable(obj) and not isinstance(obj, Task):
+        try:
+            inspect.signature(obj).bind(**args)
+        except TypeError as exc:
+            raise TaskError(f"task.args for {name!r} do not fit its factory: {exc}") from None
+        except ValueError:  # no signature to check (a builtin): call it and see
+            pass
     task = obj if isinstance(obj, Task) else obj(**args) if callable(obj) else None
     if not isinstance(task, Task):
         raise TaskError(f"task.name = {name!r} must be a flowerbed Task or a callable returning one")

@@ -195,8 +195,8 @@ def run_sweep(
     Returns
     -------
     SweepResult
-        A combination that fails with a ``FlowerbedError`` is recorded as a failed row and the
-        sweep goes on; any other exception stops it.
+        A combination that fails is recorded as a failed row (with the error's type when it is
+        not a ``FlowerbedError``) and the sweep goes on; only an interrupt stops it.
     """
     from flowerbed.simulations.research.report import final_metrics, load_run
     from flowerbed.simulations.simulate import simulate
@@ -218,9 +218,10 @@ def run_sweep(
         start = time.perf_counter()
         try:
             run_dir = simulate(experiment, quiet=quiet)
-        except FlowerbedError as exc:
-            rows.append(SweepRow(index, values, label, None, time.perf_counter() - start, error=str(exc)))
-            say(f"[{index + 1}/{total}] failed: {exc}")
+        except Exception as exc:  # one failed run is a failed row; the sweep goes on
+            reason = str(exc) if isinstance(exc, FlowerbedError) else f"{type(exc).__name__}: {exc}"
+            rows.append(SweepRow(index, values, label, None, time.perf_counter() - start, error=reason))
+            say(f"[{index + 1}/{total}] failed: {reason}")
         else:
             seconds = time.perf_counter() - start
             metrics = final_metrics(load_run(run_dir))

@@ -149,7 +149,7 @@ def spawn_trial(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run ``run_trial`` in a fresh process; add the peak PSS of its process tree."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        env = dict(os.environ, FLOWERBED_SIM_LEDGER_DIR=str(Path(tmp) / "ledgers"))
+        env = dict(os.environ, FLOWERBED_SIM_NODE_DIR=str(Path(tmp) / "nodes"))
         cmd = [
             sys.executable,
             "-m",

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from flowerbed.client.node_config import parse_node_config
 from flowerbed.exception import DataError, NodeError
 from flowerbed.experiment import Experiment
 from flowerbed.kit import NodeKit
@@ -88,9 +89,16 @@ class NodeSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
-        """The ClientApp's node config."""
+        """The ClientApp's node config, checked against the node-config schema.
+
+        Raises
+        ------
+        ConfigError
+            Listing every unknown key (with the nearest valid one) and every bad value.
+        """
         config: dict[str, Any] = {"data-path": str(self.data_path), "site": self.site}
         config.update({k: v for k, v in self.extra.items() if v is not None})
+        parse_node_config(config, source="node config (flowerbed node start)", deployed=True)
         return config
 
 

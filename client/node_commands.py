@@ -72,6 +72,13 @@ def node_start_command(
         str | None, typer.Option("--coordinator", help="host:port (default: the kit's; required without a kit).")
     ] = None,
     site: Annotated[str | None, typer.Option("--site", help="Site name (default: the kit's).")] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config",
+            help="Another node-config key, KEY=VALUE (e.g. require-secure-aggregation=true); repeatable.",
+        ),
+    ] = None,
     executor: Annotated[
         str, typer.Option("--executor", help="warm: fork a pre-imported child per message; flower: a new process.")
     ] = "warm",
@@ -101,6 +108,7 @@ def node_start_command(
         "budget-epsilon": budget_epsilon,
         "budget-delta": budget_delta,
         "approvals": str(approvals.expanduser().resolve()) if approvals else None,
+        **config_items(config or []),
     }
     settings = NodeSettings(
         site=name,
@@ -118,6 +126,22 @@ def node_start_command(
     node = Node(settings)
     node.start()
     raise typer.Exit(node.wait())
+
+
+def config_items(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as node-config entries (values read as TOML: numbers, booleans, else text)."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise NodeError(f"--config {item!r}: use KEY=VALUE, e.g. --config evaluation=refuse")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw.strip()
+    return out
 
 
 def node_approve_command(

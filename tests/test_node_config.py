@@ -191,3 +191,18 @@ def test_cache_returns_equal_objects() -> None:
 def test_unhashable_value_is_validated_without_cache() -> None:
     (problem,) = problems({"site": ["a", "b"]})
     assert problem.startswith("site = ['a', 'b']:")
+
+
+def test_node_start_refuses_a_mistyped_key_before_starting_anything(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "site.csv"
+    data.write_text("1,2,3\n")
+    cmd = [sys.executable, "-m", "flowerbed.cli", "node", "start", "--insecure", "--coordinator", "127.0.0.1:9"]
+    cmd += ["--site", "bern", "--data", str(data), "--state", str(tmp_path / "state")]
+    cmd += ["--config", "budget_epsilon=8", "--config", "evaluation=maybe"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "did you mean 'budget-epsilon'" in result.stderr and "evaluation" in result.stderr
+    assert not (tmp_path / "state" / "supernode.log").exists()

@@ -158,7 +158,7 @@ def test_below_threshold_the_run_stops_and_says_why(heart_experiment) -> None:
 
 
 def test_dp_sgd_and_secure_aggregation_together_report_epsilon_per_site(heart_experiment, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWERBED_SIM_LEDGER_DIR", str(tmp_path / "ledgers"))
+    monkeypatch.setenv("FLOWERBED_SIM_NODE_DIR", str(tmp_path / "nodes"))
     run = simulate(
         heart_experiment(
             "rounds=1",

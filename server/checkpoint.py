@@ -1,7 +1,9 @@
 """Atomic per-round checkpoints: a crashed coordinator resumes from its last complete round.
 
 A checkpoint is a folder ``checkpoints/round-NNNN/`` with ``weights.safetensors``, ``state.json``
-and ``strategy.pkl``. It is written under a temporary name, every file fsynced, then renamed; only
+(the loop's state and the strategy's scalars) and ``strategy.safetensors`` (the strategy's arrays):
+no pickle, so resuming a run folder never executes what it holds. It is written under a temporary
+name, every file fsynced, then renamed; only
 then does ``checkpoints/LATEST`` (itself replaced atomically) point at it. A crash at any moment
 leaves either the previous or the new checkpoint, never a half-written one.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
+from flowerbed.experiment import StrategyConfig
+from flowerbed.server.strategy_state import restore_strategy, strategy_state
+from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import load_safetensors, save_safetensors
 
 KEEP = 2
@@ -59,8 +63,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_safetensors(checkpoint.weights, tmp / "weights.safetensors")
-    _write_bytes(tmp / "strategy.pkl", pickle.dumps(checkpoint.strategy))
-    state = {"round": checkpoint.round, **checkpoint.state}
+    meta, tensors = strategy_state(checkpoint.strategy)
+    save_safetensors(tensors, tmp / "strategy.safetensors")
+    state = {"round": checkpoint.round, "strategy": meta, **checkpoint.state}
     _write_bytes(tmp / "state.json", json.dumps(state, separators=(",", ":")).encode())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -81,20 +86,26 @@ def latest_round(run_dir: Path) -> int | None:
     return int(pointer.read_text().strip().removeprefix("round-"))
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint:
-    """The newest complete checkpoint of a run folder.
+def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
+    """The newest complete checkpoint of a run folder, with the strategy rebuilt from ``strategy``.
 
     Raises
     ------
     RunError
-        If the run folder has no complete checkpoint.
+        If the run folder has no complete checkpoint, or only one written by an older flowerbed.
     """
     pointer = run_dir / "checkpoints" / "LATEST"
     if not pointer.is_file():
         raise RunError(f"{run_dir}: no checkpoint to resume from (no round has completed yet); start a new run")
     folder = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (folder / "strategy.safetensors").is_file():
+        raise RunError(
+            f"{folder}: written by an older flowerbed (its strategy state is a pickle, which flowerbed no longer "
+            "loads); start a new run"
+        )
     state = json.loads((folder / "state.json").read_text())
-    with open(folder / "strategy.pkl", "rb") as handle:
-        strategy = pickle.load(handle)  # written by this coordinator, never received from a node
+    rebuilt = restore_strategy(
+        build_strategy(strategy), state.pop("strategy", {}), load_safetensors(folder / "strategy.safetensors")
+    )
     weights = load_safetensors(folder / "weights.safetensors")
-    return Checkpoint(round=int(state.pop("round")), weights=weights, strategy=strategy, state=state)
+    return Checkpoint(round=int(state.pop("round")), weights=weights, strategy=rebuilt, state=state)

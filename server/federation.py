@@ -260,7 +260,7 @@ class Federation:
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every round, checkpointing after each; return the summary."""
         if resume:
-            state = ckpt.load_checkpoint(self.run_dir)
+            state = ckpt.load_checkpoint(self.run_dir, self.experiment.strategy)
             strategy, weights = state.strategy, state.weights
             self.history = list(state.state.get("history", []))
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import pickle
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.clientapp import ClientApp
 
 from flowerbed.client.app import app as real_client_app
+from flowerbed.exception import RunError
+from flowerbed.experiment import StrategyConfig
 from flowerbed.server.checkpoint import latest_round, load_checkpoint
 from flowerbed.server.run_folder import read_metrics, read_summary
 from flowerbed.simulations.simulate import resume_simulation, simulate
@@ -54,9 +58,10 @@ def test_seeded_sampling_takes_clients_per_round(heart_experiment):
     assert len({tuple(s) for s in sampled}) > 1
 
 
-def test_checkpoint_after_every_round_and_resume_equals_uninterrupted(heart_experiment, tmp_path):
-    full = simulate(heart_experiment("rounds=4"), quiet=True)
-    partial = simulate(heart_experiment("rounds=2"), quiet=True)
+@pytest.mark.parametrize("strategy", ["FedAvg", "FedAdam"])
+def test_checkpoint_after_every_round_and_resume_equals_uninterrupted(strategy, heart_experiment, tmp_path):
+    full = simulate(heart_experiment("rounds=4", f"strategy.name={strategy!r}"), quiet=True)
+    partial = simulate(heart_experiment("rounds=2", f"strategy.name={strategy!r}"), quiet=True)
     assert latest_round(partial) == 2
     # Continue the 2-round run to 4 rounds from its checkpoint, as after a crash.
     experiment = json.loads((partial / "experiment.json").read_text())
@@ -66,8 +71,33 @@ def test_checkpoint_after_every_round_and_resume_equals_uninterrupted(heart_expe
     assert [r["round"] for r in read_metrics(partial)] == [1, 2, 3, 4]
     for key, value in final_weights(full).items():
         assert np.array_equal(value, final_weights(partial)[key]), key
-    checkpoint = load_checkpoint(partial)
+    checkpoint = load_checkpoint(partial, StrategyConfig(name=strategy))
     assert checkpoint.round == 4 and len(checkpoint.state["history"]) == 4
+    # No pickle anywhere: a run folder is data, and resuming it runs nothing it holds.
+    for folder in (partial / "checkpoints").glob("round-*"):
+        assert sorted(p.name for p in folder.iterdir()) == ["state.json", "strategy.safetensors", "weights.safetensors"]
+    assert not list(partial.rglob("*.pkl"))
+
+
+def test_a_checkpoint_with_a_pickled_strategy_is_refused(heart_experiment, tmp_path):
+    run = simulate(heart_experiment("rounds=1"), quiet=True)
+    folder = run / "checkpoints" / "round-0001"
+    (folder / "strategy.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (folder / "strategy.pkl").write_bytes(pickle.dumps(_Marker(str(marker))))
+    with pytest.raises(RunError, match="older flowerbed"):
+        load_checkpoint(run, StrategyConfig())
+    assert not marker.exists()
+
+
+class _Marker:
+    """Writes a file when unpickled (what an attacker's pickle would do)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.path), "ran"))
 
 
 def test_invalid_replies_are_rejected_with_the_site_named(heart_experiment):

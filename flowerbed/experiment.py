@@ -7,14 +7,17 @@ key, never a silently ignored setting. ``load_experiment`` gathers every problem
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowerbed.config_utils import read_toml, validate
 from flowerbed.exception import ConfigError
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class _Section(BaseModel):
@@ -64,6 +67,9 @@ class TrainConfig(_Section):
     clients_per_round: int | None = Field(default=None, gt=0)
     min_nodes: int | None = Field(default=None, gt=0)
     round_timeout: float = Field(default=600.0, gt=0)
+    # What one reply may claim: its weight (num-examples) and the norm of its update.
+    max_examples: int = Field(default=10_000_000, gt=0)
+    max_update_norm: float | None = Field(default=1000.0, gt=0)
 
 
 class StrategyConfig(_Section):
@@ -151,6 +157,16 @@ class Experiment(_Section):
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError(
+                "the run's name becomes a folder name: use letters, digits, '.', '_' and '-' (at most 64, "
+                "starting with a letter or digit), e.g. 'heart-dp'"
+            )
+        return name
 
     @model_validator(mode="after")
     def _secagg_needs_a_weighted_mean(self) -> Experiment:

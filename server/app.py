@@ -7,10 +7,13 @@ Run-config keys:
 - ``run-dir``: the run folder to write (default: a new folder under the experiment's ``output``).
 - ``resume``: ``true`` to continue ``run-dir`` from its last checkpoint.
 - ``expected-nodes``: nodes to wait for (default: ``data.partition.num_clients``).
+- ``site-max-examples``: JSON object, site -> the most ``num-examples`` its replies may claim (the
+  federation file's ``max_examples``; ``flowerbed run start`` fills it in).
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -52,4 +55,26 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_dir = new_run_dir(experiment)
     expected = int(run_config.get("expected-nodes", experiment.data.partition.num_clients))
-    run_federation(grid, experiment, run_dir, expected_nodes=expected, resume=resume, reporter=LogReporter())
+    caps = site_caps(str(run_config.get("site-max-examples", "")))
+    run_federation(
+        grid,
+        experiment,
+        run_dir,
+        expected_nodes=expected,
+        resume=resume,
+        reporter=LogReporter(),
+        site_max_examples=caps,
+    )
+
+
+def site_caps(text: str) -> dict[str, int]:
+    """The run config's ``site-max-examples`` (empty: no per-site caps)."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict) and all(isinstance(v, int) and v > 0 for v in value.values()):
+            return {str(k): int(v) for k, v in value.items()}
+    except ValueError:
+        pass
+    raise ConfigError("run config", ["site-max-examples: must be a JSON object of site -> positive integer"])

@@ -103,6 +103,7 @@ class Federation:
         initial_weights: dict[str, np.ndarray],
         central_evaluator: CentralEvaluator | None = None,
         reporter: Reporter | None = None,
+        site_max_examples: dict[str, int] | None = None,
     ) -> None:
         self.grid = grid
         self.experiment = experiment
@@ -116,6 +117,8 @@ class Federation:
         self.excluded: dict[str, str] = {}
         self.exhausted: dict[str, str] = {}  # site -> why its privacy budget stopped it
         self.left_out: dict[str, str] = {}  # site -> the refusal (policy, approval, config) that ends its training
+        self.site_max_examples = dict(site_max_examples or {})  # the operator's cap per site (federation file)
+        self.pinned_examples: dict[str, float] = {}  # site -> the weight it claimed first, for the whole run
         self.history: list[dict[str, Any]] = []
         self.timings: list[dict[str, Any]] = []
         self.final_weights: dict[str, np.ndarray] = initial_weights
@@ -209,7 +212,7 @@ class Federation:
                 outcome.refused[site] = str(reply.error.reason)
                 outcome.codes[site] = int(reply.error.code)
                 continue
-            problem = validate_train_reply(reply, reference) if reference is not None else None
+            problem = self._train_reply_problem(site, reply, reference) if reference is not None else None
             if problem:
                 outcome.refused[site] = f"reply rejected: {problem}"
                 continue
@@ -219,6 +222,21 @@ class Federation:
                 outcome.refused[site] = f"no reply within {self.timeout:g} s"
         outcome.accepted.sort(key=lambda pair: pair[0])
         return outcome
+
+    def _train_reply_problem(self, site: str, reply: Message, reference: dict) -> str | None:
+        """Why a site's training reply is rejected: validity, its weight's bounds, its update's norm."""
+        train = self.experiment.train
+        cap = min(train.max_examples, self.site_max_examples.get(site, train.max_examples))
+        problem = validate_train_reply(reply, reference, max_examples=cap, max_update_norm=train.max_update_norm)
+        if problem:
+            return problem
+        claimed = float(_metric_record(reply)["num-examples"])
+        pinned = self.pinned_examples.setdefault(site, claimed)
+        if claimed != pinned:
+            return (
+                f"num-examples = {claimed:g}, but this site reported {pinned:g} first; a site's weight is fixed per run"
+            )
+        return None
 
     def train_round(
         self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str]
@@ -263,6 +281,7 @@ class Federation:
             state = ckpt.load_checkpoint(self.run_dir, self.experiment.strategy)
             strategy, weights = state.strategy, state.weights
             self.history = list(state.state.get("history", []))
+            self.pinned_examples = dict(state.state.get("pinned_examples", {}))
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
             first_round = state.round + 1
             run_folder.write_metrics(self.run_dir, self.history)
@@ -323,7 +342,12 @@ class Federation:
             self.timings.append({"round": server_round, "time": elapsed})
             ckpt.save_checkpoint(
                 self.run_dir,
-                ckpt.Checkpoint(server_round, arrays_to_numpy(arrays), strategy, {"history": self.history}),
+                ckpt.Checkpoint(
+                    server_round,
+                    arrays_to_numpy(arrays),
+                    strategy,
+                    {"history": self.history, "pinned_examples": self.pinned_examples},
+                ),
             )
             run_folder.append_metrics(self.run_dir, record)
             run_folder.append_timing(self.run_dir, self.timings[-1])

@@ -120,10 +120,11 @@ class ValidityConfig(_Section):
 
 
 class SiteConfig(_Section):
-    """One hospital: its name (also its kit's folder name) and who runs its node."""
+    """One hospital: its name (also its kit's folder name), who runs its node, and the most examples it may claim."""
 
     name: str
     contact: str = ""
+    max_examples: int | None = Field(default=None, gt=0)
 
     @field_validator("name")
     @classmethod

@@ -27,11 +27,18 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def validate_train_reply(message: Message, reference: dict[str, np.ndarray]) -> str | None:
+def validate_train_reply(
+    message: Message,
+    reference: dict[str, np.ndarray],
+    *,
+    max_examples: float = float("inf"),
+    max_update_norm: float | None = None,
+) -> str | None:
     """Why a training reply must be rejected, or None if it is sound.
 
     Checks: exactly one ArrayRecord whose keys, shapes and dtypes match the global model, finite
-    values, and a positive ``num-examples`` in the MetricRecord.
+    values, a positive ``num-examples`` of at most ``max_examples`` in the MetricRecord, and an
+    update (new weights minus ``reference``) whose L2 norm is at most ``max_update_norm``.
     """
     array_records = [r for r in message.content.values() if isinstance(r, ArrayRecord)]
     metric_records = [r for r in message.content.values() if isinstance(r, MetricRecord)]
@@ -42,6 +49,8 @@ def validate_train_reply(message: Message, reference: dict[str, np.ndarray]) -> 
     examples = metric_records[0].get("num-examples")
     if not isinstance(examples, int | float) or not np.isfinite(examples) or examples <= 0:
         return f"num-examples must be a positive number, got {examples!r}"
+    if examples > max_examples:
+        return f"num-examples = {examples:g} is more than this site may claim ({max_examples:g})"
     arrays = array_records[0]
     if arrays.keys() != reference.keys():
         missing = sorted(set(reference) - set(arrays.keys()))
@@ -55,4 +64,19 @@ def validate_train_reply(message: Message, reference: dict[str, np.ndarray]) -> 
             return f"{key}: dtype {array.dtype}, expected {expected.dtype}"
         if not _all_finite(array):
             return f"{key}: contains NaN or infinite values"
+    if max_update_norm is not None:
+        norm = update_norm(arrays, reference)
+        if not norm <= max_update_norm:
+            return f"update norm {norm:.3g} exceeds train.max_update_norm = {max_update_norm:g}"
     return None
+
+
+def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of (reply weights - reference), in float64 (3e38 float32 values do not overflow it)."""
+    total = 0.0
+    for key, expected in reference.items():
+        if expected.dtype.kind not in "fc":
+            continue
+        diff = array_view(arrays[key]).astype(np.float64) - expected
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))

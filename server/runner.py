@@ -34,6 +34,7 @@ def run_federation(
     resume: bool = False,
     central_evaluator: CentralEvaluator | None = None,
     reporter: Reporter | None = None,
+    site_max_examples: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Run or resume every round, then save ``model.safetensors``, ``model.pt`` and ``summary.json``."""
     model = initial_model(experiment)
@@ -46,6 +47,7 @@ def run_federation(
         initial_weights=weights,
         central_evaluator=central_evaluator,
         reporter=reporter,
+        site_max_examples=site_max_examples,
     )
     summary = federation.run(resume=resume)
     input_shape = dataset_schema(experiment.data, experiment.seed).input_shape

@@ -142,6 +142,59 @@ def test_invalid_replies_are_rejected_with_the_site_named(heart_experiment):
     assert "switzerland" in read_summary(run_dir)["refused"]
 
 
+def _run_with(app: ClientApp, experiment):
+    from flowerbed.simulations import simulate as simulate_module
+
+    original = simulate_module.client_app
+    simulate_module.client_app = app
+    try:
+        return simulate(experiment, quiet=True)
+    finally:
+        simulate_module.client_app = original
+
+
+def test_no_single_node_can_steer_the_aggregate(heart_experiment):
+    """A huge weight, huge weights, or a weight that changes mid-run: rejected, site named, the run goes on."""
+    import torch
+
+    attacker = ClientApp()
+    attacker.query()(real_client_app)
+    attacker.evaluate()(real_client_app)
+
+    @attacker.train()
+    def train(message: Message, context):
+        reply = real_client_app(message, context)
+        pid, server_round = context.node_config["partition-id"], int(message.content["config"]["server-round"])
+        metrics = dict(reply.content["metrics"])
+        arrays = {k: reply.content["arrays"][k].numpy() for k in reply.content["arrays"]}
+        if pid == 0:  # cleveland claims a trillion patients
+            metrics["num-examples"] = 1e12
+        elif pid == 1:  # hungarian sends weights of 3e38 (finite float32)
+            arrays = {k: np.full_like(v, 3e38) for k, v in arrays.items()}
+        elif pid == 2 and server_round == 2:  # switzerland doubles its weight after round 1
+            metrics["num-examples"] = 2 * metrics["num-examples"]
+        else:
+            return reply
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                "metrics": MetricRecord(metrics),
+                "site": reply.content["site"],
+            }
+        )
+        return Message(content, reply_to=message)
+
+    run_dir = _run_with(attacker, heart_experiment("rounds=2", "backend.vectorize=false", "evaluate.central=false"))
+    first, second = read_metrics(run_dir)
+    assert first["participants"] == ["switzerland", "va"]
+    assert "num-examples = 1e+12" in first["refused"]["cleveland"]
+    assert "update norm" in first["refused"]["hungarian"]
+    assert second["participants"] == ["va"]
+    assert "reported" in second["refused"]["switzerland"] and "fixed per run" in second["refused"]["switzerland"]
+    assert read_summary(run_dir)["rounds_completed"] == 2
+    assert all(np.abs(v).max() < 100 for v in final_weights(run_dir).values())
+
+
 def test_node_without_data_answers_with_a_clear_error():
     from flwr.app import Context
 

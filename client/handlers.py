@@ -33,6 +33,9 @@ from flowerbed.protocol import EXPERIMENT_KEY, RUN_ID_KEY, SITE_RECORD
 from flowerbed.tasks import resolve_device
 from flowerbed.weights import arrays_to_numpy, model_to_arrays
 
+#: Message types of the secure train phase's stages (its masked-input stage trains through ``train``).
+SECURE_TRAIN_PREFIX = "train.secagg_"
+
 
 @functools.lru_cache(maxsize=16)
 def _experiment(text: str) -> Experiment:
@@ -56,6 +59,7 @@ def node_request(message: Message, context: Context, kind: Kind) -> NodeRequest:
         run_id=str(config.get(RUN_ID_KEY, "run")),
         server_round=int(config.get("server-round", 0)),
         node_config=context.node_config,
+        secure=kind == "train" and message.metadata.message_type.startswith(SECURE_TRAIN_PREFIX),
     )
 
 

@@ -20,10 +20,14 @@ nodes. :func:`parse_node_config` checks every key at once and reports every prob
 | ``approvals`` | str (path) | ``~/.flowerbed/approved-tasks.json`` | the node's task-approvals JSON file |
 | ``require-secure-aggregation`` | bool | false | only release updates through secure aggregation |
 | ``min-secagg-peers`` | int >= 2 | none | fewest nodes a secure-aggregation round may have |
-| ``evaluation`` | ``allow``, ``dp`` or ``refuse`` | ``allow`` | whether and how the node answers evaluation |
+| ``identity-key`` | str (path) | none | the node key that signs its secure-aggregation keys (the kit's ``node.key``) |
+| ``identity-cert`` | str (path) | none | the node key's certificate from the federation CA (the kit's ``node.crt``) |
+| ``ca-cert`` | str (path) | none | the federation CA every node's certificate must chain to (the kit's ``ca.pem``) |
+| ``evaluation`` | ``allow``/``dp``/``refuse`` | ``dp`` with a budget, else ``allow`` | how it answers evaluation |
+| ``evaluation-noise`` | float > 0 | 5.0 | noise multiplier of a DP evaluation release |
 | ``test-fraction`` | float in (0, 1) | none | share of local rows held out for testing |
 | ``split-seed`` | int >= 0 | none | seed of the local train/test split |
-| ``min-test-rows`` | int >= 0 | none | fewest local test rows the node reports metrics on |
+| ``min-test-rows`` | int >= 1 | 10 deployed, 1 simulated | fewest local test rows the node reports metrics on |
 
 Strings from TOML, the CLI or JSON are coerced where unambiguous (``"8"`` -> 8, ``"true"`` -> True);
 booleans are never taken as numbers. On a deployed node (``data-path`` set, unless the caller
@@ -108,14 +112,26 @@ class NodeConfig(BaseModel):
     min_secagg_peers: Int | None = Field(
         None, alias="min-secagg-peers", ge=2, description="Fewest nodes in a secure-aggregation round."
     )
-    evaluation: Literal["allow", "dp", "refuse"] = Field(
-        "allow", alias="evaluation", description="Answer evaluation requests: allow, only with DP, or refuse."
+    identity_key: Text | None = Field(
+        None, alias="identity-key", description="The node key that signs its secure-aggregation keys."
+    )
+    identity_cert: Text | None = Field(
+        None, alias="identity-cert", description="The node key's certificate from the federation CA."
+    )
+    ca_cert: Text | None = Field(
+        None, alias="ca-cert", description="The federation CA that every node's certificate must chain to."
+    )
+    evaluation: Literal["allow", "dp", "refuse"] | None = Field(
+        None, alias="evaluation", description="Answer evaluation requests: allow, only with DP, or refuse."
+    )
+    evaluation_noise: Float = Field(
+        5.0, alias="evaluation-noise", gt=0, description="Noise multiplier of a DP evaluation release."
     )
     test_fraction: Float | None = Field(
         None, alias="test-fraction", gt=0, lt=1, description="Share of local rows held out for testing."
     )
     split_seed: Int | None = Field(None, alias="split-seed", ge=0, description="Seed of the local train/test split.")
-    min_test_rows: Int | None = Field(None, alias="min-test-rows", ge=0, description="Fewest local test rows.")
+    min_test_rows: Int | None = Field(None, alias="min-test-rows", ge=1, description="Fewest local test rows.")
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
@@ -126,6 +142,29 @@ class NodeConfig(BaseModel):
         ):
             raise ValueError(f"partition-id = {self.partition_id}: must be < num-partitions ({self.num_partitions})")
         return self
+
+    @model_validator(mode="after")
+    def _evaluation_under_a_budget(self) -> NodeConfig:
+        if self.budget_epsilon is not None and self.evaluation == "allow":
+            raise ValueError(
+                "evaluation = 'allow' on a node with budget-epsilon: every evaluation it answers is a release; "
+                "use evaluation = 'dp' (charged to the budget) or 'refuse'"
+            )
+        return self
+
+    @property
+    def evaluation_policy(self) -> str:
+        """``evaluation``, else ``dp`` on a node with a budget and ``allow`` on one without."""
+        if self.evaluation is not None:
+            return self.evaluation
+        return "dp" if self.budget_epsilon is not None else "allow"
+
+    @property
+    def test_rows_needed(self) -> int:
+        """``min-test-rows``, else 10 on a hospital's node and 1 on a simulated one."""
+        if self.min_test_rows is not None:
+            return self.min_test_rows
+        return 1 if self.simulated else 10
 
     @property
     def simulated(self) -> bool:
@@ -158,10 +197,14 @@ _ALLOWED: dict[str, str] = {
     "approvals": "must be a non-empty path (e.g. '/etc/flowerbed/approved-tasks.json')",
     "require-secure-aggregation": "must be true or false",
     "min-secagg-peers": "must be an integer >= 2 (e.g. 3)",
+    "identity-key": "must be a non-empty path (e.g. '/opt/flowerbed/kit/node.key')",
+    "identity-cert": "must be a non-empty path (e.g. '/opt/flowerbed/kit/node.crt')",
+    "ca-cert": "must be a non-empty path (e.g. '/opt/flowerbed/kit/ca.pem')",
     "evaluation": "must be one of 'allow', 'dp', 'refuse'",
     "test-fraction": "must be in (0, 1) (e.g. 0.2)",
     "split-seed": "must be an integer >= 0 (e.g. 42)",
-    "min-test-rows": "must be an integer >= 0 (e.g. 20)",
+    "min-test-rows": "must be an integer >= 1 (e.g. 20)",
+    "evaluation-noise": "must be > 0 (e.g. 5.0)",
 }
 
 # Keys for tests and simulations, refused on a deployed (hospital) node, and why.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ from flowerbed.client.approval import check_task_approved
 from flowerbed.client.local_data import resolve_site
 from flowerbed.client.node_config import NodeConfig, parse_node_config
 from flowerbed.client.private_training import train_private
-from flowerbed.client.training import TrainResult, evaluate_local, train_local
+from flowerbed.client.training import TrainResult, train_local
 from flowerbed.exception import ConfigError, DataError, FlowerbedError, NodeError, PolicyRefusal
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.dp_sgd import make_private_compatible
@@ -58,6 +59,7 @@ from flowerbed.privacy.planner import DPPlan, make_plan
 from flowerbed.protocol import ErrorCode
 from flowerbed.seeds import derive_seed
 from flowerbed.tasks import SiteData, Task, is_builtin, resolve_task
+from flowerbed.tasks.task import accuracy_metrics, cross_entropy
 
 SIM_NODE_CONFIG_ENV = "FLOWERBED_SIM_NODE_CONFIG"
 SIM_NODE_DIR_ENV = "FLOWERBED_SIM_NODE_DIR"
@@ -82,6 +84,8 @@ class NodeRequest:
         The round (0 for discovery).
     node_config : Mapping[str, Any]
         The node's own configuration (Flower's ``context.node_config``).
+    secure : bool (default: False)
+        A training request inside a secure-aggregation round (its update leaves the node masked).
     """
 
     kind: Kind
@@ -89,6 +93,7 @@ class NodeRequest:
     run_id: str
     server_round: int
     node_config: Mapping[str, Any]
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,11 +166,7 @@ def admit(requests: Sequence[NodeRequest]) -> list[Outcome]:
             outcomes.append(_admit_one(request, label))
         except FlowerbedError as exc:
             outcomes.append(refusal_for(exc, label[0]))
-    private = [
-        i
-        for i, o in enumerate(outcomes)
-        if isinstance(o, Admitted) and o.request.kind == "train" and o.request.experiment.privacy.enabled
-    ]
+    private = [i for i, o in enumerate(outcomes) if isinstance(o, Admitted) and _is_release(o)]
     for i, outcome in zip(private, _admit_private([outcomes[i] for i in private]), strict=True):  # type: ignore[misc]
         outcomes[i] = outcome
     return outcomes
@@ -204,11 +205,16 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
     if not is_builtin(experiment.task.name):
         check_task_approved(experiment.task.name, {**raw, **config.model_dump(by_alias=True, exclude_none=True)})
     task = _task(experiment)
-    if request.kind == "evaluate" and len(site.y_test) == 0:
-        raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")
+    if request.kind == "evaluate":
+        _check_evaluation(config, site, task)
     if request.kind == "train":
         if site.num_train == 0:
             raise DataError(f"site {site.name} has no training rows")
+        if config.require_secure_aggregation and not request.secure:
+            raise PolicyRefusal(
+                f"site {site.name} releases updates only through secure aggregation (its node config sets "
+                "require-secure-aggregation); set secagg.enabled = true in the experiment"
+            )
         if not experiment.privacy.enabled and config.budget_epsilon is not None:
             raise PolicyRefusal(
                 f"site {site.name} only trains with differential privacy (its node config sets "
@@ -217,6 +223,26 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
             )
     seed = derive_seed(experiment.seed, "train", request.server_round, site.name)
     return Admitted(request, config, site, task, seed)
+
+
+def _check_evaluation(config: NodeConfig, site: SiteData, task: Task) -> None:
+    """The node's evaluation policy: refused outright, too few test rows, or DP that the task's metrics do not fit."""
+    rows = len(site.y_test)
+    if config.evaluation_policy == "refuse":
+        raise PolicyRefusal(f"site {site.name} does not answer evaluation requests (its node config sets evaluation)")
+    if rows == 0:
+        raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")
+    if rows < config.test_rows_needed:
+        raise PolicyRefusal(
+            f"site {site.name} has {rows} test rows, fewer than its min-test-rows ({config.test_rows_needed}): "
+            "metrics on so few patients would reveal them"
+        )
+    if config.evaluation_policy == "dp" and task.metrics_fn is not accuracy_metrics:
+        raise PolicyRefusal(
+            f"site {site.name} answers evaluation only as a DP release of its counts (loss, accuracy), "
+            f"which task {task.name!r} does not report; ask the site to set evaluation = 'allow' (no budget) or "
+            "use a task with the built-in accuracy metric"
+        )
 
 
 @functools.lru_cache(maxsize=16)
@@ -321,14 +347,39 @@ def _budget(epsilon: float, delta: float, accountant: str) -> Budget:
     return Budget(epsilon=epsilon, delta=delta, accountant=accountant)
 
 
+def _is_release(a: Admitted) -> bool:
+    """Whether answering ``a`` is a DP release charged to the node's ledger."""
+    if a.request.kind == "train":
+        return a.request.experiment.privacy.enabled
+    return a.request.kind == "evaluate" and a.config.evaluation_policy == "dp"
+
+
+@functools.lru_cache(maxsize=64)
+def evaluation_plan(noise_multiplier: float, delta: float, accountant: str) -> DPPlan:
+    """One Gaussian release of a test split's counts: the accountant's (sigma, q = 1, one step)."""
+    return DPPlan(
+        noise_multiplier=noise_multiplier,
+        sample_rate=1.0,
+        steps_per_round=1,
+        rounds=1,
+        max_grad_norm=1.0,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
 def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
-    """Ledger, dataset, stored plan and budget check for DP training requests, one ledger read each."""
+    """Ledger, dataset, plan and budget check for DP releases (training, evaluation), one ledger read each."""
     outcomes: list[Outcome] = list(admitted)
     by_ledger: dict[Path, list[tuple[int, str, DPPlan]]] = {}
     for i, a in enumerate(admitted):
         try:
             path = ledger_path(a.config, a.request.run_id)
-            plan = run_plan(a.request.experiment, a.site.num_train)
+            if a.request.kind == "train":
+                plan = run_plan(a.request.experiment, a.site.num_train)
+            else:
+                c = a.config
+                plan = evaluation_plan(c.evaluation_noise, c.budget_delta, c.budget_accountant)
         except FlowerbedError as exc:
             outcomes[i] = refusal_for(exc, a.site.name)
             continue
@@ -336,7 +387,11 @@ def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
     for path, members in by_ledger.items():
         try:
             ledger = open_ledger(path)
-            plans = ledger.save_plans([(d, admitted[i].request.run_id, p) for i, d, p in members])
+            training = [
+                (d, admitted[i].request.run_id, p) for i, d, p in members if admitted[i].request.kind == "train"
+            ]
+            stored = iter(ledger.save_plans(training))  # a run's training plan is made once and kept
+            plans = [next(stored) if admitted[i].request.kind == "train" else p for i, _, p in members]
             histories = ledger.histories(d for _, d, _ in members)
         except FlowerbedError as exc:
             for i, _, _ in members:
@@ -353,7 +408,8 @@ def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
                     outcomes[i] = refusal_for(exc, a.site.name)
                     continue
             seed = a.config.dp_test_seed
-            noise_seed = None if seed is None else derive_seed(seed, "dp", a.request.server_round, a.site.name)
+            stream = "dp" if a.request.kind == "train" else "dp-evaluate"
+            noise_seed = None if seed is None else derive_seed(seed, stream, a.request.server_round, a.site.name)
             outcomes[i] = replace(a, private=PrivateRelease(ledger, dataset, plan, budget, noise_seed))
     return outcomes
 
@@ -399,10 +455,52 @@ def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> Tr
     )
 
 
-def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device) -> Metrics:
-    """The task's loss and metrics on the node's own test split."""
+def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device, batch_size: int = 1024) -> Metrics:
+    """The model on the node's own test split: ``score`` of its logits."""
     site = admitted.site
-    return evaluate_local(model, admitted.task, site.x_test, site.y_test, device=device)
+    model.to(device).eval()
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                model(torch.as_tensor(site.x_test[i : i + batch_size], device=device))
+                for i in range(0, len(site.y_test), batch_size)
+            ]
+        )
+    return score(admitted, logits, torch.as_tensor(site.y_test, device=device))
+
+
+#: In a DP evaluation release a row's loss counts at most this much (bounds one patient's influence).
+LOSS_CLIP = 5.0
+
+
+@torch.no_grad()
+def score(admitted: Admitted, logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    """What an evaluation measures: the task's loss and metrics, or for a DP release the test split's counts."""
+    task = admitted.task
+    if admitted.private is None:
+        metrics: Metrics = {"loss": float(task.loss_fn(logits, labels))}
+        metrics.update(task.metrics_fn(logits, labels))
+        return metrics
+    if task.loss_fn is cross_entropy:
+        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+    else:
+        losses = torch.stack([task.loss_fn(logits[i : i + 1], labels[i : i + 1]) for i in range(len(labels))])
+    correct = int((logits.argmax(dim=1) == labels).sum())
+    return {"rows": len(labels), "correct": correct, "loss-sum": float(losses.clamp(0, LOSS_CLIP).sum())}
+
+
+def noisy_metrics(counts: Metrics, noise_multiplier: float, seed: int | None) -> Metrics:
+    """Loss, accuracy and size from a test split's counts with Gaussian noise (the DP evaluation release).
+
+    Adding or removing one patient moves (rows, correct, loss-sum / LOSS_CLIP) by at most sqrt(3)
+    in L2, so noise of standard deviation ``noise_multiplier * sqrt(3)`` on each is the Gaussian
+    mechanism the ledger charges as (sigma, q = 1, one step).
+    """
+    rng = np.random.default_rng(seed)
+    std = noise_multiplier * math.sqrt(3.0)
+    rows, correct, loss = rng.normal([counts["rows"], counts["correct"], counts["loss-sum"] / LOSS_CLIP], std).tolist()
+    n = max(1, round(rows))
+    return {"loss": max(0.0, loss * LOSS_CLIP / n), "accuracy": min(1.0, max(0.0, correct / n)), "num-examples": n}
 
 
 # ------------------------------------------------------------------------------------- release
@@ -424,7 +522,7 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
             by_ledger.setdefault(a.private.ledger.path, []).append(i)
     for members in by_ledger.values():
         ledger = admitted[members[0]].private.ledger  # type: ignore[union-attr]
-        charges = [_charge(admitted[i], results[i]) for i in members]
+        charges = [_charge(admitted[i], results[i].steps) for i in members]
         budgets = [admitted[i].private.budget for i in members]  # type: ignore[union-attr]
         charged = ledger.charge_many(charges, budgets)
         histories = ledger.histories(c.dataset for c in charges)
@@ -438,17 +536,38 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
     return out
 
 
-def _charge(a: Admitted, result: TrainResult) -> Charge:
+def _charge(a: Admitted, steps: int) -> Charge:
     private = a.private
     assert private is not None
-    return Charge(private.dataset, a.request.run_id, a.request.server_round, private.plan, result.steps, a.site.name)
+    return Charge(private.dataset, a.request.run_id, a.request.server_round, private.plan, steps, a.site.name)
 
 
-def release_evaluate(admitted: Sequence[Admitted], metrics: Sequence[Metrics]) -> list[Metrics | Refusal]:
-    """What each node's evaluation reply says: the task's metrics on its test split and ``num-examples``."""
-    return [{**m, "num-examples": len(a.site.y_test)} for a, m in zip(admitted, metrics, strict=True)]
+def release_evaluate(admitted: Sequence[Admitted], scores: Sequence[Metrics]) -> list[Metrics | Refusal]:
+    """Each node's evaluation reply: its metrics and ``num-examples``, or under DP noisy counts, charged first."""
+    out: list[Metrics | Refusal] = []
+    by_ledger: dict[Path, list[int]] = {}
+    for i, (a, measured) in enumerate(zip(admitted, scores, strict=True)):
+        if a.private is None:
+            out.append({**measured, "num-examples": len(a.site.y_test)})
+        else:
+            out.append({})
+            by_ledger.setdefault(a.private.ledger.path, []).append(i)
+    for members in by_ledger.values():
+        ledger = admitted[members[0]].private.ledger  # type: ignore[union-attr]
+        charges = [_charge(admitted[i], 1) for i in members]
+        budgets = [admitted[i].private.budget for i in members]  # type: ignore[union-attr]
+        for i, outcome in zip(members, ledger.charge_many(charges, budgets), strict=True):
+            private = admitted[i].private
+            assert private is not None
+            if isinstance(outcome, PrivacyBudgetExceeded):
+                out[i] = refusal_for(outcome, admitted[i].site.name)
+            else:
+                out[i] = noisy_metrics(scores[i], private.plan.noise_multiplier, private.noise_seed)
+    return out
 
 
 def query_metrics(admitted: Admitted) -> Metrics:
-    """What discovery reveals: the number of training examples."""
+    """What discovery reveals: the number of training examples, or nothing on a node that requires secure rounds."""
+    if admitted.config.require_secure_aggregation:
+        return {}
     return {"num-examples": admitted.site.num_train}

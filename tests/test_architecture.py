@@ -172,7 +172,7 @@ def _grep(pattern: str) -> list[str]:
         ("the simulated ledger's path", r"ledger\.sqlite\"", "client/node_round.py"),
         (
             "a change to Opacus",
-            r"^\s*(opacus|prvs|rdp_analysis|prv_analysis)\.[\w.]+\s*=[^=]|^\s*rdp\._\w+\s*=|setattr\(",
+            r"^\s*(opacus|prvs|rdp_analysis|prv_analysis)\.[\w.]+\s*=[^=]|^\s*rdp\._\w+\s*=|setattr\((opacus|prvs|rdp|rdp_analysis|prv_analysis)\b",
             None,
         ),
         (

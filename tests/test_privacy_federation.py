@@ -59,7 +59,10 @@ def test_a_node_out_of_budget_refuses_and_the_run_goes_on(heart_experiment, tmp_
     two, three = (epsilon_for(SIGMA, q, k * steps, 1e-5) for k in (2, 3))
     budget = (two + three) / 2
     ledgers = {pid: tmp_path / f"ledger-{name}.sqlite" for pid, name in enumerate(names)}
-    configs = {pid: {"ledger": str(path), "budget-epsilon": 100.0} for pid, path in ledgers.items()}
+    # Evaluation is refused here: every evaluation a node with a budget answers is charged too.
+    configs = {
+        pid: {"ledger": str(path), "budget-epsilon": 100.0, "evaluation": "refuse"} for pid, path in ledgers.items()
+    }
     configs[small]["budget-epsilon"] = budget
     _hospitals(monkeypatch, configs)
 
@@ -161,3 +164,78 @@ def test_a_node_with_a_budget_never_trains_without_dp(heart_experiment, tmp_path
     assert not private.has_error()
     metrics = private.content["metrics"]
     assert 0 < metrics["epsilon"] <= 8.0 and "train-loss" not in metrics
+
+
+def _ask(app, kind: str, experiment, arrays, node_config: dict, server_round: int = 1):
+    from uuid import uuid4
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    config = ConfigRecord(
+        {
+            "server-round": server_round,
+            "flowerbed.run-id": "r",
+            "flowerbed.experiment": json.dumps(experiment.to_dict()),
+        }
+    )
+    message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=kind)
+    message.metadata.__dict__["_message_id"] = str(uuid4())
+    return app(message, Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={}))
+
+
+def test_a_hospitals_evaluation_is_a_charged_dp_release_on_its_own_split(heart_experiment, tmp_path):
+    """A coordinator that picks test_fraction = 0.99 gets the node's own split, and each answer costs epsilon."""
+    from flowerbed.client.app import app
+    from flowerbed.privacy.accountant import epsilon
+    from flowerbed.tasks import resolve_task
+    from flowerbed.weights import model_to_arrays
+
+    from .conftest import HEART_DATA
+
+    data = HEART_DATA / "processed.cleveland.data"
+    greedy = heart_experiment("data.test_fraction=0.99", "data.split_seed=7")
+    site = load_federation(greedy.data, greedy.seed)[0]
+    arrays = model_to_arrays(resolve_task(greedy.task.name, greedy.task.args).build_model(site.schema, seed=0))
+    ledger = tmp_path / "ledger.sqlite"
+    node = {"data-path": str(data), "site": "cleveland", "ledger": str(ledger), "budget-epsilon": 3.0}
+    first = _ask(app, "evaluate", greedy, arrays, node)
+    assert not first.has_error(), first.error
+    metrics = first.content["metrics"]
+    # 303 rows, the node's own 25 %: about 76 test rows (plus noise), never 300.
+    assert 40 < metrics["num-examples"] < 120 and 0 <= metrics["accuracy"] <= 1
+    book = PrivacyLedger(ledger)
+    (dataset,) = book.datasets()
+    (release,) = book.releases(dataset)
+    assert (release.noise_multiplier, release.sample_rate, release.steps) == (5.0, 1.0, 1)
+    assert book.epsilon(dataset, 1e-5) == epsilon([(5.0, 1.0, 1)], 1e-5)
+    # Until the budget is spent: then the node refuses with the budget's code, and nothing more is charged.
+    replies = [_ask(app, "evaluate", greedy, arrays, node, server_round=r) for r in range(2, 40)]
+    refused = [r for r in replies if r.has_error()]
+    assert refused and all(r.error.code == ErrorCode.BUDGET_EXHAUSTED for r in refused)
+    assert book.epsilon(dataset, 1e-5) <= 3.0
+    assert len(book.releases(dataset)) == 1 + sum(not r.has_error() for r in replies)
+    # A node that refuses evaluation says so with the policy code; one with too few test rows too.
+    closed = _ask(app, "evaluate", greedy, arrays, {**node, "evaluation": "refuse"})
+    assert closed.has_error() and closed.error.code == ErrorCode.POLICY
+    tiny = _ask(app, "evaluate", greedy, arrays, {"data-path": str(data), "site": "c", "min-test-rows": 500})
+    assert tiny.has_error() and tiny.error.code == ErrorCode.POLICY and "min-test-rows" in tiny.error.reason
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_plain_training(heart_experiment, tmp_path):
+    from flowerbed.client.app import app
+    from flowerbed.tasks import resolve_task
+    from flowerbed.weights import model_to_arrays
+
+    experiment = heart_experiment("train.local_epochs=1")
+    site = load_federation(experiment.data, experiment.seed)[0]
+    arrays = model_to_arrays(resolve_task(experiment.task.name, experiment.task.args).build_model(site.schema, seed=0))
+    node = {"partition-id": 0, "require-secure-aggregation": True}
+    refused = _ask(app, "train", experiment, arrays, node)
+    assert refused.has_error() and refused.error.code == ErrorCode.POLICY
+    assert "secure aggregation" in refused.error.reason
+    discovery = _ask(app, "query", experiment, arrays, node)
+    assert not discovery.has_error() and "num-examples" not in discovery.content["metrics"]
+    assert _ask(app, "query", experiment, arrays, {"partition-id": 0}).content["metrics"]["num-examples"] > 0

@@ -29,6 +29,7 @@ from flowerbed.client.node_round import (
     admit,
     release_evaluate,
     release_train,
+    score,
 )
 from flowerbed.client.training import TrainResult
 from flowerbed.exception import FlowerbedError
@@ -187,16 +188,13 @@ class CohortHandler:
     def _evaluate(
         model: torch.nn.Module, weights: dict[str, torch.Tensor], admitted: Sequence[Admitted], device: torch.device
     ) -> list[Metrics]:
-        """The task's loss and metrics on each node's test split, from one forward pass."""
-        task = admitted[0].task
+        """Each node's ``score`` on its test split, from one forward pass of the cohort."""
         xs = [torch.as_tensor(a.site.x_test, device=device) for a in admitted]
-        metrics: list[Metrics] = []
-        for a, out in zip(admitted, cohort_logits(model, weights, xs), strict=True):
-            labels = torch.as_tensor(a.site.y_test, device=device)
-            values: Metrics = {"loss": float(task.loss_fn(out, labels))}
-            values.update(task.metrics_fn(out, labels))
-            metrics.append(values)
-        return metrics
+        logits = cohort_logits(model, weights, xs)
+        return [
+            score(a, out, torch.as_tensor(a.site.y_test, device=device))
+            for a, out in zip(admitted, logits, strict=True)
+        ]
 
 
 def _reply(message: Message, site: str, metrics: Metrics, trained: dict[str, np.ndarray] | None, row: int) -> Message:

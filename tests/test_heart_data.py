@@ -101,3 +101,15 @@ def test_partitioned_builtin_datasets_load():
     digits = load_federation(DataConfig(dataset="digits", partition={"kind": "iid", "num_clients": 5}), seed=1)
     assert len(digits) == 5 and digits[0].x_train.shape[1:] == (1, 8, 8)
     assert sum(s.num_train + len(s.y_test) for s in digits) == 1797
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"\xff\xfeage,sex\n\xe9\xe8", b""])
+def test_an_unreadable_export_is_a_clear_error_naming_the_file(tmp_path, content):
+    from flowerbed.client.node import check_node_data
+    from flowerbed.exception import DataError
+
+    path = tmp_path / "export.data"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=str(path)) as err:
+        check_node_data(path, "cleveland")
+    assert "Traceback" not in str(err.value)

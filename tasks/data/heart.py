@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flowerbed.exception import DataError
-from flowerbed.tasks.data.tabular import stratified_split
+from flowerbed.tasks.data.tabular import read_text_file, stratified_split
 from flowerbed.tasks.task import DataSchema, SiteData
 
 COLUMNS = (
@@ -53,10 +53,8 @@ def bundled_path(site: str) -> Path:
 def read_raw(path: str | Path) -> np.ndarray:
     """Parse a UCI ``processed.*.data`` file into a float array with NaN for missing values."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (check the node's data-path)")
     rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_no, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         cells = line.strip().split(",")

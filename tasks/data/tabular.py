@@ -44,6 +44,33 @@ def impute_and_scale(x: np.ndarray, train_idx: np.ndarray) -> tuple[np.ndarray, 
     return ((filled - mean) / std).astype(np.float32), notes
 
 
+def read_text_file(path: Path) -> str:
+    """A data file's text.
+
+    Raises
+    ------
+    DataError
+        Naming the file when it is missing, not readable, or not text (e.g. a spreadsheet or a
+        compressed export), and what to do.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (check the node's data-path)")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror}); check its permissions") from None
+    if b"\x00" in raw[:8192]:
+        raise DataError(
+            f"{path}: not a text file (binary content); export the data as CSV text and point data-path at it"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {exc.start}); export the data as CSV in UTF-8 and point data-path at it"
+        ) from None
+
+
 def read_numeric_csv(path: str | Path, label_column: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Read a CSV with a header row: features (NaN for missing) and the label column.
 
@@ -53,9 +80,8 @@ def read_numeric_csv(path: str | Path, label_column: str | None) -> tuple[list[s
         Naming the file, line and column for a missing file, a ragged row or a non-numeric cell.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (check the node's data-path)")
-    with path.open(newline="") as handle:
+    read_text_file(path)  # a missing or binary file is a clear error before any parsing
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flowerbed.exception import ConfigError
-from flowerbed.experiment import load_experiment
+from flowerbed.experiment import load_experiment, parse_experiment
 from flowerbed.strategies.registry import build_strategy
 
 from .conftest import HEART_TOML
@@ -78,3 +78,9 @@ def test_sampling_arguments_are_reserved():
     experiment = load_experiment(HEART_TOML, ["strategy.args={fraction_train=0.5}"])
     with pytest.raises(ConfigError, match="use train.clients_per_round"):
         build_strategy(experiment.strategy)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/etc/cron.d/x", "a/b", "", ".hidden", "x" * 65])
+def test_a_run_name_is_a_plain_folder_name(name):
+    with pytest.raises(ConfigError, match="folder name"):
+        parse_experiment({"name": name})

@@ -133,3 +133,26 @@ def test_a_failing_run_is_recorded_and_the_command_exits_one(
     assert rows[0]["run"].startswith("failed: task.name = 'no_such_module:task' cannot be imported")
     assert "1 of 1 runs failed" in capsys.readouterr().out
     assert not (tmp_path / "s" / "overlay.png").exists()
+
+
+def test_a_run_that_crashes_is_a_failed_row_and_the_sweep_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from flowerbed.simulations import simulate as simulate_module
+    from flowerbed.simulations.research import sweep as sweep_module
+
+    real = simulate_module.simulate
+
+    def simulate(experiment, **kwargs):
+        if experiment.strategy.name == "FedAdagrad":
+            raise RuntimeError("the engine broke")  # not a FlowerbedError: e.g. Flower's InconsistentMessageReplies
+        return real(experiment, **kwargs)
+
+    monkeypatch.setattr(simulate_module, "simulate", simulate)
+    path = _sweep_file(
+        tmp_path,
+        "set = { rounds = 1, backend = { name = 'inline' }, evaluate = { plots = false } }\n"
+        '[grid]\n"strategy.name" = ["FedAdagrad", "FedAvg"]\n',
+    )
+    result = sweep_module.run_sweep(path, folder=tmp_path / "s")
+    failed, done = result.rows
+    assert failed.error == "RuntimeError: the engine broke" and failed.run_dir is None
+    assert done.error is None and done.run_dir is not None

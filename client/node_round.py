@@ -524,8 +524,7 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
         ledger = admitted[members[0]].private.ledger  # type: ignore[union-attr]
         charges = [_charge(admitted[i], results[i].steps) for i in members]
         budgets = [admitted[i].private.budget for i in members]  # type: ignore[union-attr]
-        charged = ledger.charge_many(charges, budgets)
-        histories = ledger.histories(c.dataset for c in charges)
+        charged, histories = ledger.charge_batch(charges, budgets)
         for i, charge, outcome in zip(members, charges, charged, strict=True):
             private = admitted[i].private
             if isinstance(outcome, PrivacyBudgetExceeded):

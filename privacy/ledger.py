@@ -233,6 +233,7 @@ class PrivacyLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self._plans: dict[tuple[str, str], DPPlan] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as con:
@@ -296,18 +297,21 @@ class PrivacyLedger:
 
     def histories(self, datasets: Iterable[str]) -> dict[str, History]:
         """(noise multiplier, sample rate, steps) of each dataset's releases, oldest first, in one read."""
-        wanted = sorted(set(datasets))
-        out: dict[str, History] = {d: [] for d in wanted}
         with self._connect() as con:
-            for part in _chunks(wanted):
-                marks = ",".join("?" * len(part))
-                rows = con.execute(
-                    "SELECT dataset, noise_multiplier, sample_rate, steps FROM releases "
-                    f"WHERE dataset IN ({marks}) ORDER BY id",
-                    part,
-                ).fetchall()
-                for dataset, sigma, q, steps in rows:
-                    out[dataset].append((sigma, q, steps))
+            return self._histories(con, sorted(set(datasets)))
+
+    @staticmethod
+    def _histories(con: sqlite3.Connection, datasets: list[str]) -> dict[str, History]:
+        out: dict[str, History] = {d: [] for d in datasets}
+        for part in _chunks(datasets):
+            marks = ",".join("?" * len(part))
+            rows = con.execute(
+                "SELECT dataset, noise_multiplier, sample_rate, steps FROM releases "
+                f"WHERE dataset IN ({marks}) ORDER BY id",
+                part,
+            ).fetchall()
+            for dataset, sigma, q, steps in rows:
+                out[dataset].append((sigma, q, steps))
         return out
 
     # ------------------------------------------------------------------ plans
@@ -316,9 +320,18 @@ class PrivacyLedger:
         return self.save_plans([(dataset, run_id, plan)])[0]
 
     def save_plans(self, items: list[tuple[str, str, DPPlan]]) -> list[DPPlan]:
-        """``save_plan`` for many (dataset, run, plan) at once, in one transaction."""
-        if not items:
-            return []
+        """``save_plan`` for many (dataset, run, plan) at once, in one transaction.
+
+        A plan this object already stored or read is returned without touching the file: the first
+        stored plan of a run never changes.
+        """
+        unknown = [(d, r, p) for d, r, p in items if (d, r) not in self._plans]
+        if unknown:
+            for key, plan in zip(((d, r) for d, r, _ in unknown), self._store_plans(unknown), strict=True):
+                self._plans[key] = plan
+        return [self._plans[(d, r)] for d, r, _ in items]
+
+    def _store_plans(self, items: list[tuple[str, str, DPPlan]]) -> list[DPPlan]:
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -397,17 +410,19 @@ class PrivacyLedger:
         releases of one dataset both count). A release that does not fit is not written and its
         place in the result holds the refusal; the others are committed, and synced, together.
         """
+        return self.charge_batch(charges, budgets)[0]
+
+    def charge_batch(
+        self, charges: list[Charge], budgets: list[Budget | None]
+    ) -> tuple[list[Release | PrivacyBudgetExceeded], dict[str, History]]:
+        """``charge_many``, and every charged dataset's whole history after it (read in the same transaction)."""
         if not charges:
-            return []
+            return [], {}
         outcomes: list[Release | PrivacyBudgetExceeded] = []
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
-                known: dict[str, History] = {}
-                for dataset in {c.dataset for c in charges}:
-                    known[dataset] = [
-                        (r.noise_multiplier, r.sample_rate, r.steps) for r in self._releases(con, dataset)
-                    ]
+                known = self._histories(con, sorted({c.dataset for c in charges}))
                 for charge, budget in zip(charges, budgets, strict=True):
                     step = (float(charge.plan.noise_multiplier), float(charge.plan.sample_rate), int(charge.steps))
                     if budget is not None:
@@ -439,7 +454,7 @@ class PrivacyLedger:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return outcomes
+        return outcomes, known
 
     # ---------------------------------------------------------------- summary
     def summary(self, delta: float, accountant: str = "prv") -> list[dict[str, Any]]:

@@ -202,17 +202,17 @@ arrays = model_to_arrays(task.build_model(site.schema, seed=0))
 context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                   node_config={"partition-id": 0, "ledger": ledger_path})
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-charge_many = PrivacyLedger.charge_many
+charge_batch = PrivacyLedger.charge_batch
 
 def charge_then_maybe_die(self, charges, budgets):
-    releases = charge_many(self, charges, budgets)
+    charged = charge_batch(self, charges, budgets)
     for c in charges:
         print(f"charged {c.round}", flush=True)
         if c.round == kill_round:
             time.sleep(120)  # killed here: charged, reply not yet built
-    return releases
+    return charged
 
-PrivacyLedger.charge_many = charge_then_maybe_die
+PrivacyLedger.charge_batch = charge_then_maybe_die
 for r in range(1, 11):
     config = ConfigRecord({"server-round": r, "flowerbed.run-id": "run-1",
                            "flowerbed.experiment": json.dumps(experiment.to_dict())})

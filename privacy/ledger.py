@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -234,6 +236,9 @@ class PrivacyLedger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self._plans: dict[tuple[str, str], DPPlan] = {}
+        self._local = threading.local()  # one open connection per thread and process
+        self._known: dict[str, History] = {}  # histories read or written by this object ...
+        self._version: tuple[int, int, int] | None = None  # ... valid while no other connection wrote
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as con:
@@ -245,13 +250,14 @@ class PrivacyLedger:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        try:
+        """This thread's connection (opened once; a forked child opens its own)."""
+        held = getattr(self._local, "connection", None)
+        if held is None or held[0] != os.getpid():
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
-            yield con
-        finally:
-            con.close()
+            held = self._local.connection = (os.getpid(), con)
+        yield held[1]
 
     # ----------------------------------------------------------------- reading
     def releases(self, dataset: str | None = None) -> list[Release]:
@@ -300,10 +306,16 @@ class PrivacyLedger:
         with self._connect() as con:
             return self._histories(con, sorted(set(datasets)))
 
-    @staticmethod
-    def _histories(con: sqlite3.Connection, datasets: list[str]) -> dict[str, History]:
-        out: dict[str, History] = {d: [] for d in datasets}
-        for part in _chunks(datasets):
+    def _histories(self, con: sqlite3.Connection, datasets: list[str]) -> dict[str, History]:
+        """Each dataset's history; read from the file only when another connection wrote since the last read."""
+        version = (os.getpid(), id(con), con.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._version:
+            self._known.clear()
+            self._version = version
+        missing = [d for d in datasets if d not in self._known]
+        for dataset in missing:
+            self._known[dataset] = []
+        for part in _chunks(missing):
             marks = ",".join("?" * len(part))
             rows = con.execute(
                 "SELECT dataset, noise_multiplier, sample_rate, steps FROM releases "
@@ -311,8 +323,8 @@ class PrivacyLedger:
                 part,
             ).fetchall()
             for dataset, sigma, q, steps in rows:
-                out[dataset].append((sigma, q, steps))
-        return out
+                self._known[dataset].append((sigma, q, steps))
+        return {d: list(self._known[d]) for d in datasets}
 
     # ------------------------------------------------------------------ plans
     def save_plan(self, dataset: str, run_id: str, plan: DPPlan) -> DPPlan:
@@ -419,6 +431,7 @@ class PrivacyLedger:
         if not charges:
             return [], {}
         outcomes: list[Release | PrivacyBudgetExceeded] = []
+        now = _now()
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -431,7 +444,6 @@ class PrivacyLedger:
                         except PrivacyBudgetExceeded as exc:
                             outcomes.append(exc)
                             continue
-                    now = _now()
                     cur = con.execute(
                         "INSERT INTO releases (dataset, run_id, round, noise_multiplier, sample_rate,"
                         " steps, accountant, site, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -440,7 +452,7 @@ class PrivacyLedger:
                     known[charge.dataset].append(step)
                     outcomes.append(
                         Release(
-                            int(cur.lastrowid),
+                            int(cur.lastrowid),  # type: ignore[arg-type]
                             charge.dataset,
                             charge.run_id,
                             charge.round,
@@ -453,7 +465,9 @@ class PrivacyLedger:
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
+                self._known.clear()
                 raise
+        self._known.update({d: list(h) for d, h in known.items()})
         return outcomes, known
 
     # ---------------------------------------------------------------- summary

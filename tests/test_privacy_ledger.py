@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 from flowerbed.exception import PrivacyBudgetExceeded
 from flowerbed.privacy.ledger import (
     Budget,
+    Charge,
     PrivacyLedger,
+    compose,
     fingerprint_arrays,
     fingerprint_file,
 )
@@ -284,3 +286,17 @@ def test_node_budget_command_reports_per_dataset_and_run(tmp_path: Path) -> None
     assert ds["runs"][0]["epsilon"] == pytest.approx(ledger.epsilon("d" * 64, 1e-5, run_id="run-a"))
     table = CliRunner().invoke(app, ["node", "budget", "--ledger", str(path)])
     assert table.exit_code == 0 and "run-b" in table.output and "all runs" in table.output
+
+
+def test_a_ledger_sees_what_another_process_charged(tmp_path: Path) -> None:
+    """Histories held in memory are read again once another connection has written."""
+    plan = DPPlan(noise_multiplier=1.0, sample_rate=0.2, steps_per_round=5, rounds=3, max_grad_norm=1.0, delta=1e-5)
+    ours = PrivacyLedger(tmp_path / "ledger.sqlite")
+    ours.charge(dataset="ds", run_id="a", round=1, plan=plan)
+    assert ours.histories(["ds"])["ds"] == [(1.0, 0.2, 5)]
+    theirs = PrivacyLedger(tmp_path / "ledger.sqlite")
+    theirs.charge(dataset="ds", run_id="b", round=1, plan=plan)
+    assert ours.histories(["ds"])["ds"] == [(1.0, 0.2, 5), (1.0, 0.2, 5)]
+    budget = Budget(epsilon=compose([(1.0, 0.2, 10)], 1e-5, "prv") + 1e-9, delta=1e-5)
+    (refused,) = ours.charge_many([Charge("ds", "a", 2, plan, 5)], [budget])
+    assert isinstance(refused, PrivacyBudgetExceeded) and len(theirs.releases("ds")) == 2

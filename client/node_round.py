@@ -86,6 +86,8 @@ class NodeRequest:
         The node's own configuration (Flower's ``context.node_config``).
     secure : bool (default: False)
         A training request inside a secure-aggregation round (its update leaves the node masked).
+    proximal_mu : float (default: 0.0)
+        FedProx's proximal term, as the strategy sends it (``proximal-mu``).
     """
 
     kind: Kind
@@ -94,6 +96,7 @@ class NodeRequest:
     server_round: int
     node_config: Mapping[str, Any]
     secure: bool = False
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,8 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
     if request.kind == "train":
         if site.num_train == 0:
             raise DataError(f"site {site.name} has no training rows")
+        if not (math.isfinite(request.proximal_mu) and request.proximal_mu >= 0):
+            raise NodeError(f"proximal-mu = {request.proximal_mu!r} from the server must be a finite number >= 0")
         if config.require_secure_aggregation and not request.secure:
             raise PolicyRefusal(
                 f"site {site.name} releases updates only through secure aggregation (its node config sets "
@@ -444,15 +449,16 @@ def node_model(admitted: Admitted, weights: Mapping[str, np.ndarray]) -> nn.Modu
 def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> TrainResult:
     """The local arithmetic of one round on one node: DP-SGD under the admitted plan, or plain SGD."""
     experiment, site = admitted.request.experiment, admitted.site
+    mu = admitted.request.proximal_mu
     if admitted.private is not None:
-        plan = admitted.private.plan
         return train_private(
             model, admitted.task, site.x_train, site.y_train, experiment.train,
-            plan=plan, seed=admitted.private.noise_seed, device=device,
+            plan=admitted.private.plan, seed=admitted.private.noise_seed, device=device, proximal_mu=mu,
         )  # fmt: skip
     return train_local(
-        model, admitted.task, site.x_train, site.y_train, experiment.train, seed=admitted.seed, device=device
-    )
+        model, admitted.task, site.x_train, site.y_train, experiment.train,
+        seed=admitted.seed, device=device, proximal_mu=mu,
+    )  # fmt: skip
 
 
 def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device, batch_size: int = 1024) -> Metrics:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowerbed.client.training import TrainResult, make_optimizer
+from flowerbed.client.training import TrainResult, make_optimizer, proximal_gradient
 from flowerbed.exception import TaskError
 from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.dp_sgd import (
@@ -35,6 +35,7 @@ def train_private(
     seed: int | None = None,
     device: torch.device | str = "cpu",
     fast: bool = True,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """One round of DP-SGD on a node's training rows, as planned.
 
@@ -61,6 +62,8 @@ def train_private(
         Where to train.
     fast : bool (default: True)
         Use the fast per-sample engine where it supports the model.
+    proximal_mu : float (default: 0.0)
+        FedProx's proximal term, added to the noisy gradient (it does not touch the data).
 
     Returns
     -------
@@ -75,6 +78,7 @@ def train_private(
     if n == 0:
         raise TaskError("DP-SGD needs at least one training row at this node")
     optimizer = make_optimizer(model, train)
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu else {}
     sampler, noise_gen = generators(seed, device)
     expected = max(1, int(n * plan.sample_rate))
     std = plan.noise_multiplier * plan.max_grad_norm
@@ -100,6 +104,7 @@ def train_private(
             grads = noisy_step_grads(sums, std=std, expected_batch_size=expected, generator=noise_gen)
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
+            proximal_gradient(model, anchor, proximal_mu)
             optimizer.step()
     finally:
         engine.close()

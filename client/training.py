@@ -21,6 +21,20 @@ class TrainResult:
     num_examples: int
 
 
+def proximal_gradient(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float) -> None:
+    """Add FedProx's proximal term's gradient, ``mu * (w - anchor)``, to every parameter's gradient.
+
+    The term ``mu / 2 * ||w - anchor||^2`` pulls the local model towards the global weights it
+    started from (Li et al. 2020); it is added to the gradient, not to the reported loss.
+    """
+    if not mu:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                p.grad.add_(p.detach() - anchor[name], alpha=mu)
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """A fresh optimizer for one round (no state carried across rounds)."""
     if train.optimizer == "adam":
@@ -37,14 +51,17 @@ def train_local(
     *,
     seed: int,
     device: torch.device,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Mini-batch training for ``train.local_epochs`` epochs, shuffled by ``seed``.
 
     Deterministic on CPU for a fixed seed: the batch order comes from a seeded generator and the
-    built-in models have no dropout.
+    built-in models have no dropout. ``proximal_mu`` adds FedProx's proximal term towards the
+    weights the model starts from.
     """
     model.to(device).train()
     optimizer = make_optimizer(model, train)
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu else {}
     features = torch.as_tensor(x, device=device)
     labels = torch.as_tensor(y, device=device)
     generator = torch.Generator().manual_seed(seed)
@@ -56,6 +73,7 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss_fn(model(features[batch]), labels[batch])
             loss.backward()
+            proximal_gradient(model, anchor, proximal_mu)
             optimizer.step()
             total += float(loss.detach())
             steps += 1

@@ -21,6 +21,8 @@ from enum import IntEnum
 #: Keys of the ``"config"`` record that carry the run to the nodes (see docs/architecture.md).
 EXPERIMENT_KEY = "flowerbed.experiment"
 RUN_ID_KEY = "flowerbed.run-id"
+#: Set by Flower's FedProx in the train config: the proximal term's weight, applied at every node.
+PROXIMAL_MU_KEY = "proximal-mu"
 #: Record keys of a reply: the site's name (a ``ConfigRecord``) beside Flower's ``arrays``/``metrics``.
 SITE_RECORD = "site"
 

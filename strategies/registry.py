@@ -16,6 +16,21 @@ from flowerbed.experiment import StrategyConfig
 WEIGHTED_MEAN = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
 #: Strategies that need every individual update (median, trimming, distances between updates).
 ROBUST = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
+#: Flower strategies whose client-side part flowerbed's nodes do not implement, and what is missing.
+CLIENT_SIDE_MISSING = {
+    "QFedAvg": "it needs each node's loss of the received model before training, which flowerbed's nodes do not "
+    "report (they report their training loss, and under DP none)",
+    "DifferentialPrivacyClientSideFixedClipping": "it needs Flower's client-side clipping mod; flowerbed's nodes "
+    "train with DP-SGD instead (privacy.enabled = true)",
+    "DifferentialPrivacyClientSideAdaptiveClipping": "it needs Flower's client-side clipping mod; flowerbed's nodes "
+    "train with DP-SGD instead (privacy.enabled = true)",
+    "DifferentialPrivacyServerSideFixedClipping": "it wraps another strategy object, which an experiment file cannot "
+    "name; flowerbed's nodes train with DP-SGD instead (privacy.enabled = true)",
+    "DifferentialPrivacyServerSideAdaptiveClipping": "it wraps another strategy object, which an experiment file "
+    "cannot name; flowerbed's nodes train with DP-SGD instead (privacy.enabled = true)",
+    "FedXgbBagging": "it needs XGBoost clients; flowerbed's nodes train torch models",
+    "FedXgbCyclic": "it needs XGBoost clients; flowerbed's nodes train torch models",
+}
 #: Keys flowerbed sets itself: node sampling is the round loop's job (seeded, by site).
 MANAGED_ARGS = (
     "fraction_train",
@@ -28,7 +43,7 @@ MANAGED_ARGS = (
 
 def available_strategies() -> list[str]:
     """Names of Flower's message-API strategies that flowerbed can drive."""
-    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST + ("QFedAvg",)]
+    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST]
 
 
 def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strategy:
@@ -72,7 +87,15 @@ def _resolve(name: str, source: str) -> type[Strategy]:
         except (ImportError, AttributeError) as exc:
             raise ConfigError(source, [f"strategy.name = {name!r} cannot be imported: {exc}"]) from None
     else:
-        cls = getattr(flower_strategies, name, None) if name in flower_strategies.__all__ else None
+        if name in CLIENT_SIDE_MISSING:
+            raise ConfigError(
+                source,
+                [
+                    f"strategy.name = {name!r} cannot run on flowerbed: {CLIENT_SIDE_MISSING[name]}; use one of "
+                    f"{', '.join(available_strategies())}"
+                ],
+            )
+        cls = getattr(flower_strategies, name, None) if name in available_strategies() else None
         if cls is None:
             raise ConfigError(
                 source,

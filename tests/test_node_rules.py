@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,11 +43,19 @@ def _describe(reply: Message) -> tuple:
     return (str(reply.content["site"]["name"]), "ok", tuple(sorted(reply.content["metrics"].keys())))
 
 
-def probe(experiment: Experiment, kinds: tuple[str, ...], nodes_dir: Path) -> dict[str, list[tuple]]:
+def probe(
+    experiment: Experiment,
+    kinds: tuple[str, ...],
+    nodes_dir: Path,
+    *,
+    extra_config: dict | None = None,
+    describe: Callable[[Message], Any] = _describe,
+) -> dict[str, list]:
     """Send each kind of message once to every node, on the experiment's backend; describe the replies."""
     num_nodes = len(load_federation(experiment.data, experiment.seed))
     arrays = model_to_arrays(initial_model(experiment))
     config = {EXPERIMENT_KEY: json.dumps(experiment.to_dict()), RUN_ID_KEY: "probe", "server-round": 1}
+    config.update(extra_config or {})
     seen: dict[str, list[tuple]] = {}
     errors: list[BaseException] = []
     app = ServerApp()
@@ -61,7 +71,7 @@ def probe(experiment: Experiment, kinds: tuple[str, ...], nodes_dir: Path) -> di
                 )
                 for n in node_ids
             ]
-            seen[kind] = sorted(_describe(r) for r in grid.send_and_receive(messages, timeout=300))
+            seen[kind] = sorted(describe(r) for r in grid.send_and_receive(messages, timeout=300))
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:

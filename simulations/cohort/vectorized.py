@@ -115,16 +115,24 @@ class StackedOptimizer:
         ``optimizer``, ``lr`` and ``momentum`` as ``flowerbed.client.training.make_optimizer`` reads them.
     params : dict[str, torch.Tensor]
         The stacked weights (updated in place by ``step``).
+    proximal_mu : float (default: 0.0)
+        FedProx's mu: every gradient gets ``mu * (w - anchor)``, as ``proximal_gradient`` adds it.
+    anchor : dict[str, torch.Tensor] | None
+        The global weights the proximal term pulls towards (unstacked; needed when ``proximal_mu > 0``).
     """
 
     BETAS = (0.9, 0.999)
     EPS = 1e-8
 
-    def __init__(self, train: TrainConfig, params: Params) -> None:
+    def __init__(
+        self, train: TrainConfig, params: Params, *, proximal_mu: float = 0.0, anchor: Params | None = None
+    ) -> None:
         self.kind = train.optimizer
         self.lr = train.lr
         self.momentum = train.momentum
         self.params = params
+        self.mu = float(proximal_mu)
+        self.anchor = {k: v.detach().clone() for k, v in (anchor or {}).items()} if self.mu else {}
         self.state: dict[str, list[torch.Tensor]] = {}
         if self.kind == "adam":
             self.state = {k: [torch.zeros_like(p), torch.zeros_like(p)] for k, p in params.items()}
@@ -133,6 +141,13 @@ class StackedOptimizer:
 
     def step(self, grads: Params, rows: torch.Tensor | None, t: int) -> None:
         """Apply step number ``t`` (1-based) to the clients in ``rows`` (``None``: all)."""
+        if self.mu:  # FedProx: the proximal term's gradient, per client, from its current weights
+            grads = {
+                name: g.add(self.params[name] if rows is None else self.params[name][rows], alpha=self.mu).sub_(
+                    self.anchor[name], alpha=self.mu
+                )
+                for name, g in grads.items()
+            }
         if rows is None and self.kind != "adam" and self.momentum == 0:  # plain SGD on everyone: in place
             for name, grad in grads.items():
                 self.params[name].add_(grad, alpha=-self.lr)
@@ -232,6 +247,7 @@ def train_cohort(
     seeds: Sequence[int],
     *,
     batched_kernels: bool = True,
+    proximal_mu: float = 0.0,
 ) -> CohortResult:
     """``train_local`` for every client of ``cohort`` at once, starting from the same ``weights``.
 
@@ -251,13 +267,16 @@ def train_cohort(
         One batch-order seed per client (``derive_seed(seed, "train", round, site)``).
     batched_kernels : bool (default: True)
         ``False`` runs every step with ``vmap`` per batch size even where ``StackedNet`` applies.
+    proximal_mu : float (default: 0.0)
+        FedProx's proximal term towards ``weights``.
     """
     model.train()
     device = cohort.x.device
     k, size = cohort.size, train.batch_size
     n_max = cohort.x.shape[1]
-    params = stacked({name: w.to(device) for name, w in weights.items()}, k)
-    optimizer = StackedOptimizer(train, params)
+    start = {name: w.to(device) for name, w in weights.items()}
+    params = stacked(start, k)
+    optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     n_list = [int(v) for v in cohort.n.tolist()]
     orders = epoch_orders(n_list, seeds, train.local_epochs, device)
     per_epoch = (cohort.n + size - 1) // size

@@ -131,8 +131,11 @@ def train_cohort_private(
     *,
     seed: int | None = None,
     batched_kernels: bool = True,
+    proximal_mu: float = 0.0,
 ) -> CohortResult:
     """DP-SGD for every client of ``cohort`` at once, starting from the same ``weights``.
+
+    FedProx's proximal term (``proximal_mu``) is added after the noise: it does not touch the data.
 
     Parameters
     ----------
@@ -153,8 +156,9 @@ def train_cohort_private(
     seed = secrets.randbits(63) if seed is None else seed
     sampler = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
-    params = stacked({name: w.to(device) for name, w in weights.items()}, k)
-    optimizer = StackedOptimizer(train, params)
+    start = {name: w.to(device) for name, w in weights.items()}
+    params = stacked(start, k)
+    optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     net = stacked_net(model, loss_fn) if batched_kernels else None
     per_client = vmap(per_sample_function(model, loss_fn)) if net is None else None
     std = (plan.noise_multiplier * plan.max_grad_norm).float()

@@ -34,7 +34,7 @@ from flowerbed.client.node_round import (
 from flowerbed.client.training import TrainResult
 from flowerbed.exception import FlowerbedError
 from flowerbed.privacy.dp_sgd import make_private_compatible
-from flowerbed.protocol import EXPERIMENT_KEY, SITE_RECORD
+from flowerbed.protocol import EXPERIMENT_KEY, PROXIMAL_MU_KEY, SITE_RECORD
 from flowerbed.simulations.cohort.vectorized import (
     Unsupported,
     check_functional,
@@ -103,7 +103,8 @@ class CohortHandler:
         config = content["config"]
         if EXPERIMENT_KEY not in config:
             return None
-        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), config.get("server-round", 0)
+        server_round, mu = config.get("server-round", 0), config.get(PROXIMAL_MU_KEY, 0.0)
+        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), server_round, mu
 
     def _answer_group(self, kind: Kind, pairs: list[Pair]) -> list[Message | None]:
         try:
@@ -167,6 +168,7 @@ class CohortHandler:
     ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
         """The cohort kernels in place of each node's train step."""
         experiment, task = admitted[0].request.experiment, admitted[0].task
+        mu = admitted[0].request.proximal_mu  # one message group: one strategy config
         sites = [a.site for a in admitted]
         cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
         if experiment.privacy.enabled:
@@ -174,10 +176,12 @@ class CohortHandler:
             seeds = [a.private.noise_seed for a in admitted if a.private.noise_seed is not None]  # type: ignore[union-attr]
             stacked_plan = PrivateCohortPlan.from_plans(plans, [s.num_train for s in sites], device)
             result = train_cohort_private(
-                model, task.loss_fn, cohort, weights, experiment.train, stacked_plan, seed=seeds[0] if seeds else None
-            )
+                model, task.loss_fn, cohort, weights, experiment.train, stacked_plan,
+                seed=seeds[0] if seeds else None, proximal_mu=mu,
+            )  # fmt: skip
         else:
-            result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, [a.seed for a in admitted])
+            seeds = [a.seed for a in admitted]
+            result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds, proximal_mu=mu)
         results = [
             TrainResult(loss=result.loss[j], steps=result.steps[j], num_examples=s.num_train)
             for j, s in enumerate(sites)

@@ -226,8 +226,78 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
                 f"budget-epsilon = {config.budget_epsilon:g}); set privacy.enabled = true and "
                 "privacy.target_epsilon in the experiment"
             )
+        if experiment.privacy.enabled:
+            check_loss_is_per_row(task, site)
     seed = derive_seed(experiment.seed, "train", request.server_round, site.name)
     return Admitted(request, config, site, task, seed)
+
+
+def check_loss_is_per_row(task: Task, site: SiteData) -> None:
+    """DP-SGD is valid only for a loss that is a mean of per-row terms: the task must say so, and be right.
+
+    Raises
+    ------
+    PolicyRefusal
+        When the task declares a batch-coupled loss, declares nothing, or declares a per-row loss
+        that a probe on a few of the node's rows contradicts.
+    """
+    if task.loss_per_row is False:
+        raise PolicyRefusal(
+            f"task {task.name!r} declares a loss that couples the rows of a batch (loss_per_row = False): DP-SGD's "
+            "clipping bounds one patient's influence only for a mean of per-row terms, so its epsilon would not "
+            "hold; train this task without DP, or rewrite its loss as a mean of per-row terms"
+        )
+    if task.loss_per_row is None:
+        raise PolicyRefusal(
+            f"task {task.name!r} does not say whether its loss is a mean of per-row terms, which DP-SGD needs: "
+            "set loss_per_row = True on the Task when each row's term depends on that row alone (checked at "
+            "the node), or False to train it without DP only"
+        )
+    problem = _per_row_probe(task, site)
+    if problem:
+        raise PolicyRefusal(
+            f"task {task.name!r} declares a per-row loss (loss_per_row = True), but on {PROBE_ROWS} of site "
+            f"{site.name}'s rows {problem}: its rows are coupled and DP-SGD's epsilon would not hold; fix the "
+            "declaration or the loss"
+        )
+
+
+PROBE_ROWS = 8
+_PROBED: dict[tuple[Task, Any], str | None] = {}
+
+
+def _per_row_probe(task: Task, site: SiteData) -> str | None:
+    """Whether the loss of a batch is the mean of its rows' losses, in value and gradient (``None``: it is)."""
+    key = (task, site.schema)
+    if key in _PROBED:
+        return _PROBED[key]
+    n = min(PROBE_ROWS, len(site.y_train))
+    if n < 2:
+        return None  # one row: nothing to couple
+    model = make_private_compatible(task.build_model(site.schema, seed=0)).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = torch.as_tensor(site.x_train[:n]), torch.as_tensor(site.y_train[:n])
+    try:
+        batch = task.loss_fn(model(x), y)
+        batch_grads = torch.autograd.grad(batch, params, allow_unused=True)
+        rows = [task.loss_fn(model(x[i : i + 1]), y[i : i + 1]) for i in range(n)]
+        row_grads = [torch.autograd.grad(loss, params, allow_unused=True) for loss in rows]
+    except (RuntimeError, ValueError, IndexError) as exc:
+        _PROBED[key] = f"the loss cannot be computed on one row alone ({exc})"
+        return _PROBED[key]
+    zero = [torch.zeros_like(p) for p in params]
+    batch_grads = [z if g is None else g for g, z in zip(batch_grads, zero, strict=True)]
+    row_grads = [[z if g is None else g for g, z in zip(rg, zero, strict=True)] for rg in row_grads]
+    mean_loss = torch.stack([r.detach() for r in rows]).mean()
+    problem = None
+    if not torch.allclose(batch.detach(), mean_loss, rtol=1e-4, atol=1e-6):
+        problem = f"the batch's loss is {float(batch):.6g}, the mean of the rows' losses {float(mean_loss):.6g}"
+    for j, g in enumerate(batch_grads):
+        mean_grad = torch.stack([rg[j] for rg in row_grads]).mean(0)
+        if problem is None and not torch.allclose(g, mean_grad, rtol=1e-3, atol=1e-6):
+            problem = "the batch's gradient is not the mean of the rows' gradients"
+    _PROBED[key] = problem
+    return problem
 
 
 def _check_evaluation(config: NodeConfig, site: SiteData, task: Task) -> None:

@@ -36,7 +36,7 @@ def resolve_task(name: str, args: dict[str, Any] | None = None) -> Task:
             model_fn(_probe_schema(kinds[0]), **args)
         except TypeError as exc:
             raise TaskError(f"task.args for {name!r} are invalid: {exc}") from None
-        return Task(name=name, model_fn=with_args(model_fn, args), kinds=kinds)
+        return Task(name=name, model_fn=with_args(model_fn, args), kinds=kinds, loss_per_row=True)
     if ":" not in name:
         known = ", ".join(sorted(BUILTIN_MODELS))
         raise TaskError(f"task.name = {name!r} is unknown: use one of {known} or 'package.module:attr'")

@@ -83,6 +83,11 @@ class Task:
         ``loss_fn(logits, labels) -> scalar tensor``, mean over the batch.
     metrics_fn : Callable (default: accuracy)
         ``metrics_fn(logits, labels) -> {name: value}`` on a whole evaluation set.
+    loss_per_row : bool | None (default: None)
+        Whether ``loss_fn`` is the mean of one term per row (each row's term depends on that row
+        alone). DP-SGD bounds one row's influence only then: it trains a task that declares
+        ``True`` (after checking the claim on a batch) and refuses one that declares ``False`` or
+        nothing. The built-in tasks declare ``True``.
     """
 
     name: str
@@ -90,6 +95,7 @@ class Task:
     kinds: tuple[str, ...] = ("tabular", "image")
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
     metrics_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = accuracy_metrics
+    loss_per_row: bool | None = None
 
     def build_model(self, schema: DataSchema, seed: int | None = None) -> nn.Module:
         """A fresh model; with ``seed``, the same initial weights on every machine.

@@ -15,4 +15,20 @@ def wide_mlp(width: int = 48) -> Task:
             nn.Flatten(), nn.Linear(schema.num_features, width), nn.Tanh(), nn.Linear(width, schema.num_classes)
         )
 
-    return Task(name="tests.user_task_example:wide_mlp", model_fn=build, kinds=("tabular",))
+    return Task(name="tests.user_task_example:wide_mlp", model_fn=build, kinds=("tabular",), loss_per_row=True)
+
+
+def _centered_cross_entropy(logits, labels):
+    """Cross-entropy of logits centred on the batch's mean: every row's term depends on the whole batch."""
+    return nn.functional.cross_entropy(logits - logits.mean(dim=0, keepdim=True), labels)
+
+
+def coupled(declared: str = "true") -> Task:
+    """A task whose loss couples the rows of a batch, declaring ``loss_per_row`` true, false or none."""
+    return Task(
+        name="tests.user_task_example:coupled",
+        model_fn=wide_mlp().model_fn,
+        kinds=("tabular",),
+        loss_fn=_centered_cross_entropy,
+        loss_per_row={"true": True, "false": False, "none": None}[declared],
+    )

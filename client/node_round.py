@@ -475,17 +475,19 @@ def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
         for (i, dataset, _), plan in zip(members, plans, strict=True):
             a = admitted[i]
             budget = budget_of(a.config)
-            if budget is not None:
-                step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-                try:
-                    check_budget(histories[dataset], step, budget, dataset=dataset, site=a.site.name)
-                except PrivacyBudgetExceeded as exc:
-                    outcomes[i] = refusal_for(exc, a.site.name)
-                    continue
             seed = a.config.dp_test_seed
             stream = "dp" if a.request.kind == "train" else "dp-evaluate"
             noise_seed = None if seed is None else derive_seed(seed, stream, a.request.server_round, a.site.name)
-            outcomes[i] = replace(a, private=PrivateRelease(ledger, dataset, plan, budget, noise_seed))
+            release = PrivateRelease(ledger, dataset, plan, budget, noise_seed)
+            step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+            try:  # the accountant must handle this release before anything is trained (e.g. a tiny noise)
+                compose([*histories[dataset], step], release.delta, release.accountant)
+                if budget is not None:
+                    check_budget(histories[dataset], step, budget, dataset=dataset, site=a.site.name)
+            except FlowerbedError as exc:
+                outcomes[i] = refusal_for(exc, a.site.name)
+                continue
+            outcomes[i] = replace(a, private=release)
     return outcomes
 
 

@@ -35,3 +35,11 @@ def test_a_batch_coupled_loss_is_refused(heart_experiment, tmp_path, monkeypatch
     outcome = _admit_dp(heart_experiment, "tests.user_task_example:coupled", f"{{declared='{declared}'}}")
     assert isinstance(outcome, Refusal) and outcome.code == ErrorCode.POLICY
     assert expected in outcome.reason
+
+
+def test_a_noise_the_accountant_cannot_handle_is_a_clear_refusal(heart_experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWERBED_SIM_NODE_DIR", str(tmp_path))
+    experiment = heart_experiment("privacy.enabled=true", "privacy.noise_multiplier=1e-6")
+    (outcome,) = admit([NodeRequest("train", experiment, "tiny-noise", 1, {"partition-id": 0})])
+    assert isinstance(outcome, Refusal) and outcome.code == ErrorCode.CONFIG
+    assert "too small for the PRV accountant" in outcome.reason and "rdp" in outcome.reason

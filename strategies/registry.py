@@ -11,9 +11,12 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import StrategyConfig
+from flowerbed.strategies.adaptive import PUBLISHED
 
 #: Strategies that aggregate by a weighted mean of the replies (secure aggregation can feed them a sum).
-WEIGHTED_MEAN = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
+WEIGHTED_MEAN = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", *PUBLISHED)
+#: Arguments a Flower strategy accepts that change nothing in flowerbed, and why.
+NO_EFFECT = {"eta_l": "the nodes' learning rate is the experiment's train.lr"}
 #: Strategies that need every individual update (median, trimming, distances between updates).
 ROBUST = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
 #: Flower strategies whose client-side part flowerbed's nodes do not implement, and what is missing.
@@ -43,7 +46,7 @@ MANAGED_ARGS = (
 
 def available_strategies() -> list[str]:
     """Names of Flower's message-API strategies that flowerbed can drive."""
-    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST]
+    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST] + list(PUBLISHED)
 
 
 def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strategy:
@@ -63,10 +66,16 @@ def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strate
         )
     cls = _resolve(config.name, source)
     args: dict[str, Any] = dict(config.args)
-    params = inspect.signature(cls.__init__).parameters
+    params = _published_params(cls) if cls in PUBLISHED.values() else inspect.signature(cls.__init__).parameters
     for key in MANAGED_ARGS:
         if key in params:
             args[key] = 1.0 if key.startswith("fraction") else 1
+    useless = [k for k in config.args if k in NO_EFFECT]
+    if useless:
+        raise ConfigError(
+            source,
+            [f"strategy.args.{k}: {config.name} accepts it but it does nothing: {NO_EFFECT[k]}" for k in useless],
+        )
     unknown = [k for k in config.args if k not in params]
     if unknown:
         allowed = ", ".join(p for p in params if p not in ("self", *MANAGED_ARGS))
@@ -77,6 +86,13 @@ def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strate
         return cls(**args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(source, [f"strategy.args for {config.name}: {exc}"]) from None
+
+
+def _published_params(cls: type[Strategy]) -> dict[str, Any]:
+    """The arguments of a published adaptive strategy: its own and FedAvg's."""
+    own = dict(inspect.signature(cls.__init__).parameters)
+    own.pop("fedavg", None)
+    return {**dict(inspect.signature(flower_strategies.FedAvg.__init__).parameters), **own}
 
 
 def _resolve(name: str, source: str) -> type[Strategy]:
@@ -95,7 +111,9 @@ def _resolve(name: str, source: str) -> type[Strategy]:
                     f"{', '.join(available_strategies())}"
                 ],
             )
-        cls = getattr(flower_strategies, name, None) if name in available_strategies() else None
+        cls = PUBLISHED.get(name) or (
+            getattr(flower_strategies, name, None) if name in available_strategies() else None
+        )
         if cls is None:
             raise ConfigError(
                 source,

@@ -594,7 +594,7 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
     by_ledger: dict[Path, list[int]] = {}
     for i, (a, result) in enumerate(zip(admitted, results, strict=True)):
         if a.private is None:
-            out.append({"num-examples": result.num_examples, "train-loss": result.loss})
+            out.append({"num-examples": aggregation_weight(a, result), "train-loss": result.loss})
         else:
             out.append({})
             by_ledger.setdefault(a.private.ledger.path, []).append(i)
@@ -609,8 +609,19 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
                 out[i] = refusal_for(outcome, admitted[i].site.name)
                 continue
             epsilon = compose(histories[charge.dataset], private.delta, private.accountant)  # type: ignore[union-attr]
-            out[i] = {"num-examples": results[i].num_examples, "epsilon": epsilon, "delta": private.delta}  # type: ignore[union-attr]
+            weight = aggregation_weight(admitted[i], results[i])
+            out[i] = {"num-examples": weight, "epsilon": epsilon, "delta": private.delta}  # type: ignore[union-attr]
     return out
+
+
+def aggregation_weight(admitted: Admitted, result: TrainResult) -> int:
+    """What the node reports as ``num-examples``: its training rows, its steps, or 1 (``train.weighting``)."""
+    weighting = admitted.request.experiment.train.weighting
+    if weighting == "steps":
+        return result.steps
+    if weighting == "uniform":
+        return 1
+    return result.num_examples
 
 
 def _charge(a: Admitted, steps: int) -> Charge:

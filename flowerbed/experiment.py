@@ -30,6 +30,7 @@ class TaskConfig(_Section):
     name: str = "tabular-mlp"
     args: dict[str, Any] = Field(default_factory=dict)
     device: str = "auto"
+    initial_weights: str | None = None  # a safetensors file of the global model before round 1
 
 
 class PartitionConfig(_Section):
@@ -67,6 +68,8 @@ class TrainConfig(_Section):
     clients_per_round: int | None = Field(default=None, gt=0)
     min_nodes: int | None = Field(default=None, gt=0)
     round_timeout: float = Field(default=600.0, gt=0)
+    # The weight each site reports as num-examples (what the strategy averages by).
+    weighting: Literal["train-rows", "steps", "uniform"] = "train-rows"
     # What one reply may claim: its weight (num-examples) and the norm of its update.
     max_examples: int = Field(default=10_000_000, gt=0)
     max_update_norm: float | None = Field(default=1000.0, gt=0)

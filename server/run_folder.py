@@ -114,6 +114,16 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+INITIAL_WEIGHTS = "initial.safetensors"
+
+
+def save_initial_weights(run_dir: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Keep the global model a run started from (``task.initial_weights``) in its run folder."""
+    path = run_dir / INITIAL_WEIGHTS
+    save_safetensors(weights, path)
+    return path
+
+
 def save_final_model(
     run_dir: Path, weights: dict[str, np.ndarray], model: torch.nn.Module, input_shape: tuple[int, ...]
 ) -> None:

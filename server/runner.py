@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from flwr.serverapp import Grid
 
+from flowerbed.exception import ConfigError
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.seeds import derive_seed
@@ -15,14 +16,50 @@ from flowerbed.server import run_folder
 from flowerbed.server.federation import CentralEvaluator, Federation, Reporter
 from flowerbed.tasks import resolve_task
 from flowerbed.tasks.data.catalog import dataset_schema
+from flowerbed.weights import load_safetensors
 
 
 def initial_model(experiment: Experiment) -> torch.nn.Module:
-    """The global model before round 1: the same weights for the same seed, everywhere."""
+    """The global model before round 1: the same weights for the same seed, everywhere.
+
+    With ``task.initial_weights``, the weights come from that safetensors file instead (every
+    name and shape must match the task's model).
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing or does not fit the model (naming the file and the tensors).
+    """
     task = resolve_task(experiment.task.name, experiment.task.args)
     schema = dataset_schema(experiment.data, experiment.seed)
     model = task.build_model(schema, seed=derive_seed(experiment.seed, "init"))
-    return make_private_compatible(model) if experiment.privacy.enabled else model
+    if experiment.privacy.enabled:
+        model = make_private_compatible(model)
+    if experiment.task.initial_weights:
+        load_initial_weights(model, Path(experiment.task.initial_weights).expanduser())
+    return model
+
+
+def load_initial_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy a safetensors file into ``model``, refusing any missing, extra or misshapen tensor."""
+    source = "experiment (task.initial_weights)"
+    if not path.is_file():
+        raise ConfigError(source, [f"task.initial_weights = {str(path)!r}: no such file"])
+    try:
+        weights = load_safetensors(path)
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ConfigError(source, [f"{path}: not a safetensors file ({exc})"]) from None
+    state = model.state_dict()
+    problems = [f"{path}: missing {k} {tuple(v.shape)}" for k, v in state.items() if k not in weights]
+    problems += [f"{path}: {k} is not a weight of the task's model" for k in weights if k not in state]
+    problems += [
+        f"{path}: {k} has shape {tuple(weights[k].shape)}, the model's is {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        raise ConfigError(source, problems)
+    model.load_state_dict({k: torch.from_numpy(weights[k].copy()).to(v.dtype) for k, v in state.items()})
 
 
 def run_federation(
@@ -49,6 +86,8 @@ def run_federation(
         reporter=reporter,
         site_max_examples=site_max_examples,
     )
+    if experiment.task.initial_weights and not resume:
+        run_folder.save_initial_weights(run_dir, weights)
     summary = federation.run(resume=resume)
     input_shape = dataset_schema(experiment.data, experiment.seed).input_shape
     run_folder.save_final_model(run_dir, federation.final_weights, model, input_shape)

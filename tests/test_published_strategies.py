@@ -32,7 +32,9 @@ def _rounds(strategy) -> list[np.ndarray]:
     out = []
     for server_round, step in enumerate((np.array([0.5, -0.5]), np.array([0.2, 0.1])), start=1):
         list(strategy.configure_train(server_round, ArrayRecord({"w": Array(x)}), ConfigRecord(), _OneNode()))
-        reply = RecordDict({"arrays": ArrayRecord({"w": Array(x + step)}), "metrics": MetricRecord({"num-examples": 10})})
+        reply = RecordDict(
+            {"arrays": ArrayRecord({"w": Array(x + step)}), "metrics": MetricRecord({"num-examples": 10})}
+        )
         new, _ = strategy.aggregate_train(server_round, [Message(reply, dst_node_id=0, message_type="train")])
         x = new["w"].numpy()
         out.append(x)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from flowerbed.tasks import DataSchema, Task
@@ -32,3 +35,14 @@ def coupled(declared: str = "true") -> Task:
         loss_fn=_centered_cross_entropy,
         loss_per_row={"true": True, "false": False, "none": None}[declared],
     )
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that remembers the weight (``num-examples``) of every reply it aggregates."""
+
+    seen: ClassVar[list[list[float]]] = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        RecordingFedAvg.seen.append([float(r.content["metrics"]["num-examples"]) for r in replies])
+        return super().aggregate_train(server_round, replies)

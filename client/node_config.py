@@ -12,6 +12,7 @@ nodes. :func:`parse_node_config` checks every key at once and reports every prob
 | ``partition-id`` | int >= 0 | none | virtual node's partition (set by Flower's simulation engine) |
 | ``num-partitions`` | int >= 1 | none | number of virtual nodes (set by Flower's simulation engine) |
 | ``ledger`` | str (path) | none | the node's SQLite privacy ledger |
+| ``state`` | str (path) | none | the node's state folder (where its iterators resume; ``node start`` sets it) |
 | ``budget-epsilon`` | float > 0 | none (no limit) | most epsilon a local dataset may ever spend |
 | ``budget-delta`` | float in (0, 1) | 1e-5 | the delta epsilon is measured at |
 | ``budget-accountant`` | ``prv`` or ``rdp`` | ``prv`` | accountant that composes releases |
@@ -28,6 +29,10 @@ nodes. :func:`parse_node_config` checks every key at once and reports every prob
 | ``test-fraction`` | float in (0, 1) | none | share of local rows held out for testing |
 | ``split-seed`` | int >= 0 | none | seed of the local train/test split |
 | ``min-test-rows`` | int >= 1 | 10 deployed, 1 simulated | fewest local test rows the node reports metrics on |
+| ``csv-delimiter`` | ``,``, ``;``, ``tab``, ``pipe`` | detected | the data file's column separator |
+| ``csv-decimal`` | ``.`` or ``,`` | detected | the data file's decimal mark |
+| ``csv-header`` | bool | detected | whether the data file's first row names its columns |
+| ``data-contract`` | str (path) | the run's | the federation's data contract (a kit's ``contract.json``) |
 
 Strings from TOML, the CLI or JSON are coerced where unambiguous (``"8"`` -> 8, ``"true"`` -> True);
 booleans are never taken as numbers. On a deployed node (``data-path`` set, unless the caller
@@ -90,6 +95,18 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
+def _separator(value: Any) -> Any:
+    """Column separators: ``tab`` (or ``\\t``) is a tab, ``pipe`` is ``|``."""
+    if isinstance(value, str) and value.strip().lower() in ("tab", "\\t"):
+        return "\t"
+    if isinstance(value, str) and value.strip().lower() == "pipe":
+        return "|"
+    return value
+
+
+Separator = Annotated[Literal[",", ";", "\t", "|"], BeforeValidator(_separator)]
+
+
 class NodeConfig(BaseModel):
     """A node's configuration, validated; built with the hyphenated keys (see the module's table)."""
 
@@ -99,6 +116,7 @@ class NodeConfig(BaseModel):
     data_path: Text | None = Field(None, alias="data-path", description="The hospital's data file.")
     partition_id: Int | None = Field(None, alias="partition-id", ge=0, description="Virtual node's partition.")
     num_partitions: Int | None = Field(None, alias="num-partitions", ge=1, description="Number of virtual nodes.")
+    state: Text | None = Field(None, alias="state", description="The node's state folder.")
     ledger: Text | None = Field(None, alias="ledger", description="The node's SQLite privacy ledger.")
     budget_epsilon: Float | None = Field(None, alias="budget-epsilon", gt=0, description="Epsilon budget per dataset.")
     budget_delta: Float = Field(1e-5, alias="budget-delta", gt=0, lt=1, description="Delta epsilon is measured at.")
@@ -132,6 +150,10 @@ class NodeConfig(BaseModel):
     )
     split_seed: Int | None = Field(None, alias="split-seed", ge=0, description="Seed of the local train/test split.")
     min_test_rows: Int | None = Field(None, alias="min-test-rows", ge=1, description="Fewest local test rows.")
+    csv_delimiter: Separator | None = Field(None, alias="csv-delimiter", description="The data file's separator.")
+    csv_decimal: Literal[".", ","] | None = Field(None, alias="csv-decimal", description="The data's decimal mark.")
+    csv_header: Flag | None = Field(None, alias="csv-header", description="The data file's first row names columns.")
+    data_contract: Text | None = Field(None, alias="data-contract", description="The federation's data contract.")
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> NodeConfig:
@@ -189,6 +211,7 @@ _ALLOWED: dict[str, str] = {
     "partition-id": "must be an integer >= 0 (e.g. 3)",
     "num-partitions": "must be an integer >= 1 (e.g. 4)",
     "ledger": "must be a non-empty path (e.g. '/var/lib/flowerbed/ledger.sqlite')",
+    "state": "must be a non-empty path (e.g. '/var/lib/flowerbed/state')",
     "budget-epsilon": "must be > 0 (e.g. 8.0)",
     "budget-delta": "must be in (0, 1) (e.g. 1e-5)",
     "budget-accountant": "must be one of 'prv', 'rdp'",
@@ -204,6 +227,10 @@ _ALLOWED: dict[str, str] = {
     "test-fraction": "must be in (0, 1) (e.g. 0.2)",
     "split-seed": "must be an integer >= 0 (e.g. 42)",
     "min-test-rows": "must be an integer >= 1 (e.g. 20)",
+    "csv-delimiter": "must be one of ',', ';', 'tab', 'pipe' ('|')",
+    "csv-decimal": "must be '.' or ','",
+    "csv-header": "must be true or false",
+    "data-contract": "must be a non-empty path (e.g. '/opt/flowerbed/kit/contract.json')",
     "evaluation-noise": "must be > 0 (e.g. 5.0)",
 }
 

@@ -40,10 +40,11 @@ from torch import nn
 from flowerbed.client.approval import check_task_approved
 from flowerbed.client.local_data import resolve_site
 from flowerbed.client.node_config import NodeConfig, parse_node_config
+from flowerbed.client.node_state import NodeState
 from flowerbed.client.private_training import train_private
-from flowerbed.client.training import TrainResult, train_local
+from flowerbed.client.training import StepSchedule, TrainResult, train_local
 from flowerbed.exception import ConfigError, DataError, FlowerbedError, NodeError, PolicyRefusal
-from flowerbed.experiment import Experiment
+from flowerbed.experiment import Experiment, TrainConfig
 from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.privacy.ledger import (
     Budget,
@@ -137,7 +138,9 @@ class Admitted:
     site: SiteData
     task: Task
     seed: int  # the plain path's batch order
+    train: TrainConfig  # the federation's local work with this site's own entries applied
     private: PrivateRelease | None = None
+    schedule: StepSchedule | None = None  # train.local_steps: this round's steps of the site's iterator
 
 
 Outcome = Admitted | Refusal
@@ -172,6 +175,51 @@ def admit(requests: Sequence[NodeRequest]) -> list[Outcome]:
     private = [i for i, o in enumerate(outcomes) if isinstance(o, Admitted) and _is_release(o)]
     for i, outcome in zip(private, _admit_private([outcomes[i] for i in private]), strict=True):  # type: ignore[misc]
         outcomes[i] = outcome
+    stepping = [
+        i
+        for i, o in enumerate(outcomes)
+        if isinstance(o, Admitted) and o.request.kind == "train" and o.private is None and o.train.local_steps
+    ]
+    for i, outcome in zip(stepping, _schedule([outcomes[i] for i in stepping]), strict=True):  # type: ignore[misc]
+        outcomes[i] = outcome
+    return outcomes
+
+
+def state_path(config: NodeConfig, run_id: str) -> Path:
+    """The node's state file: in its ``state`` folder, or a simulated node's default.
+
+    Raises
+    ------
+    NodeError
+        A deployed node without a state folder cannot keep its iterators between rounds.
+    """
+    if config.state is not None:
+        return Path(config.state).expanduser() / "node-state.sqlite"
+    if config.simulated:
+        return ledger_path(config, run_id).with_name("node-state.sqlite")
+    raise NodeError(
+        "train.local_steps needs the node's state folder, where its data iterator resumes: start the node with "
+        "flowerbed node start (it sets state), or --node-config 'state=\"/var/lib/flowerbed/state\"'"
+    )
+
+
+def _schedule(admitted: list[Admitted]) -> list[Outcome]:
+    """This round's steps of each site's own iterator: it goes on where the site's last round stopped."""
+    outcomes: list[Outcome] = list(admitted)
+    by_state: dict[Path, list[int]] = {}
+    for i, a in enumerate(admitted):
+        try:
+            by_state.setdefault(state_path(a.config, a.request.run_id), []).append(i)
+        except FlowerbedError as exc:
+            outcomes[i] = refusal_for(exc, a.site.name)
+    for path, members in by_state.items():
+        run_id = admitted[members[0]].request.run_id
+        wanted = [(admitted[i].site.name, admitted[i].request.server_round) for i in members]
+        for i, before in zip(members, NodeState(path).rounds_before(run_id, wanted), strict=True):
+            a = admitted[i]
+            steps = int(a.train.local_steps)  # type: ignore[arg-type]
+            seed = derive_seed(a.request.experiment.seed, "iterator", a.site.name)
+            outcomes[i] = replace(a, schedule=StepSchedule(before * steps, steps, seed, a.train.batch_size))
     return outcomes
 
 
@@ -229,7 +277,7 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
         if experiment.privacy.enabled:
             check_loss_is_per_row(task, site)
     seed = derive_seed(experiment.seed, "train", request.server_round, site.name)
-    return Admitted(request, config, site, task, seed)
+    return Admitted(request, config, site, task, seed, experiment.train_for(site.name))
 
 
 def check_loss_is_per_row(task: Task, site: SiteData) -> None:
@@ -386,12 +434,15 @@ def _file_fingerprint(path: str, size: int, mtime_ns: int) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _new_plan(n: int, batch_size: int, local_epochs: int, rounds: int, privacy: tuple) -> DPPlan:
+def _new_plan(
+    n: int, batch_size: int, local_epochs: int, local_steps: int | None, rounds: int, privacy: tuple
+) -> DPPlan:
     max_grad_norm, target_epsilon, noise_multiplier, delta, accountant = privacy
     return make_plan(
         n=n,
         batch_size=batch_size,
         local_epochs=local_epochs,
+        local_steps=local_steps,
         rounds=rounds,
         max_grad_norm=max_grad_norm,
         target_epsilon=target_epsilon,
@@ -401,11 +452,11 @@ def _new_plan(n: int, batch_size: int, local_epochs: int, rounds: int, privacy: 
     )
 
 
-def run_plan(experiment: Experiment, n: int) -> DPPlan:
+def run_plan(experiment: Experiment, n: int, train: TrainConfig | None = None) -> DPPlan:
     """The plan a node makes for the run on ``n`` training rows (equal sites share it)."""
-    p, t = experiment.privacy, experiment.train
+    p, t = experiment.privacy, train or experiment.train
     return _new_plan(
-        n, t.batch_size, t.local_epochs, experiment.rounds,
+        n, t.batch_size, t.local_epochs, t.local_steps, experiment.rounds,
         (p.max_grad_norm, p.target_epsilon, p.noise_multiplier, p.delta, p.accountant),
     )  # fmt: skip
 
@@ -451,7 +502,7 @@ def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
         try:
             path = ledger_path(a.config, a.request.run_id)
             if a.request.kind == "train":
-                plan = run_plan(a.request.experiment, a.site.num_train)
+                plan = run_plan(a.request.experiment, a.site.num_train, a.train)
             else:
                 c = a.config
                 plan = evaluation_plan(c.evaluation_noise, c.budget_delta, c.budget_accountant)
@@ -520,16 +571,16 @@ def node_model(admitted: Admitted, weights: Mapping[str, np.ndarray]) -> nn.Modu
 
 def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> TrainResult:
     """The local arithmetic of one round on one node: DP-SGD under the admitted plan, or plain SGD."""
-    experiment, site = admitted.request.experiment, admitted.site
+    site = admitted.site
     mu = admitted.request.proximal_mu
     if admitted.private is not None:
         return train_private(
-            model, admitted.task, site.x_train, site.y_train, experiment.train,
+            model, admitted.task, site.x_train, site.y_train, admitted.train,
             plan=admitted.private.plan, seed=admitted.private.noise_seed, device=device, proximal_mu=mu,
         )  # fmt: skip
     return train_local(
-        model, admitted.task, site.x_train, site.y_train, experiment.train,
-        seed=admitted.seed, device=device, proximal_mu=mu,
+        model, admitted.task, site.x_train, site.y_train, admitted.train,
+        seed=admitted.seed, device=device, proximal_mu=mu, schedule=admitted.schedule,
     )  # fmt: skip
 
 
@@ -592,6 +643,7 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
     """
     out: list[Metrics | Refusal] = []
     by_ledger: dict[Path, list[int]] = {}
+    _record_steps([a for a in admitted if a.schedule is not None])
     for i, (a, result) in enumerate(zip(admitted, results, strict=True)):
         if a.private is None:
             out.append({"num-examples": aggregation_weight(a, result), "train-loss": result.loss})
@@ -612,6 +664,15 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
             weight = aggregation_weight(admitted[i], results[i])
             out[i] = {"num-examples": weight, "epsilon": epsilon, "delta": private.delta}  # type: ignore[union-attr]
     return out
+
+
+def _record_steps(admitted: list[Admitted]) -> None:
+    """Note the rounds trained in steps, before any reply: the next round's iterator goes on from there."""
+    by_state: dict[Path, list[Admitted]] = {}
+    for a in admitted:
+        by_state.setdefault(state_path(a.config, a.request.run_id), []).append(a)
+    for path, members in by_state.items():
+        NodeState(path).record(members[0].request.run_id, [(a.site.name, a.request.server_round) for a in members])
 
 
 def aggregation_weight(admitted: Admitted, result: TrainResult) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,35 @@ import torch
 from torch import nn
 
 from flowerbed.experiment import TrainConfig
+from flowerbed.seeds import derive_seed
 from flowerbed.tasks.task import Task
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """``count`` optimizer steps that continue a site's own iterator over its rows (``train.local_steps``).
+
+    The iterator walks an endless sequence of epochs, each a fresh permutation of the rows seeded
+    by ``derive_seed(seed, "epoch", e)`` and cut into batches of ``batch_size`` with the last
+    partial batch kept. A round takes steps ``first .. first + count - 1`` of it, so the next round
+    goes on where this one stopped, and a round that is run again takes the same batches.
+    """
+
+    first: int
+    count: int
+    seed: int
+    batch_size: int
+
+    def batches(self, n: int) -> Iterator[torch.Tensor]:
+        """Row indices of each step's batch."""
+        per_epoch = -(-n // self.batch_size)
+        current, order = -1, torch.empty(0, dtype=torch.int64)
+        for step in range(self.first, self.first + self.count):
+            epoch, position = divmod(step, per_epoch)
+            if epoch != current:
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+                current, order = epoch, torch.randperm(n, generator=generator)
+            yield order[position * self.batch_size : (position + 1) * self.batch_size]
 
 
 @dataclass(frozen=True)
@@ -52,32 +81,43 @@ def train_local(
     seed: int,
     device: torch.device,
     proximal_mu: float = 0.0,
+    schedule: StepSchedule | None = None,
 ) -> TrainResult:
     """Mini-batch training for ``train.local_epochs`` epochs, shuffled by ``seed``.
 
     Deterministic on CPU for a fixed seed: the batch order comes from a seeded generator and the
     built-in models have no dropout. ``proximal_mu`` adds FedProx's proximal term towards the
-    weights the model starts from.
+    weights the model starts from. With ``schedule``, the round is its steps instead of epochs
+    (``train.batch_size`` of the schedule, ``seed`` unused).
     """
     model.to(device).train()
     optimizer = make_optimizer(model, train)
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu else {}
     features = torch.as_tensor(x, device=device)
     labels = torch.as_tensor(y, device=device)
-    generator = torch.Generator().manual_seed(seed)
     total, steps = 0.0, 0
-    for _ in range(train.local_epochs):
-        order = torch.randperm(len(labels), generator=generator).to(device)
-        for start in range(0, len(labels), train.batch_size):
-            batch = order[start : start + train.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.loss_fn(model(features[batch]), labels[batch])
-            loss.backward()
-            proximal_gradient(model, anchor, proximal_mu)
-            optimizer.step()
-            total += float(loss.detach())
-            steps += 1
+    for batch in _batches(len(labels), train, seed, schedule):
+        batch = batch.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss_fn(model(features[batch]), labels[batch])
+        loss.backward()
+        proximal_gradient(model, anchor, proximal_mu)
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
     return TrainResult(loss=total / max(steps, 1), steps=steps, num_examples=len(labels))
+
+
+def _batches(n: int, train: TrainConfig, seed: int, schedule: StepSchedule | None) -> Iterator[torch.Tensor]:
+    """Each step's rows: ``local_epochs`` epochs shuffled by ``seed``, or the schedule's steps."""
+    if schedule is not None:
+        yield from schedule.batches(n)
+        return
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(train.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, train.batch_size):
+            yield order[start : start + train.batch_size]
 
 
 @torch.no_grad()

@@ -51,17 +51,32 @@ class DataConfig(_Section):
     path: str | None = None
     label_column: str | None = None
     site_column: str | None = None
+    # The federation's data contract: a built-in name ("heart-disease") or the contract as a table
+    # (checked by flowerbed.tasks.data.contract); none: the dataset's own, if it has one.
+    contract: str | dict[str, Any] | None = None
     num_classes: int = Field(default=2, ge=2)
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     split_seed: int = 0
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
 
+class SiteTrainConfig(_Section):
+    """One site's own local work, where it differs from the federation's."""
+
+    local_epochs: int | None = Field(default=None, gt=0)
+    local_steps: int | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, gt=0)
+
+
 class TrainConfig(_Section):
     """Local training at each node, and how many nodes take part in each round."""
 
     local_epochs: int = Field(default=1, gt=0)
+    # N optimizer steps per round from a per-site iterator that keeps its place across rounds
+    # (reshuffled every epoch, last partial batch kept); replaces local_epochs when set.
+    local_steps: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=32, gt=0)
+    sites: dict[str, SiteTrainConfig] = Field(default_factory=dict)  # per-site batch size, steps or epochs
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -181,6 +196,16 @@ class Experiment(_Section):
                 "FedAdam, FedYogi or FedAdagrad, or set secagg.enabled = false"
             )
         return self
+
+    def train_for(self, site: str) -> TrainConfig:
+        """The local work of one site: ``train`` with that site's own entries of ``train.sites`` applied."""
+        own = self.train.sites.get(site)
+        if own is None:
+            return self.train
+        update = {k: v for k, v in own.model_dump().items() if v is not None}
+        if "local_epochs" in update and "local_steps" not in update:
+            update["local_steps"] = None  # a site that sets epochs trains in epochs
+        return self.train.model_copy(update=update)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able form (the resolved configuration)."""

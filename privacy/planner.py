@@ -174,17 +174,19 @@ def make_plan(
     noise_multiplier: float | None = None,
     delta: float | None = None,
     accountant: str = "prv",
+    local_steps: int | None = None,
 ) -> DPPlan:
     """Plan a whole run at a node with ``n`` local training rows.
 
     Exactly one of ``target_epsilon`` (the noise is solved once for ``rounds x local steps``)
     and ``noise_multiplier`` (used as given) must be set. ``delta`` defaults to
-    ``default_delta(n)``.
+    ``default_delta(n)``. ``local_steps`` sets the steps of a round directly (else
+    ``local_epochs`` epochs of ``ceil(n / batch_size)`` steps).
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ConfigError("privacy", ["set exactly one of target_epsilon (e.g. 3.0) or noise_multiplier"])
     q, steps_per_epoch = sampling(n, batch_size)
-    steps_per_round = local_epochs * steps_per_epoch
+    steps_per_round = local_steps if local_steps is not None else local_epochs * steps_per_epoch
     delta = default_delta(n) if delta is None else delta
     if noise_multiplier is None:
         noise_multiplier = plan_noise(

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from flowerbed.server.checkpoint import latest_round
 from flowerbed.server.run_folder import read_metrics
@@ -20,16 +21,22 @@ from .conftest import HEART_TOML
 SETTINGS = ["rounds=12", "backend.name='inline'", "evaluate.local_baselines=false", "evaluate.central=false"]
 
 
-def simulate_command(output: Path) -> list[str]:
+# Local work in steps: each site's iterator keeps its place across rounds, a sampled subset each
+# round, one site with its own batch size: the resumed run must take exactly the same batches.
+STEPS = ["train.local_steps=7", "train.clients_per_round=3", "train.sites.switzerland.batch_size=8"]
+
+
+def simulate_command(output: Path, extra: list[str]) -> list[str]:
     command = [sys.executable, "-m", "flowerbed.cli", "simulate", str(HEART_TOML), "-q", "-o", str(output)]
-    for item in SETTINGS:
+    for item in [*SETTINGS, *extra]:
         command += ["--set", item]
     return command
 
 
-def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_path: Path):
+@pytest.mark.parametrize("extra", [[], STEPS], ids=["epochs", "local-steps"])
+def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, extra: list[str]):
     out = tmp_path / "killed"
-    process = subprocess.Popen(simulate_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(simulate_command(out, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run_dir = None
     try:
         deadline = time.monotonic() + 180
@@ -54,7 +61,7 @@ def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_p
     assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, 13))
 
     # The uninterrupted reference runs the same command in a process of its own (same threads, same libraries).
-    subprocess.run(simulate_command(tmp_path / "reference"), check=True, timeout=300, capture_output=True)
+    subprocess.run(simulate_command(tmp_path / "reference", extra), check=True, timeout=300, capture_output=True)
     reference = next((tmp_path / "reference").glob("heart-*"))
     resumed = load_safetensors(run_dir / "model.safetensors")
     expected = load_safetensors(reference / "model.safetensors")

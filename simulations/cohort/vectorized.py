@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from flowerbed.client.training import StepSchedule
 from flowerbed.experiment import TrainConfig
 from flowerbed.simulations.cohort.stacked_net import StackedNet, per_row_cross_entropy
 from flowerbed.tasks.task import cross_entropy
@@ -248,6 +249,7 @@ def train_cohort(
     *,
     batched_kernels: bool = True,
     proximal_mu: float = 0.0,
+    schedules: Sequence[StepSchedule] | None = None,
 ) -> CohortResult:
     """``train_local`` for every client of ``cohort`` at once, starting from the same ``weights``.
 
@@ -269,6 +271,8 @@ def train_cohort(
         ``False`` runs every step with ``vmap`` per batch size even where ``StackedNet`` applies.
     proximal_mu : float (default: 0.0)
         FedProx's proximal term towards ``weights``.
+    schedules : sequence of StepSchedule, optional
+        ``train.local_steps``: each client's steps of its own iterator (``seeds`` unused).
     """
     model.train()
     device = cohort.x.device
@@ -278,6 +282,8 @@ def train_cohort(
     params = stacked(start, k)
     optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     n_list = [int(v) for v in cohort.n.tolist()]
+    if schedules is not None:
+        return _train_scheduled(model, loss_fn, cohort, params, optimizer, schedules, batched_kernels)
     orders = epoch_orders(n_list, seeds, train.local_epochs, device)
     per_epoch = (cohort.n + size - 1) // size
     total_steps = per_epoch * train.local_epochs
@@ -310,6 +316,52 @@ def train_cohort(
     steps = total_steps.tolist()
     mean = [float(total) / max(s, 1) for total, s in zip(losses.tolist(), steps, strict=True)]
     return CohortResult(params=params, loss=mean, steps=[int(s) for s in steps])
+
+
+def _train_scheduled(
+    model: nn.Module,
+    loss_fn: LossFn,
+    cohort: Cohort,
+    params: Params,
+    optimizer: StackedOptimizer,
+    schedules: Sequence[StepSchedule],
+    batched_kernels: bool,
+) -> CohortResult:
+    """``train_cohort`` for clients that each take their schedule's steps (``train.local_steps``)."""
+    device, k = cohort.x.device, cohort.size
+    plans = [list(s.batches(int(n))) for s, n in zip(schedules, cohort.n.tolist(), strict=True)]
+    total = max((len(p) for p in plans), default=0)
+    width = max((len(b) for p in plans for b in p), default=1)
+    index = torch.zeros((k, max(total, 1), width), dtype=torch.int64)
+    counts = torch.zeros((k, max(total, 1)), dtype=torch.int64)
+    for c, batches in enumerate(plans):
+        for t, batch in enumerate(batches):
+            index[c, t, : len(batch)] = batch
+            counts[c, t] = len(batch)
+    index, counts = index.to(device), counts.to(device)
+    net = stacked_net(model, loss_fn) if batched_kernels else None
+    grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
+    losses = torch.zeros(k, dtype=torch.float64, device=device)
+    for t in range(total):
+        active = (counts[:, t] > 0).nonzero().reshape(-1)
+        batch = counts[active, t]
+        groups = (
+            [torch.ones_like(batch, dtype=torch.bool)]
+            if net is not None
+            else [batch == b for b in torch.unique(batch).tolist()]
+        )
+        for pick in groups:
+            rows, sizes = active[pick], batch[pick]
+            idx = index[rows, t, : int(sizes.max())]
+            everyone = len(rows) == k
+            cur = params if everyone else {name: p[rows] for name, p in params.items()}
+            x, y = cohort.x[rows[:, None], idx], cohort.y[rows[:, None], idx]
+            grads, loss = masked_grads(net, cur, x, y, sizes) if net is not None else grad_fn(cur, x, y)
+            optimizer.step(grads, None if everyone else rows, t + 1)
+            losses[rows] += loss.detach().double()
+    steps = [len(p) for p in plans]
+    mean = [float(tot) / max(s, 1) for tot, s in zip(losses.tolist(), steps, strict=True)]
+    return CohortResult(params=params, loss=mean, steps=steps)
 
 
 @torch.no_grad()

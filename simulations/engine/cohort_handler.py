@@ -125,10 +125,11 @@ class CohortHandler:
         for i, outcome in enumerate(admit(requests)):
             if isinstance(outcome, Refusal):
                 replies[i] = refusal_reply(pairs[i][0], outcome)
-            else:
-                by_schema.setdefault(outcome.site.schema, []).append((i, outcome))
+            else:  # one cohort per data schema and local work (sites may have their own batch size or steps)
+                key = (outcome.site.schema, outcome.train.model_dump_json())
+                by_schema.setdefault(key, []).append((i, outcome))
         message = pairs[0][0]
-        for schema, members in by_schema.items():
+        for (schema, _), members in by_schema.items():
             task = members[0][1].task
             try:
                 model = task.build_model(schema)
@@ -167,7 +168,7 @@ class CohortHandler:
         model: torch.nn.Module, weights: dict[str, torch.Tensor], admitted: Sequence[Admitted], device: torch.device
     ) -> tuple[dict[str, np.ndarray], list[TrainResult]]:
         """The cohort kernels in place of each node's train step."""
-        experiment, task = admitted[0].request.experiment, admitted[0].task
+        experiment, task, train = admitted[0].request.experiment, admitted[0].task, admitted[0].train
         mu = admitted[0].request.proximal_mu  # one message group: one strategy config
         sites = [a.site for a in admitted]
         cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
@@ -176,12 +177,15 @@ class CohortHandler:
             seeds = [a.private.noise_seed for a in admitted if a.private.noise_seed is not None]  # type: ignore[union-attr]
             stacked_plan = PrivateCohortPlan.from_plans(plans, [s.num_train for s in sites], device)
             result = train_cohort_private(
-                model, task.loss_fn, cohort, weights, experiment.train, stacked_plan,
+                model, task.loss_fn, cohort, weights, train, stacked_plan,
                 seed=seeds[0] if seeds else None, proximal_mu=mu,
             )  # fmt: skip
         else:
             seeds = [a.seed for a in admitted]
-            result = train_cohort(model, task.loss_fn, cohort, weights, experiment.train, seeds, proximal_mu=mu)
+            schedules = [a.schedule for a in admitted] if train.local_steps else None
+            result = train_cohort(
+                model, task.loss_fn, cohort, weights, train, seeds, proximal_mu=mu, schedules=schedules
+            )
         results = [
             TrainResult(loss=result.loss[j], steps=result.steps[j], num_examples=s.num_train)
             for j, s in enumerate(sites)

@@ -17,6 +17,19 @@ def register(app: typer.Typer) -> None:
     app.command("partition")(partition)
 
 
+def make_importable(folder: Path) -> None:
+    """Let ``package.module:attr`` names in an experiment find modules next to its file (here and in workers)."""
+    import os
+    import sys
+
+    text = str(folder)
+    if text not in sys.path:
+        sys.path.insert(0, text)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if text not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([text, *parts])
+
+
 def simulate(
     experiment: Annotated[
         Path | None,
@@ -40,6 +53,7 @@ def simulate(
     extra = list(overrides or [])
     if output is not None:
         extra.append(f"output={str(output)!r}")
+    make_importable(experiment.resolve().parent)
     run_dir = run_simulation(load_experiment(experiment, extra), quiet=quiet)
     typer.echo(str(run_dir) if quiet else f"run folder: {run_dir}")
 

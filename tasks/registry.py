@@ -44,7 +44,10 @@ def resolve_task(name: str, args: dict[str, Any] | None = None) -> Task:
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise TaskError(f"task.name = {name!r} cannot be imported: {exc}") from None
+        raise TaskError(
+            f"task.name = {name!r} cannot be imported: {exc}; a module next to the experiment file is found when "
+            "you run `flowerbed simulate FILE`, anywhere else add its folder to PYTHONPATH (or install it)"
+        ) from None
     if callable(obj) and not isinstance(obj, Task):
         try:
             inspect.signature(obj).bind(**args)

@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from flowerbed.exception import NodeError
-from flowerbed.privacy.ledger import PrivacyLedger
 
 
 def budget_report(ledger: str | Path, delta: float = 1e-5, accountant: str = "prv") -> list[dict[str, Any]]:
@@ -25,6 +24,8 @@ def budget_report(ledger: str | Path, delta: float = 1e-5, accountant: str = "pr
     NodeError
         When the ledger file does not exist.
     """
+    from flowerbed.privacy.ledger import PrivacyLedger  # the accountant (Opacus, torch) only when a ledger is read
+
     path = Path(ledger).expanduser()
     if not path.is_file():
         raise NodeError(f"privacy ledger {path}: no such file (give the `ledger` path from the node config)")

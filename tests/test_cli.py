@@ -65,3 +65,18 @@ def test_bad_data_file_is_one_clear_error(tmp_path):
     assert result.returncode == 2
     assert "bad.csv, line 3, column 'b': 'oops' is not a number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_imports_no_heavy_library():
+    """``flowerbed --help`` answers at once: neither torch, nor opacus, nor Ray is imported for it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nsys.argv = ['flowerbed', '--help']\nfrom flowerbed import cli\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'opacus', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

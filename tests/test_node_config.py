@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from flowerbed.client import node_config as node_config_module
 from flowerbed.client.node_config import VALID_KEYS, NodeConfig, parse_node_config, to_node_config
 from flowerbed.exception import ConfigError
 
@@ -33,8 +34,10 @@ def problems(raw: dict, **kwargs) -> list[str]:
 
 
 def test_valid_keys_cover_every_field() -> None:
-    assert len(VALID_KEYS) == len(set(VALID_KEYS)) == len(NodeConfig.model_fields) == 17
+    assert len(VALID_KEYS) == len(set(VALID_KEYS)) == len(NodeConfig.model_fields)
     assert "budget-epsilon" in VALID_KEYS and "require-secure-aggregation" in VALID_KEYS
+    documented = {line.split("``")[1] for line in node_config_module.__doc__.splitlines() if line.startswith("| ``")}
+    assert documented == set(VALID_KEYS), "every key is in the module's table, and only those"
 
 
 def test_deployment_config() -> None:
@@ -53,7 +56,8 @@ def test_defaults_and_site_name() -> None:
     config = parse_node_config({"data-path": "/data/bern.csv"})
     assert config.site is None and config.site_name == "bern"
     assert config.budget_epsilon is None and config.budget_delta == 1e-5 and config.budget_accountant == "prv"
-    assert config.require_secure_aggregation is False and config.evaluation == "allow"
+    assert config.require_secure_aggregation is False and config.evaluation_policy == "allow"
+    assert parse_node_config({"data-path": "x.csv", "budget-epsilon": 3}).evaluation_policy == "dp"
     assert parse_node_config({}) == NodeConfig()
 
 

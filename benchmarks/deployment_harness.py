@@ -19,6 +19,8 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from flowerbed.process_control import alive, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 HEART_TOML = ROOT / "simulations" / "experiments" / "heart.toml"
 HEART_DATA = ROOT / "tasks" / "data" / "heart_disease"
@@ -84,11 +86,15 @@ class Deployment:
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         """Start ``flowerbed ARGS`` in its own process group, output to ``<name>.log``."""
+        return self.spawn_command(name, [*FLOWERBED, *args])
+
+    def spawn_command(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start any command in its own process group, output to ``<name>.log``."""
         handle = self.log(name).open("a")
         process = subprocess.Popen(
-            [*FLOWERBED, *args],
+            command,
             cwd=self.folder,
-            env=self.env,
+            env=env or self.env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -96,6 +102,23 @@ class Deployment:
         handle.close()
         self.processes[name] = process
         return process
+
+    def sigterm(self, name: str, timeout: float = 10.0) -> tuple[float, list[int]]:
+        """Send SIGTERM to the process ``name`` alone (not its group), as a service manager or ``kill`` does.
+
+        Returns the seconds until it exited (``inf`` if it did not within ``timeout``) and the
+        processes it had started that are still alive then.
+        """
+        process = self.processes[name]
+        before = descendants(process.pid)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+            elapsed = time.monotonic() - started
+        except subprocess.TimeoutExpired:
+            elapsed = float("inf")
+        return elapsed, [pid for pid, start in before.items() if alive(pid, start)]
 
     def run(self, args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run ``flowerbed ARGS`` to completion."""

@@ -11,7 +11,10 @@ For each number of nodes n and model size m, every repetition:
    B. with flowerbed's secure aggregation: ``run_secure_sum`` (every node's and the coordinator's
       work, in this process, one node after the other), each masked vector serialized by its node
       into a Flower ``Array`` and parsed by the coordinator, then the one equivalent reply through
-      FedAvg and the cast, as the secure train phase does;
+      FedAvg and the cast, as the secure train phase does. Every node has an identity (a node key
+      and a certificate from one federation CA) and checks the roster and the survivor set's
+      signatures. Checks are remembered per process, as in a simulation: the first node checks
+      every entry, as a deployed node does, and is the slowest node; the others reuse its results;
    C. with Flower 1.42's SecAgg+ at equivalent parameters: the node side is the stage functions of
       ``flwr.client.mod.secure_aggregation.secaggplus_mod`` called directly; the coordinator side
       is the computation of ``SecAggPlusWorkflow`` (routing, summing, Shamir recombination, mask
@@ -59,8 +62,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from flowerbed.flower_internals import enter_task_identity
 from flowerbed.privacy.secagg.chunks import set_default_workers
+from flowerbed.privacy.secagg.identity import forget_checks
 from flowerbed.privacy.secagg.params import derive_params
-from flowerbed.privacy.secagg.protocol import RoundTimings, run_secure_sum
+from flowerbed.privacy.secagg.protocol import RoundTimings, run_secure_sum, throwaway_identities
 from flowerbed.server.reply_validation import validate_train_reply
 from flowerbed.server.secure_train_phase import equivalent_reply
 from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays
@@ -331,6 +335,7 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
     train_node(model, global_flat, 0, batches)  # warm-up: first torch call pays one-off costs
     train_total, train_median = [], []
     plain, secure, theirs = Series(), Series(), Series()
+    identities = throwaway_identities([1000 + i for i in range(n)])
     for rep in range(reps):
         updates, weights, train_cpu, train_wall = {}, {}, [], []
         for i in range(n):
@@ -357,7 +362,10 @@ def run_config(n: int, m: int, reps: int, batches: int, flower: bool) -> dict[st
         # Arrays (serialized by the node, parsed by the coordinator), the result is one reply to FedAvg
         timings = RoundTimings()
         transport = _ArrayTransport()
-        result = run_secure_sum(updates, weights, params, round_id=rep, timings=timings, observe=transport)
+        forget_checks()  # every round's first node checks every certificate and signature itself
+        result = run_secure_sum(
+            updates, weights, params, round_id=rep, timings=timings, observe=transport, identities=identities
+        )
         _, cpu, wall = _timed(secure_coordinator_finish, result, shapes, global_flat, rep)
         secure.add(
             timings.wall + transport.wall + wall,

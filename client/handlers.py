@@ -29,12 +29,9 @@ from flowerbed.client.node_round import (
 )
 from flowerbed.exception import FlowerbedError, NodeError
 from flowerbed.experiment import Experiment, parse_experiment
-from flowerbed.protocol import EXPERIMENT_KEY, PROXIMAL_MU_KEY, RUN_ID_KEY, SITE_RECORD
+from flowerbed.protocol import EXPERIMENT_KEY, PROXIMAL_MU_KEY, RUN_ID_KEY, SECAGG_ACTION_PREFIX, SITE_RECORD
 from flowerbed.tasks import resolve_device
 from flowerbed.weights import arrays_to_numpy, model_to_arrays
-
-#: Message types of the secure train phase's stages (its masked-input stage trains through ``train``).
-SECURE_TRAIN_PREFIX = "train.secagg_"
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,7 +56,7 @@ def node_request(message: Message, context: Context, kind: Kind) -> NodeRequest:
         run_id=str(config.get(RUN_ID_KEY, "run")),
         server_round=int(config.get("server-round", 0)),
         node_config=context.node_config,
-        secure=kind == "train" and message.metadata.message_type.startswith(SECURE_TRAIN_PREFIX),
+        secure=kind == "train" and message.metadata.message_type.startswith(SECAGG_ACTION_PREFIX),
         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
     )
 

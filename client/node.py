@@ -4,9 +4,17 @@
 
 - ``flower-supernode`` with the kit's CA certificate (``--root-certificates``: the node talks only
   to a coordinator the federation CA vouches for), its private key (``--auth-supernode-private-key``:
-  the coordinator admits only registered keys), and ``--isolation process``;
-- flowerbed's warm executor (``flowerbed.client.warm_executor``), which runs each message's
-  ClientApp in a child forked from an interpreter that already imported torch and flowerbed.
+  the coordinator admits only registered keys), ``--isolation process`` (the SuperNode starts no
+  app itself) and a SuperExec secret made at every start (``--superexec-auth-secret-file``: only
+  the node's own executor may take its tasks);
+- flowerbed's executor (``flowerbed.client.warm_executor``), which runs each message as the
+  hospital's installed ``flowerbed.client.app:app`` and refuses a run whose app bundle names or
+  carries other code; by default in a child forked from an interpreter that already imported
+  torch and flowerbed.
+
+Before it starts them, the node checks that the coordinator speaks what the node expects: TLS with
+a kit, plain HTTP with ``--insecure``; a mismatch fails at once with what to do. On SIGTERM or
+Ctrl-C both processes and every message's process stop within seconds.
 
 The node's settings reach the ClientApp through Flower's node config (a TOML file in the node's
 state folder): ``data-path``, ``site``, and when given ``ledger``, ``budget-epsilon``,
@@ -19,14 +27,17 @@ from __future__ import annotations
 import collections
 import os
 import re
+import secrets
 import shutil
-import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -34,6 +45,7 @@ from flowerbed.client.node_config import parse_node_config
 from flowerbed.exception import DataError, NodeError
 from flowerbed.experiment import Experiment
 from flowerbed.kit import NodeKit
+from flowerbed.process_control import StopSignal, popen_ignoring_interrupt, stop_processes
 
 INSECURE_WARNING = (
     "WARNING: this node runs with --insecure: no TLS (model updates cross the network "
@@ -65,8 +77,9 @@ class NodeSettings:
     connect_timeout : float | None (default: 600)
         Give up when the coordinator cannot be reached for this long (``None``: never).
     executor : {"warm", "flower"} (default: "warm")
-        ``warm``: flowerbed's warm executor forks a pre-imported child per message. ``flower``:
-        Flower's own SuperExec starts a new ``flwr-clientapp`` process per message.
+        ``warm``: flowerbed's executor forks a pre-imported child per message. ``flower``: a new
+        process per message, as Flower's own SuperExec does (for comparison). Both run only the
+        installed flowerbed ClientApp and refuse bundles that name or carry other code.
     poll_interval : float | None (default: None)
         Cap on the SuperNode's idle wait between asking for messages (Flower's own: 3 s), through
         ``flowerbed.client.supernode_launcher``; ``None`` runs ``flower-supernode`` as it is. On a
@@ -96,7 +109,11 @@ class NodeSettings:
         ConfigError
             Listing every unknown key (with the nearest valid one) and every bad value.
         """
-        config: dict[str, Any] = {"data-path": str(self.data_path), "site": self.site}
+        config: dict[str, Any] = {"data-path": str(self.data_path), "site": self.site, "state": str(self.state_dir)}
+        if self.kit is not None and self.kit.node_cert is not None:  # its secure-aggregation identity
+            config["identity-key"] = str(self.kit.node_key)
+            config["identity-cert"] = str(self.kit.node_cert)
+            config["ca-cert"] = str(self.kit.ca_cert)
         config.update({k: v for k, v in self.extra.items() if v is not None})
         parse_node_config(config, source="node config (flowerbed node start)", deployed=True)
         return config
@@ -144,7 +161,9 @@ def supernode_command(settings: NodeSettings) -> list[str]:
         "--node-config",
         str(settings.state_dir / "node-config.toml"),
         "--isolation",
-        "process" if settings.executor == "warm" else "subprocess",
+        "process",
+        "--superexec-auth-secret-file",
+        str(superexec_secret_file(settings)),
         "--host",
         "127.0.0.1",
         "--port",
@@ -165,9 +184,14 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     ]
 
 
+def superexec_secret_file(settings: NodeSettings) -> Path:
+    """The SuperExec secret the SuperNode and the node's executor share (made at every start, 0600)."""
+    return settings.state_dir / "superexec.secret"
+
+
 def executor_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
-    """The warm executor's command line."""
-    return [
+    """The node executor's command line (``--spawn``: a new process per message)."""
+    command = [
         sys.executable,
         "-m",
         "flowerbed.client.warm_executor",
@@ -175,7 +199,65 @@ def executor_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
         f"127.0.0.1:{settings.runtime_port}",
         "--parent-pid",
         str(supernode_pid),
+        "--superexec-auth-secret-file",
+        str(superexec_secret_file(settings)),
     ]
+    return command if settings.executor == "warm" else [*command, "--spawn"]
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by this account only (0600), replacing any earlier file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def probe_tls(address: str, timeout: float = 3.0) -> bool | None:
+    """Whether the server at ``host:port`` completes a TLS handshake (``None``: it cannot be reached).
+
+    Nothing is sent beyond the handshake and the certificate is not trusted for anything.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with context.wrap_socket(sock, server_hostname=host or None):
+            return True
+    except ssl.SSLError:
+        return False
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def check_transport(settings: NodeSettings) -> None:
+    """Fail at once when the coordinator's transport does not match the node's (TLS or ``--insecure``).
+
+    Raises
+    ------
+    NodeError
+        Naming the option to change; a coordinator that cannot be reached yet is left to the retries.
+    """
+    tls = probe_tls(settings.coordinator)
+    if settings.insecure and tls is True:
+        raise NodeError(
+            f"--insecure: the coordinator at {settings.coordinator} uses TLS, so a node without TLS can never "
+            "connect to it. Start the node with the hospital's kit (--kit KIT) instead of --insecure."
+        )
+    if not settings.insecure and tls is False:
+        raise NodeError(
+            f"the coordinator at {settings.coordinator} does not use TLS (it was started with --insecure); this "
+            "kit connects only over TLS. Ask the coordinator's operator, or use --insecure for a trial on one machine."
+        )
 
 
 def node_env(settings: NodeSettings) -> dict[str, str]:
@@ -190,8 +272,11 @@ _EXPLANATIONS: list[tuple[re.Pattern[str], str]] = [
     (
         re.compile(r"code: 2004|Failed to activate SuperNode|No SuperNode found"),
         "the coordinator at {coordinator} refused this node: site {site}'s key is not registered "
-        "there. Ask the coordinator's operator to add the site (flowerbed provision --add-site "
-        "{site}) and restart the coordinator, then use the kit they send you.",
+        "there, or a node with this kit is already connected to it (Flower answers both alike). "
+        "If this kit runs on another machine, or its node stopped less than a minute ago and still "
+        "counts as connected, stop that node or wait a minute and start again; otherwise ask the "
+        "coordinator's operator to add the site (flowerbed provision --add-site {site}) and restart "
+        "the coordinator, then use the kit they send you.",
     ),
     (
         re.compile(r"CERTIFICATE_VERIFY_FAILED.*(unable to get local issuer|self.signed|unknown ca)", re.I),
@@ -236,7 +321,7 @@ def explain_exit(output: str, settings: NodeSettings) -> str | None:
 
 
 class Node:
-    """A running node: the SuperNode and its warm executor.
+    """A running node: the SuperNode and its executor.
 
     Parameters
     ----------
@@ -251,32 +336,32 @@ class Node:
         self.out = out if out is not None else sys.stdout
         self.supernode: subprocess.Popen | None = None
         self.executor: subprocess.Popen | None = None
+        self.stop_signal: StopSignal | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=200)
         self._pump: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the SuperNode and the warm executor."""
+        """Check the coordinator's transport, then start the SuperNode and the executor.
+
+        Raises
+        ------
+        NodeError
+            When ``--insecure`` meets a TLS coordinator, or a kit a coordinator without TLS.
+        """
         if self.settings.insecure:
             print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        command = supernode_command(self.settings)
         write_node_config(self.settings)
+        check_transport(self.settings)
+        _write_secret(superexec_secret_file(self.settings), secrets.token_bytes(32))
         env = node_env(self.settings)
         log_file = self.settings.state_dir / "supernode.log"
-        self.supernode = subprocess.Popen(
-            supernode_command(self.settings),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
+        self.supernode = popen_ignoring_interrupt(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         self._pump = threading.Thread(target=self._copy_output, args=(log_file,), daemon=True)
         self._pump.start()
-        if self.settings.executor != "warm":
-            return
-        self.executor = subprocess.Popen(
-            executor_command(self.settings, self.supernode.pid),
-            env=env,
-        )
+        self.executor = popen_ignoring_interrupt(executor_command(self.settings, self.supernode.pid), env=env)
 
     def _copy_output(self, log_file: Path) -> None:
         assert self.supernode is not None and self.supernode.stdout is not None
@@ -288,53 +373,63 @@ class Node:
                 self.out.write(line)
                 self.out.flush()
 
+    def run(self) -> int:
+        """Start, serve until SIGTERM or Ctrl-C (or until the SuperNode stops), stop everything; the exit code."""
+        self.stop_signal = StopSignal().install()
+        self.start()
+        return self.wait()
+
     def wait(self) -> int:
-        """Block until the SuperNode exits; forward SIGINT/SIGTERM.
+        """Serve until SIGTERM or Ctrl-C, or until the SuperNode or the executor exits; then stop both.
 
         Raises
         ------
         NodeError
             When the SuperNode stopped for a reason the hospital can fix (refused key, wrong CA,
-            unreachable coordinator), with what to do.
+            unreachable coordinator), with what to do, or the executor failed.
         """
         if self.supernode is None:
             return 0
-
-        def forward(signum: int, _frame: object) -> None:
-            self.stop()
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        code = self.supernode.wait()
+        stop = self.stop_signal or StopSignal().install()
+        self.stop_signal = stop
+        executor_failed = False
+        while not stop.requested and self.supernode.poll() is None:
+            if self.executor is not None and self.executor.poll() is not None:
+                executor_failed = True
+                break
+            time.sleep(0.2)
+        self.stop()
         if self._pump is not None:
             self._pump.join(timeout=5)
-        self.stop()
+        if stop.requested:
+            print(f"node {self.settings.site} stopped", file=self.out, flush=True)
+            return 0
+        if executor_failed:
+            raise NodeError(f"node {self.settings.site}: its executor exited with code {self.executor.returncode}")
+        code = self.supernode.returncode
         if code != 0:
             reason = explain_exit("".join(self._tail), self.settings)
             if reason:
                 raise NodeError(f"node {self.settings.site}: {reason}")
         return code
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop both processes (the executor's message children finish or follow it)."""
-        for process in (self.executor, self.supernode):
-            if process is None or process.poll() is not None:
-                continue
-            process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout)
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the executor (and every message's process) and the SuperNode: SIGTERM, then SIGKILL."""
+        stop_processes([self.executor, self.supernode], grace=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
 # offline data check
 
 
+if TYPE_CHECKING:
+    from flowerbed.client.data_report import DataReport
+    from flowerbed.tasks.data.contract import DataContract
+
+
 @dataclass
 class DataCheck:
-    """What ``flowerbed node check`` found in a node's data."""
+    """What ``flowerbed node check`` found in a node's data (``report``: the data-quality report)."""
 
     site: str
     path: Path
@@ -345,6 +440,8 @@ class DataCheck:
     num_features: int
     class_counts: dict[int, int]
     notes: list[str] = field(default_factory=list)
+    report: DataReport | None = None
+    report_paths: tuple[Path, ...] = ()
 
 
 BUILTIN_SCHEMAS = {"heart-disease", "digits", "breast-cancer"}
@@ -355,27 +452,90 @@ def check_node_data(
     site: str,
     experiment: Experiment | None = None,
     node_config: dict[str, Any] | None = None,
+    *,
+    contract: DataContract | None = None,
+    report_dir: Path | None = None,
 ) -> DataCheck:
-    """Validate a node's data against the task's schema, without any network access.
+    """Check a node's data against the federation's data contract and the task, without any network access.
 
-    Loads the file exactly as the ClientApp will, compares its shape with the dataset's schema,
-    checks that the task is allowed on this node, builds the task's model and runs it on a few
-    rows.
+    Reads the file exactly as the ClientApp will (same contract, dialect and split), collects every
+    problem into a data-quality report (written to ``report_dir`` as Markdown and JSON when given),
+    then checks that the task is allowed on this node, builds its model and runs it on a few rows.
+
+    Parameters
+    ----------
+    data_path, site : str | Path, str
+        The hospital's file and the site's name.
+    experiment : Experiment | None
+        The run to check against (default: the built-in one, or a CSV run of ``contract``).
+    node_config : dict | None
+        More node-config keys (``approvals``, ``csv-delimiter``, ``data-contract``, ...).
+    contract : DataContract | None
+        The federation's contract as the node holds it (its kit's ``contract.json``); the
+        experiment's must be the same.
+    report_dir : Path | None
+        Where ``data-report.md`` and ``data-report.json`` are written.
 
     Raises
     ------
     DataError
-        The file is missing, unreadable, or does not match the schema (names the file).
+        The file is missing or not text, or (``DataCheckFailed``) has blocking problems: every one
+        is listed, and the report holds them all.
     TaskError
         The task is not allowed on this node.
     """
     from flowerbed.client.approval import check_task_approved
+    from flowerbed.client.data_report import DataCheckFailed, build_report, contract_mismatch, site_problem
+    from flowerbed.client.local_data import dialect_options, node_contract, node_split
     from flowerbed.tasks import resolve_task
-    from flowerbed.tasks.data.catalog import dataset_schema, load_node_data
+    from flowerbed.tasks.data.catalog import (
+        CONTRACTS,
+        TABULAR,
+        dataset_schema,
+        load_node_data,
+        read_node_table,
+        resolve_contract,
+        site_from_table,
+    )
 
-    experiment = experiment or Experiment()
     path = Path(data_path).expanduser()
-    site_data = load_node_data(experiment.data, path, site)
+    raw_config = {"data-path": str(path), "site": site, **(node_config or {})}
+    config = parse_node_config(raw_config, deployed=True)
+    held = contract if contract is not None else node_contract(config)
+    if experiment is None:
+        builtin = held is None or any(c.fingerprint == held.fingerprint for c in CONTRACTS.values())
+        experiment = Experiment() if builtin else _contract_experiment(held)
+    data = node_split(experiment.data, config)
+    report, paths = None, ()
+    if data.dataset in TABULAR:
+        if not path.exists():
+            raise DataError(f"node {site!r}: data-path {str(path)!r} does not exist; set data-path in the node config")
+        run = resolve_contract(data)
+        problems = [contract_mismatch(held, run)] if held and run and held.fingerprint != run.fingerprint else []
+        table = read_node_table(data, path, dialect_options(config), held or run)
+        site_data = None
+        if not table.blocking:
+            try:
+                site_data = site_from_table(data, table, site)
+                if len(np.unique(site_data.y_train)) < 2:
+                    raise DataError(f"{path}: every training row has the same label; a site needs two classes")
+            except DataError as exc:
+                problems.append(site_problem(exc, path))
+                site_data = None
+        report = build_report(
+            table,
+            site,
+            site_data,
+            test_fraction=data.test_fraction,
+            min_test_rows=config.test_rows_needed,
+            problems=problems,
+        )
+        paths = report.write(report_dir) if report_dir is not None else ()
+        if report.blocking or site_data is None:
+            raise DataCheckFailed(report, paths)
+        site_data.source = str(path)
+    else:
+        site_data = load_node_data(data, path, site)
     schema = site_data.schema
     if experiment.data.dataset in BUILTIN_SCHEMAS:
         expected = dataset_schema(experiment.data, experiment.seed)
@@ -388,7 +548,7 @@ def check_node_data(
     for name, x in (("train", site_data.x_train), ("test", site_data.x_test)):
         if not np.isfinite(x).all():
             raise DataError(f"{path}: the {name} split has missing or infinite values after preprocessing")
-    check_task_approved(experiment.task.name, {"data-path": str(path), "site": site, **(node_config or {})})
+    check_task_approved(experiment.task.name, raw_config)
     task = resolve_task(experiment.task.name, experiment.task.args)
     model = task.build_model(schema)
     import torch
@@ -412,4 +572,14 @@ def check_node_data(
         num_features=schema.num_features,
         class_counts={int(k): int(v) for k, v in zip(labels, counts, strict=True)},
         notes=list(site_data.notes),
+        report=report,
+        report_paths=paths,
+    )
+
+
+def _contract_experiment(contract: DataContract) -> Experiment:
+    """A CSV run of a contract that is not built in (what a kit's contract implies without an experiment)."""
+    classes = max(2, len(contract.label.codes))
+    return Experiment.model_validate(
+        {"data": {"dataset": "csv", "contract": contract.model_dump(mode="json"), "num_classes": classes}}
     )

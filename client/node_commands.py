@@ -6,12 +6,15 @@ Thin typer wrappers over ``flowerbed.client.node`` and ``flowerbed.client.approv
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from flowerbed.exception import NodeError
+
+if TYPE_CHECKING:
+    from flowerbed.client.data_report import DataReport
 
 console = Console(highlight=False)
 
@@ -34,21 +37,100 @@ def node_check_command(
         typer.Option("--experiment", help="Check against this experiment's data and task (default: built-in)."),
     ] = None,
     approvals: Annotated[Path | None, typer.Option("--approvals", help="Approved-tasks file.")] = None,
+    ledger: Annotated[
+        Path | None, typer.Option("--ledger", help="The node's privacy ledger: the report is written beside it.")
+    ] = None,
+    state: Annotated[
+        Path | None, typer.Option("--state", help="Node state folder, where the report goes without --ledger.")
+    ] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", help="Another node-config key, KEY=VALUE (e.g. csv-delimiter=';'); repeatable."),
+    ] = None,
+    write_shareable: Annotated[
+        bool,
+        typer.Option(
+            "--write-shareable",
+            help="Also write data-report.shareable.json: aggregate counts only, for you to send if you choose.",
+        ),
+    ] = False,
 ) -> None:
-    """Validate local data against the task's schema, without any network access."""
+    """Check local data against the federation's data contract and the task, without any network access.
+
+    Exits 1 when the data has a blocking problem; the report (Markdown and JSON) stays at the node.
+    """
+    from rich.markup import escape
+
+    from flowerbed.client.data_report import DataCheckFailed, report_folder
     from flowerbed.client.node import check_node_data
     from flowerbed.kit import load_kit
+    from flowerbed.tasks.data.contract import load_contract
 
-    name = site or (load_kit(kit).site if kit else data.stem)
-    extra = {"approvals": str(approvals)} if approvals else {}
-    result = check_node_data(data, name, _experiment(experiment), extra)
+    loaded = load_kit(kit) if kit else None
+    name = site or (loaded.site if loaded else data.stem)
+    contract = load_contract(loaded.contract) if loaded and loaded.contract else None
+    extra = {**({"approvals": str(approvals)} if approvals else {}), **config_items(config or [])}
+    folder = report_folder(
+        ledger, state or ((loaded.folder / "state") if loaded else Path.cwd() / f"node-state-{name}")
+    )
+    _say(f"checking {escape(str(data))} for site [bold]{name}[/]; nothing is sent anywhere")
+    try:
+        result = check_node_data(data, name, _experiment(experiment), extra, contract=contract, report_dir=folder)
+    except DataCheckFailed as failed:
+        _print_report(failed.report)
+        if write_shareable:
+            _say(f"  shareable counts: {escape(str(failed.report.write_shareable(folder)))}")
+        count = len(failed.report.blocking)
+        _say(
+            f"[red]refused[/]: {count} blocking problem{'s' if count != 1 else ''}; fix the export and check "
+            f"again. Report: {escape(str(failed.paths[0]))} (and .json)"
+        )
+        raise typer.Exit(1) from None
+    if result.report is not None:
+        _print_report(result.report)
     classes = ", ".join(f"{label}: {count}" for label, count in result.class_counts.items())
-    console.print(f"[green]ok[/] {result.path} for site [bold]{result.site}[/] ({result.dataset}, task {result.task})")
-    console.print(f"  {result.num_train} training rows, {result.num_test} test rows, {result.num_features} features")
-    console.print(f"  training labels: {classes}")
+    what = f"({result.dataset}, task {result.task})"
+    _say(f"[green]ok[/] {escape(str(result.path))} for site [bold]{result.site}[/] {what}")
+    _say(f"  {result.num_train} training rows, {result.num_test} test rows, {result.num_features} features")
+    _say(f"  training labels: {classes}")
     for note in result.notes:
-        console.print(f"  note: {note}")
-    console.print("  nothing was sent anywhere")
+        _say(f"  note: {escape(note)}")
+    if result.report_paths:
+        _say(f"  report: {escape(str(result.report_paths[0]))} (and .json); it stays at this node")
+    if write_shareable and result.report is not None:
+        _say(f"  shareable counts: {escape(str(result.report.write_shareable(folder)))}")
+    _say("  nothing was sent anywhere")
+
+
+def _say(text: str) -> None:
+    console.print(text, soft_wrap=True)
+
+
+def _print_report(report: DataReport) -> None:
+    """The report's problems on the terminal: grouped, counted, each with where and what to do."""
+    from rich.markup import escape
+
+    table = report.table
+    _say(f"  data contract: {table.contract.ref}")
+    if table.dialect is not None:
+        _say(f"  read as: {escape(table.dialect.describe())}")
+    how = "matched by name" if table.dialect and table.dialect.header else "by position"
+    dropped = f"; dropped unread: {', '.join(table.dropped)}" if table.dropped else ""
+    _say(f"  rows: {report.rows}; {len(table.matched)} columns {how}{escape(dropped)}")
+    titles = {
+        "error": "[red]errors[/] (the node refuses the data until they are fixed)",
+        "warning": "[yellow]warnings[/] (the data is used; worth a look)",
+        "note": "notes (what the node does with the data)",
+    }
+    for severity, title in titles.items():
+        problems = [p for p in report.problems if p.severity == severity]
+        if not problems:
+            continue
+        _say(f"  {title}")
+        for problem in problems:
+            _say(f"    {escape(problem.headline())}")
+            where = f"{problem.where()}: " if problem.lines else ""
+            _say(f"        {escape(where + problem.action)}")
 
 
 def node_start_command(
@@ -80,7 +162,12 @@ def node_start_command(
         ),
     ] = None,
     executor: Annotated[
-        str, typer.Option("--executor", help="warm: fork a pre-imported child per message; flower: a new process.")
+        str,
+        typer.Option(
+            "--executor",
+            help="warm: fork a pre-imported child per message; flower: a new process per message, as Flower "
+            "does. Either runs only the installed flowerbed ClientApp.",
+        ),
     ] = "warm",
     poll_interval: Annotated[
         float, typer.Option("--poll-interval", help="Cap on the idle wait between polls, s (0: Flower's 3 s).")
@@ -108,6 +195,7 @@ def node_start_command(
         "budget-epsilon": budget_epsilon,
         "budget-delta": budget_delta,
         "approvals": str(approvals.expanduser().resolve()) if approvals else None,
+        "data-contract": str(loaded.contract) if loaded and loaded.contract else None,
         **config_items(config or []),
     }
     settings = NodeSettings(
@@ -123,9 +211,11 @@ def node_start_command(
         poll_interval=poll_interval or None,
         extra=extra,
     )
-    node = Node(settings)
-    node.start()
-    raise typer.Exit(node.wait())
+    from flowerbed.client.preflight import node_lock, preflight
+
+    with node_lock(settings):  # a kit already in use is refused here, before anything connects
+        preflight(settings)  # the node joins only with data that passes `node check`
+        raise typer.Exit(Node(settings).run())
 
 
 def config_items(items: list[str]) -> dict[str, object]:

@@ -18,6 +18,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+from flowerbed.process_control import quiet_main
+
 DEFAULT_POLL_INTERVAL = 0.25
 
 
@@ -40,15 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < poll_interval <= 3:
         raise SystemExit("--poll-interval must be in (0, 3] seconds")
 
-    import importlib
-
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    module = importlib.import_module("flwr.supernode.start_client_internal")
-    module.time = capped_time(poll_interval)  # type: ignore[attr-defined]
+    from flowerbed import flower_internals
+
+    flower_internals.cap_supernode_idle_sleep(capped_time(poll_interval))
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
 
 
 if __name__ == "__main__":
-    main()
+    quiet_main(main)

@@ -1,15 +1,20 @@
-"""A warm executor for the node's ClientApp: import once, fork one child per message.
+"""The node's ClientApp executor: only the hospital's installed flowerbed runs, each message warm.
 
 Flower 1.42's SuperExec starts a fresh ``flwr-clientapp`` process for every message a node
 receives; that process imports Python, Flower, torch and the app before it does any work (seconds
-per message on a busy machine). This executor is Flower's own SuperExec loop
-(``run_superexec``) with one part swapped: instead of spawning ``flwr-clientapp``, it forks a child
-of an interpreter that already imported everything, and the child runs Flower's own
-``run_clientapp`` for that one message. Each message still runs in its own process (memory and
-state do not leak from one message to the next), without paying the start-up cost.
+per message on a busy machine), and it runs whatever ClientApp the run's app bundle names. This
+executor is Flower's own SuperExec loop (``run_superexec``) with flowerbed's executor:
 
-The parent imports the hospital's installed ``flowerbed.client.app`` before any message arrives,
-so Flower finds it in ``sys.modules`` and never imports code the coordinator ships.
+- it takes only ClientApp tasks; a task of another type is refused, never started;
+- each message runs Flower's own ``run_clientapp`` in a process of its own, guarded: the run's
+  bundle is checked before anything of it is unpacked (``flowerbed.app_bundle``: a bundle that
+  names other code or carries any is refused with an error reply and a log line naming the run),
+  it is never installed, and the ClientApp is always the hospital's installed
+  ``flowerbed.client.app:app``;
+- by default that process is **forked** from an interpreter that already imported torch and
+  flowerbed (no start-up cost, nothing shared between messages); with ``--spawn`` it is a new
+  interpreter per message, as with Flower's own executor (``flowerbed node start --executor
+  flower``, for comparison).
 
 Started by ``flowerbed node start`` next to ``flower-supernode --isolation process``::
 
@@ -23,15 +28,20 @@ import contextlib
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from flowerbed import flower_internals
+from flowerbed.app_bundle import AppBundleRefused, check_app_bundle
+from flowerbed.process_control import popen_ignoring_interrupt, quiet_main, watch_parent
 
 POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = "0.05"
+TOKEN_ENV = "FLOWERBED_TASK_TOKEN"
 PRELOAD = ("torch", "flowerbed.client.app")
 
 
@@ -46,17 +56,41 @@ def preload(modules: Iterable[str]) -> list[str]:
     return failed
 
 
-class ForkExecutor:
-    """A Flower SuperExec executor that forks a warm child per ClientApp message.
+def refuse_foreign_bundle(content: bytes, run_id: int | None) -> None:
+    """The node's check of a run's bundle: log the refusal, then raise it (the node replies with an error)."""
+    try:
+        check_app_bundle(content, run_id)
+    except AppBundleRefused as exc:
+        print(f"flowerbed node: {exc}", file=sys.stderr, flush=True)
+        raise
 
-    Implements the executor protocol of Flower's SuperExec. Task types other
-    than ClientApp (none reach a SuperNode today) are launched the standard way.
+
+def load_client_app() -> Any:
+    """The hospital's installed ClientApp (imported only once the run's bundle passed the check)."""
+    from flowerbed.client.app import app
+
+    return app
+
+
+def guard() -> None:
+    """Make Flower's ClientApp runner in this process check every bundle and run only the installed app."""
+    flower_internals.guard_clientapp_runtime(refuse_foreign_bundle, load_client_app, AppBundleRefused)
+
+
+class GuardedExecutor:
+    """A Flower SuperExec executor that runs each ClientApp message through the guard.
+
+    Parameters
+    ----------
+    spawn : bool (default: False)
+        Start a new interpreter per message instead of forking a warm one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spawn: bool = False) -> None:
+        self.spawn = spawn
         self._owner = os.getpid()
         self._children: set[int] = set()
-        self._fallback = flower_internals.subprocess_executor()
+        self._spawned: dict[int, subprocess.Popen] = {}
 
     def get_eligible_capacity(
         self,
@@ -65,19 +99,36 @@ class ForkExecutor:
         insecure: bool = False,
         root_certificates_path: str | None = None,
     ) -> tuple[set[Any], set[str]]:
-        """Every task type can start without waiting."""
-        return set(supported_task_types), set()
+        """Only ClientApp tasks are ever taken."""
+        return {t for t in supported_task_types if t == flower_internals.clientapp_task_type()}, set()
 
     def wait_for_capacity(self, task_type: Any = None, **_: object) -> None:
         """Nothing to wait for."""
 
     def launch(self, spec: Any) -> Any:
-        """Fork a child that runs Flower's ``run_clientapp`` for this one message."""
+        """Run one ClientApp message in a forked (or, with ``spawn``, a new) guarded process."""
         if spec.task_type != flower_internals.clientapp_task_type():
-            return self._fallback.launch(spec)
+            reason = f"task {spec.task_id} is a {spec.task_type} task; this node runs only flowerbed's ClientApp"
+            print(f"flowerbed node: refused {reason}", file=sys.stderr, flush=True)
+            return flower_internals.launch_refused(reason)
+        if self.spawn:
+            command = [
+                sys.executable,
+                "-m",
+                "flowerbed.client.warm_executor",
+                "--task",
+                "--parent-pid",
+                str(os.getpid()),
+            ]
+            command += ["--runtime-api-address", spec.runtime_api_address]
+            if not spec.insecure and spec.root_certificates_path:
+                command += ["--root-certificates", spec.root_certificates_path]
+            process = popen_ignoring_interrupt(command, env={**os.environ, TOKEN_ENV: spec.token})
+            self._spawned[process.pid] = process
+            return flower_internals.launch_accepted()
         pid = os.fork()
         if pid == 0:  # child
-            os._exit(_run_one(spec))
+            os._exit(_run_one(spec.runtime_api_address, spec.token, spec.insecure, spec.root_certificates_path))
         self._children.add(pid)
         return flower_internals.launch_accepted()
 
@@ -90,28 +141,31 @@ class ForkExecutor:
                 done = pid
             if done:
                 self._children.discard(pid)
+        for pid, process in list(self._spawned.items()):
+            if process.poll() is not None:
+                del self._spawned[pid]
 
     def close(self) -> None:
         """Stop running children when the executor shuts down (parent only)."""
         if os.getpid() != self._owner:
             return
-        for pid in self._children:
+        for pid in [*self._children, *self._spawned]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
 
-def _run_one(spec: Any) -> int:
-    """Body of a forked child: run one ClientApp message and return the exit code."""
+def _run_one(runtime_api_address: str, token: str, insecure: bool, root_certificates_path: str | None) -> int:
+    """Body of a message's process: run Flower's (guarded) ``run_clientapp`` once; the exit code."""
     run_clientapp, validate_and_resolve_root_certificates = flower_internals.clientapp_runner()
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         run_clientapp(
-            runtime_api_address=spec.runtime_api_address,
-            token=spec.token,
-            insecure=spec.insecure,
-            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            runtime_api_address=runtime_api_address,
+            token=token,
+            insecure=insecure,
+            certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
             parent_pid=None,
             runtime_dependency_install=False,
         )
@@ -127,25 +181,42 @@ def _run_one(spec: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run Flower's SuperExec loop with the fork executor against a SuperNode's Runtime API."""
-    parser = argparse.ArgumentParser(description="flowerbed's warm ClientApp executor")
+    """Run Flower's SuperExec loop with the guarded executor against a SuperNode's Runtime API."""
+    parser = argparse.ArgumentParser(description="flowerbed's guarded ClientApp executor")
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--superexec-auth-secret-file", type=Path, default=None)
+    parser.add_argument("--root-certificates", default=None)
     parser.add_argument("--preload", action="append", default=None, help="module to import up front")
+    parser.add_argument("--spawn", action="store_true", help="a new interpreter per message (no fork)")
+    parser.add_argument("--task", action="store_true", help="run one message (token in $FLOWERBED_TASK_TOKEN)")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL)
-    for problem in preload(args.preload or PRELOAD):
-        print(f"flowerbed warm executor: could not preload {problem}", file=sys.stderr, flush=True)
+    if args.task:
+        token = os.environ.pop(TOKEN_ENV, "")
+        if not token:
+            raise SystemExit(f"flowerbed node: no task token in ${TOKEN_ENV}")
+        guard()
+        if args.parent_pid is not None:
+            watch_parent(args.parent_pid, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        insecure = args.root_certificates is None
+        raise SystemExit(_run_one(args.runtime_api_address, token, insecure, args.root_certificates))
 
+    if not args.spawn:
+        os.environ.setdefault(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL)
+        for problem in preload(args.preload or PRELOAD):
+            print(f"flowerbed warm executor: could not preload {problem}", file=sys.stderr, flush=True)
+        guard()  # the forked children inherit it
+    secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
     flower_internals.run_superexec_with(  # Flower's loop, our executor
-        ForkExecutor(),
+        GuardedExecutor(spawn=args.spawn),
         runtime_api_address=args.runtime_api_address,
         insecure=True,
+        superexec_auth_secret=secret,
         parent_pid=args.parent_pid,
         runtime_dependency_install=False,
     )
 
 
 if __name__ == "__main__":
-    main()
+    quiet_main(main)

@@ -2,16 +2,20 @@
 
 flowerbed builds on Flower's public Message API. A few speed-ups and one executor need more: the
 storage behind Flower's records (filled directly, without per-item checks, for values flowerbed
-made itself), a message's id and an in-process run identity (for the inline grid), and Flower's
-SuperExec loop with flowerbed's own executor (the node's warm executor). They are all here, so a
-Flower release that changes them breaks one module, and ``tests/test_flower_internals.py`` says
-which assumption no longer holds. Written against Flower 1.42.
+made itself), a message's id and an in-process run identity (for the inline grid), Flower's
+SuperExec loop with flowerbed's own executors (the node's warm executor, the coordinator's
+ServerApp executor), and the trust boundary: the operator-token plugin the SuperLink and the
+``flwr`` CLI use, and Flower's ServerApp and ClientApp runners made to check a run's bundle and
+run only the installed flowerbed. They are all here, so a Flower release that changes them breaks
+one module, and ``tests/test_flower_internals.py`` says which assumption no longer holds. Written
+against Flower 1.42.
 
 Flower is imported inside the functions: importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -124,3 +128,209 @@ def flower_error_message(text: str) -> str | None:
 
     error = FlowerError.from_json(text)
     return None if error is None else error.message
+
+
+# ---------------------------------------------------------------- operator authentication
+
+
+def operator_authn_plugin(check: Callable[[str | None], bool], refusal: str) -> Any:
+    """A SuperLink Control API authentication plugin that admits one bearer token.
+
+    ``check`` gets the bearer token of a request (``None`` without one) and says whether it is the
+    operator's. Flower's own ``ControlAuthenticationMiddleware`` calls the plugin before every
+    Control API handler; a refused request gets ``refusal`` back (HTTP 403). The operator is
+    Flower's single account of a SuperLink without a federation manager.
+    """
+    from flwr.common.constant import ACCESS_TOKEN_KEY, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.supercore.auth.typing import AccountInfo
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from flwr.superlink.auth_plugin import ControlAuthnPlugin
+
+    class OperatorTokenPlugin(ControlAuthnPlugin):
+        def __init__(self) -> None:
+            pass
+
+        def get_login_details(self) -> None:
+            return None
+
+        def validate_tokens_in_metadata(self, metadata: Any) -> tuple[bool, Any]:
+            tokens = [v for k, v in metadata if k == ACCESS_TOKEN_KEY]
+            token = tokens[0] if len(tokens) == 1 else None
+            if isinstance(token, bytes):
+                token = token.decode("utf-8", errors="replace")
+            if check(token):
+                return True, AccountInfo(flwr_aid=NOOP_FLWR_AID, account_name=NOOP_ACCOUNT_NAME)
+            raise FlowerError(ApiErrorCode.NO_PERMISSIONS, refusal, public_details=refusal)
+
+        def get_auth_tokens(self, device_code: str) -> None:
+            raise FlowerError(ApiErrorCode.NO_ACCOUNT_AUTH, refusal, public_details=refusal)
+
+        def refresh_tokens(self, metadata: Any) -> tuple[None, None]:
+            return None, None
+
+    return OperatorTokenPlugin()
+
+
+def run_superlink_with_authn(plugin: Any, argv: list[str]) -> None:
+    """Flower's ``flower-superlink`` with ``argv``, authenticating Control API calls with ``plugin``."""
+    import sys
+
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    module.load_control_authn_plugin = lambda: plugin
+    sys.argv = ["flower-superlink", *argv]
+    module.flower_superlink()
+
+
+def operator_cli_auth_plugin(token: str) -> Any:
+    """A Flower CLI authentication plugin that sends ``token`` as the bearer token of every Control API call."""
+    from flwr.cli.auth_plugin import CliAuthPlugin
+    from flwr.common.constant import ACCESS_TOKEN_KEY
+
+    class OperatorTokenCliPlugin(CliAuthPlugin):
+        def __init__(self, host: str = "") -> None:
+            self.host = host
+
+        @staticmethod
+        def login(login_details: Any, control_client: Any) -> Any:
+            raise RuntimeError("the operator's token is made by `flowerbed provision`; there is no login")
+
+        def store_tokens(self, credentials: Any) -> None:
+            pass
+
+        def load_tokens(self) -> None:
+            pass
+
+        def write_tokens_to_metadata(self, metadata: Any) -> Any:
+            return [*metadata, (ACCESS_TOKEN_KEY, token)]
+
+    return OperatorTokenCliPlugin()
+
+
+def run_flwr_cli_with_auth(plugin: Any, argv: list[str]) -> None:
+    """Flower's ``flwr`` command with ``argv``, every Control API call authenticated by ``plugin``."""
+    from flwr.cli import app as cli
+    from flwr.cli import utils
+
+    utils.load_cli_auth_plugin_from_connection = lambda *_, **__: plugin
+    cli.app(args=argv, prog_name="flwr")
+
+
+# ------------------------------------------------------------- only flowerbed's own apps run
+
+
+def serverapp_task_type() -> Any:
+    """The task type of a ServerApp run."""
+    from flwr.supercore.constant import TaskType
+
+    return TaskType.SERVER_APP
+
+
+def launch_refused(reason: str) -> Any:
+    """The result an executor returns for a task it will not start."""
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    return LaunchResult.failed(reason)
+
+
+def current_run_id() -> int | None:
+    """The Flower run of the task this process runs (``None`` before it is known)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    try:
+        return int(TaskIdentity.run_id)
+    except RuntimeError:
+        return None
+
+
+def _quiet_refusals(module: Any, refusal: type[BaseException]) -> None:
+    """Make ``module``'s Flower logger print a refusal as one line, without its traceback."""
+    original = module.log
+
+    def log(level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), refusal):
+            kwargs["exc_info"] = None
+        original(level, msg, *args, **kwargs)
+
+    module.log = log
+
+
+def guard_clientapp_runtime(
+    check: Callable[[bytes, int | None], None], load_client_app: Callable[[], Any], refusal: type[BaseException]
+) -> None:
+    """Make Flower's ``run_clientapp`` (in this process) run only the app ``load_client_app`` returns.
+
+    Before anything of a run's bundle is unpacked, ``check(fab_content, run_id)`` sees it and raises
+    ``refusal`` to refuse; the node then replies with an error. The bundle is never installed and
+    nothing is imported from it: the app is the node's installed one.
+    """
+    module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    def install_from_fab(fab_content: bytes, *_: Any, **__: Any) -> None:
+        check(fab_content, current_run_id())
+
+    module.install_from_fab = install_from_fab
+    module.get_load_client_app_fn = lambda *_, **__: lambda *_a, **_k: load_client_app()
+    _quiet_refusals(module, refusal)
+
+
+def run_guarded_serverapp(
+    check: Callable[[bytes, int | None], None],
+    load_server_app: Callable[[], Any],
+    refusal: type[BaseException],
+    *,
+    runtime_api_address: str,
+    token: str,
+    insecure: bool,
+    root_certificates_path: str | None,
+    parent_pid: int | None,
+) -> None:
+    """Flower's ``flwr-serverapp`` for one run, running only the app ``load_server_app`` returns.
+
+    ``check(fab_content, run_id)`` sees the run's bundle before Flower installs it and raises
+    ``refusal`` to refuse (the run then fails with that reason). The bundle's own component
+    reference is never imported: Flower runs the coordinator's installed app.
+    """
+    from queue import Queue
+
+    from flwr.supercore.logger import mirror_output_to_queue, restore_output
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    module = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    install = module.install_from_fab
+    run = module.run_
+
+    def install_from_fab(fab_content: bytes, *args: Any, **kwargs: Any) -> Any:
+        check(fab_content, current_run_id())
+        return install(fab_content, *args, **kwargs)
+
+    def run_installed(grid: Any, context: Any, server_app_dir: str, **_: Any) -> Any:
+        return run(grid=grid, context=context, server_app_dir=server_app_dir, loaded_server_app=load_server_app())
+
+    module.install_from_fab = install_from_fab
+    module.run_ = run_installed
+    _quiet_refusals(module, refusal)
+    log_queue: Queue[str | None] = Queue()
+    mirror_output_to_queue(log_queue)
+    try:
+        module.run_serverapp(
+            runtime_api_address=runtime_api_address,
+            log_queue=log_queue,
+            token=token,
+            insecure=insecure,
+            certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
+            parent_pid=parent_pid,
+            runtime_dependency_install=False,
+        )
+    finally:
+        restore_output()
+
+
+# ----------------------------------------------------------------------- SuperNode idle poll
+
+
+def cap_supernode_idle_sleep(capped_time: Any) -> None:
+    """Make Flower's SuperNode loop use ``capped_time`` (a stand-in ``time`` module) for its sleeps."""
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    module.time = capped_time

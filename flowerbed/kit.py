@@ -33,7 +33,14 @@ class NodeKit:
     ca_cert : Path
         The CA certificate that the coordinator's TLS certificate must chain to.
     node_key : Path
-        The node's private authentication key (OpenSSH format).
+        The node's private authentication key (OpenSSH format); it also signs the node's
+        secure-aggregation keys.
+    node_cert : Path | None (default: None)
+        The federation CA's certificate for the node key, naming the site: the node's identity in
+        secure aggregation (``None``: a kit provisioned before node certificates existed).
+    contract : Path | None (default: None)
+        The federation's data contract (``contract.json``), when its federation file names one:
+        the node reads its data only as this contract says.
     """
 
     folder: Path
@@ -42,6 +49,8 @@ class NodeKit:
     coordinator: str
     ca_cert: Path
     node_key: Path
+    node_cert: Path | None = None
+    contract: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,8 +83,10 @@ def load_kit(folder: str | Path) -> NodeKit:
         coordinator=data["coordinator"],
         ca_cert=folder / data["ca"],
         node_key=folder / data["node_key"],
+        node_cert=folder / data["node_cert"] if isinstance(data.get("node_cert"), str) else None,
+        contract=folder / data["contract"] if isinstance(data.get("contract"), str) else None,
     )
-    for path in (kit.ca_cert, kit.node_key):
+    for path in (kit.ca_cert, kit.node_key, *(p for p in (kit.node_cert, kit.contract) if p)):
         if not path.is_file():
             raise NodeError(f"{path}: missing from the kit; ask the coordinator for a new kit")
     if os.name == "posix" and kit.node_key.stat().st_mode & 0o077:

@@ -23,6 +23,13 @@ EXPERIMENT_KEY = "flowerbed.experiment"
 RUN_ID_KEY = "flowerbed.run-id"
 #: Set by Flower's FedProx in the train config: the proximal term's weight, applied at every node.
 PROXIMAL_MU_KEY = "proximal-mu"
+#: The secure train phase: its stages' message types start with this; their payload travels in a
+#: ``ConfigRecord`` under ``SECAGG_PAYLOAD``, a node's masked update in an ``ArrayRecord`` under
+#: ``SECAGG_MASKED`` as the array ``SECAGG_MASKED_ARRAY``.
+SECAGG_ACTION_PREFIX = "train.secagg_"
+SECAGG_PAYLOAD = "secagg"
+SECAGG_MASKED = "secagg-masked"
+SECAGG_MASKED_ARRAY = "masked"
 #: Record keys of a reply: the site's name (a ``ConfigRecord``) beside Flower's ``arrays``/``metrics``.
 SITE_RECORD = "site"
 

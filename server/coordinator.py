@@ -1,6 +1,9 @@
 """The coordinator: Flower's SuperLink started with TLS, node authentication and persistent state.
 
-``flowerbed coordinator start FEDERATION.toml`` runs ``flower-superlink`` with
+``flowerbed coordinator start FEDERATION.toml`` runs two processes:
+
+- ``flower-superlink`` through ``flowerbed.server.superlink_launcher``, whose Control API admits only
+  the operator (the token ``flowerbed provision`` made, see ``flowerbed.server.operator_auth``), with
 
 - TLS from the provisioned CA and coordinator certificate (``--ssl-*``),
 - node authentication (``--enable-supernode-auth``): only hospitals whose public key the operator
@@ -8,20 +11,30 @@
   (``flwr supernode register``) once the SuperLink answers,
 - a persistent SQLite database (``--database``) in the federation's state folder, so runs and
   registered nodes survive a restart,
-- ``--disable-runtime-dependency-installation``: nothing is installed per run; the ServerApp is the
-  coordinator's installed flowerbed.
+- ``--disable-runtime-dependency-installation``: nothing is installed per run,
+- ``--isolation process`` and ``--superexec-auth-secret-file``: the SuperLink starts no ServerApp
+  itself; only the holder of a secret made at every start may take a run's task;
+- flowerbed's ServerApp executor (``flowerbed.server.serverapp_executor``), which holds that secret
+  and runs each run's ServerApp as the coordinator's installed flowerbed, refusing any bundle that
+  names or carries other code (``flowerbed.app_bundle``).
+
+On SIGTERM or Ctrl-C both stop, with every ServerApp process, within seconds
+(``flowerbed.process_control``).
 
 Everything the coordinator keeps lives in the state folder (``[coordinator] state``)::
 
     superlink.db           Flower's state (runs, nodes)
     superlink.log          the SuperLink's log (rotated daily)
     superlink.out          the SuperLink's console output (start-up errors)
+    serverapp.out          the ServerApp executor's and ServerApps' console output (refused bundles)
+    superexec.secret       the SuperExec secret of this start (0600)
     flwr-home/config.toml  the Flower CLI connection ``flowerbed`` used by ``flowerbed run ...``
     registered-nodes.json  site -> node id and public key, to revoke a rotated or removed key
     runs/                  run folders (final model, metrics, reports)
 
 ``--insecure`` starts the SuperLink without TLS and without node authentication (Flower allows
-authentication only over TLS), for a trial on one machine; it prints a warning on every start.
+authentication only over TLS), for a trial on one machine; it prints a warning on every start. Its
+operator token is ``<state>/operator.token``, made at the first start.
 """
 
 from __future__ import annotations
@@ -30,8 +43,8 @@ import contextlib
 import io
 import json
 import os
+import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -42,8 +55,10 @@ from pathlib import Path
 
 from flowerbed import flower_internals
 from flowerbed.exception import ConfigError, NodeError
+from flowerbed.process_control import StopSignal, popen_ignoring_interrupt, stop_processes
 from flowerbed.server.federation_config import FederationConfig
-from flowerbed.server.provisioning import ProvisionPaths
+from flowerbed.server.operator_auth import new_token, read_token
+from flowerbed.server.provisioning import ProvisionPaths, write_private
 
 CONNECTION = "flowerbed"
 INSECURE_WARNING = (
@@ -52,6 +67,11 @@ INSECURE_WARNING = (
     "Use it only for a trial on one machine or a closed test network."
 )
 LOOPBACK_BINDS = {"0.0.0.0", "127.0.0.1", "localhost", "::", "[::]"}
+FLOWER_PRIVATE_API_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API", "FLWR_OIDC_ENABLED")
+
+
+class StopRequested(Exception):
+    """SIGTERM or Ctrl-C arrived while the coordinator was starting."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,29 @@ class CoordinatorPaths:
     def insecure_marker(self) -> Path:
         return self.state / "INSECURE"
 
+    @property
+    def superexec_secret(self) -> Path:
+        return self.state / "superexec.secret"
+
+    @property
+    def insecure_operator_token(self) -> Path:
+        return self.state / "operator.token"
+
+    @property
+    def serverapp_output(self) -> Path:
+        return self.state / "serverapp.out"
+
+
+def operator_token_file(federation: FederationConfig, insecure: bool | None = None) -> Path:
+    """The operator's token file: provisioned with TLS, in the state folder with ``--insecure``.
+
+    ``insecure=None`` asks the state folder how the coordinator was last started.
+    """
+    paths = CoordinatorPaths(federation.state_dir)
+    if insecure is None:
+        insecure = paths.insecure_marker.exists()
+    return paths.insecure_operator_token if insecure else ProvisionPaths(federation.output_dir).operator_token
+
 
 def local_address(federation: FederationConfig) -> str:
     """The address operator commands on the coordinator's machine use to reach the SuperLink."""
@@ -95,7 +138,7 @@ def local_address(federation: FederationConfig) -> str:
 
 def flower_env(federation: FederationConfig) -> dict[str, str]:
     """Environment for Flower processes and ``flwr`` commands of this coordinator."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in FLOWER_PRIVATE_API_SWITCHES}
     env["FLWR_HOME"] = str(CoordinatorPaths(federation.state_dir).flwr_home)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
@@ -126,16 +169,23 @@ def write_cli_connection(federation: FederationConfig, insecure: bool) -> Path:
 
 
 def superlink_command(federation: FederationConfig, *, insecure: bool = False) -> list[str]:
-    """The ``flower-superlink`` command line for this federation.
+    """The ``flower-superlink`` command line for this federation (through flowerbed's launcher).
 
     Raises
     ------
     ConfigError
-        When TLS files are missing (run ``flowerbed provision`` first).
+        When TLS files or the operator token are missing (run ``flowerbed provision`` first).
     """
     paths = CoordinatorPaths(federation.state_dir)
     command = [
-        _executable("flower-superlink"),
+        sys.executable,
+        "-m",
+        "flowerbed.server.superlink_launcher",
+        "--operator-token-file",
+        str(operator_token_file(federation, insecure)),
+        "--parent-pid",
+        str(os.getpid()),
+        "--",
         "--host",
         federation.coordinator.bind_host,
         "--port",
@@ -143,13 +193,18 @@ def superlink_command(federation: FederationConfig, *, insecure: bool = False) -
         "--database",
         str(paths.database),
         "--disable-runtime-dependency-installation",
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(paths.superexec_secret),
         "--log-file",
         str(paths.log_file),
     ]
     if insecure:
         return [*command, "--insecure"]
     tls = ProvisionPaths(federation.output_dir)
-    missing = [p for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+    needed = (tls.ca_cert, tls.server_cert, tls.server_key, tls.operator_token)
+    missing = [p for p in needed if not p.is_file()]
     if missing:
         raise ConfigError(
             str(federation.output_dir),
@@ -167,6 +222,24 @@ def superlink_command(federation: FederationConfig, *, insecure: bool = False) -
     ]
 
 
+def executor_command(federation: FederationConfig, *, insecure: bool, superlink_pid: int) -> list[str]:
+    """The ServerApp executor's command line (it stops when the SuperLink is gone)."""
+    command = [
+        sys.executable,
+        "-m",
+        "flowerbed.server.serverapp_executor",
+        "--runtime-api-address",
+        local_address(federation),
+        "--superexec-auth-secret-file",
+        str(CoordinatorPaths(federation.state_dir).superexec_secret),
+        "--parent-pid",
+        str(superlink_pid),
+    ]
+    if insecure:
+        return [*command, "--insecure"]
+    return [*command, "--root-certificates", str(ProvisionPaths(federation.output_dir).coordinator_ca)]
+
+
 def _executable(name: str) -> str:
     """A Flower console script from this interpreter's environment, else from PATH."""
     candidate = Path(sys.executable).with_name(name)
@@ -174,7 +247,12 @@ def _executable(name: str) -> str:
 
 
 def wait_until_ready(
-    federation: FederationConfig, *, insecure: bool, timeout: float = 60.0, process: subprocess.Popen | None = None
+    federation: FederationConfig,
+    *,
+    insecure: bool,
+    timeout: float = 60.0,
+    process: subprocess.Popen | None = None,
+    stop: StopSignal | None = None,
 ) -> None:
     """Wait until the SuperLink answers its health endpoint.
 
@@ -182,6 +260,8 @@ def wait_until_ready(
     ------
     NodeError
         If the process exits or the SuperLink does not answer within ``timeout`` seconds.
+    StopRequested
+        If ``stop`` records SIGTERM or Ctrl-C meanwhile.
     """
     import httpx
 
@@ -191,6 +271,8 @@ def wait_until_ready(
     verify: bool | ssl.SSLContext = False if insecure else ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop is not None and stop.requested:
+            raise StopRequested
         if process is not None and process.poll() is not None:
             raise NodeError(
                 f"flower-superlink exited with code {process.returncode} before it was ready; "
@@ -206,12 +288,13 @@ def wait_until_ready(
 
 
 class _ControlClient:
-    """Flower's Control API client for this coordinator (the one ``flwr supernode`` uses)."""
+    """Flower's Control API client for this coordinator (the one ``flwr supernode`` uses), as the operator."""
 
     def __init__(self, federation: FederationConfig, insecure: bool) -> None:
         from flwr.cli.typing import SuperLinkConnection
         from flwr.cli.utils import init_http_client_from_connection
 
+        token = read_token(operator_token_file(federation, insecure))
         ca = None if insecure else str(ProvisionPaths(federation.output_dir).coordinator_ca)
         connection = SuperLinkConnection(
             name=CONNECTION, address=local_address(federation), root_certificates=ca, insecure=insecure
@@ -220,7 +303,9 @@ class _ControlClient:
         os.environ["FLWR_HOME"] = str(CoordinatorPaths(federation.state_dir).flwr_home)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                self.client = init_http_client_from_connection(connection)
+                self.client = init_http_client_from_connection(
+                    connection, auth_plugin=flower_internals.operator_cli_auth_plugin(token)
+                )
         finally:
             if previous is None:
                 os.environ.pop("FLWR_HOME", None)
@@ -306,7 +391,7 @@ def register_nodes(
 
 
 class Coordinator:
-    """A running SuperLink for one federation (start, register nodes, stop).
+    """A running coordinator for one federation: the SuperLink and flowerbed's ServerApp executor.
 
     Parameters
     ----------
@@ -321,29 +406,49 @@ class Coordinator:
         self.insecure = insecure
         self.paths = CoordinatorPaths(federation.state_dir)
         self.process: subprocess.Popen | None = None
+        self.executor: subprocess.Popen | None = None
+        self.stop_signal: StopSignal | None = None
 
     def start(self, *, timeout: float = 60.0, log: Callable[[str], None] = print) -> None:
-        """Start the SuperLink, wait until it answers, and register the provisioned nodes."""
+        """Start the SuperLink, wait until it answers, start the executor, register the provisioned nodes.
+
+        Raises
+        ------
+        StopRequested
+            When ``stop_signal`` records SIGTERM or Ctrl-C before the coordinator is up (all stopped).
+        """
         if self.insecure:
             print(INSECURE_WARNING, file=sys.stderr, flush=True)
-        command = superlink_command(self.federation, insecure=self.insecure)
         self.paths.state.mkdir(parents=True, exist_ok=True)
         self.paths.runs.mkdir(exist_ok=True)
+        token_file = operator_token_file(self.federation, self.insecure)
+        if self.insecure and not token_file.exists():
+            write_private(token_file, new_token())
+        command = superlink_command(self.federation, insecure=self.insecure)
+        read_token(token_file)  # a clear error now rather than from the SuperLink's log
         write_cli_connection(self.federation, self.insecure)
         if self.insecure:
             self.paths.insecure_marker.write_text(INSECURE_WARNING + "\n")
         else:
             self.paths.insecure_marker.unlink(missing_ok=True)
+        write_private(self.paths.superexec_secret, secrets.token_bytes(32))
+        env = flower_env(self.federation)
         with (self.paths.state / "superlink.out").open("a") as output:
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.paths.state,
-                env=flower_env(self.federation),
-                stdout=output,
-                stderr=subprocess.STDOUT,
+            self.process = popen_ignoring_interrupt(
+                command, cwd=self.paths.state, env=env, stdout=output, stderr=subprocess.STDOUT
             )
         try:
-            wait_until_ready(self.federation, insecure=self.insecure, timeout=timeout, process=self.process)
+            wait_until_ready(
+                self.federation, insecure=self.insecure, timeout=timeout, process=self.process, stop=self.stop_signal
+            )
+            with self.paths.serverapp_output.open("a") as output:
+                self.executor = popen_ignoring_interrupt(
+                    executor_command(self.federation, insecure=self.insecure, superlink_pid=self.process.pid),
+                    cwd=self.paths.state,
+                    env=env,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                )
             if not self.insecure:
                 register_nodes(self.federation, log)
         except BaseException:
@@ -351,28 +456,51 @@ class Coordinator:
             raise
         log(
             f"coordinator listening on {self.federation.coordinator.address} "
-            f"({'INSECURE' if self.insecure else 'TLS, node authentication'}); state in {self.paths.state}"
+            f"({'INSECURE' if self.insecure else 'TLS, node authentication'}, runs only by its operator); "
+            f"state in {self.paths.state}"
         )
 
-    def wait(self) -> int:
-        """Block until the SuperLink exits; forward SIGINT/SIGTERM to it."""
+    def run(self, *, timeout: float = 60.0, log: Callable[[str], None] = print) -> int:
+        """Start, serve until SIGTERM or Ctrl-C (or until a process fails), stop everything; the exit code."""
+        self.stop_signal = StopSignal().install()
+        try:
+            self.start(timeout=timeout, log=log)
+        except StopRequested:
+            log("coordinator stopped before it was up")
+            return 0
+        return self.wait(log=log)
+
+    def wait(self, log: Callable[[str], None] = print) -> int:
+        """Serve until SIGTERM or Ctrl-C, or until the SuperLink or the executor exits; then stop both.
+
+        Raises
+        ------
+        NodeError
+            When the SuperLink or the executor stopped on its own (names its output file).
+        """
         if self.process is None:
             return 0
+        stop = self.stop_signal or StopSignal().install()
+        self.stop_signal = stop
+        failed: str | None = None
+        while not stop.requested:
+            if self.process.poll() is not None:
+                output = self.paths.state / "superlink.out"
+                failed = f"flower-superlink exited with code {self.process.returncode}; see {output}"
+                break
+            if self.executor is not None and self.executor.poll() is not None:
+                failed = (
+                    f"the ServerApp executor exited with code {self.executor.returncode}; "
+                    f"see {self.paths.serverapp_output}"
+                )
+                break
+            time.sleep(0.2)
+        self.stop()
+        if failed:
+            raise NodeError(failed)
+        log("coordinator stopped")
+        return 0
 
-        def forward(signum: int, _frame: object) -> None:
-            self.stop()
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        return self.process.wait()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the SuperLink; it stops the SuperExec and ServerApp processes it started."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=timeout)
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the executor (and its ServerApps) and the SuperLink: SIGTERM, SIGKILL after ``timeout`` s."""
+        stop_processes([self.executor, self.process], grace=timeout)

@@ -29,6 +29,10 @@ FederationOption = Annotated[
 
 
 def _federation(path: Path | None) -> FederationConfig:
+    """The federation file of a ``run`` command; from here on SIGTERM stops the command like Ctrl-C."""
+    from flowerbed.process_control import sigterm_as_interrupt
+
+    sigterm_as_interrupt()
     default = os.environ.get("FLOWERBED_FEDERATION", "federation.toml")
     return load_federation(path or Path(default))
 
@@ -81,8 +85,7 @@ def coordinator_start_command(
     from flowerbed.server.coordinator import Coordinator
 
     coordinator = Coordinator(load_federation(federation_file), insecure=insecure)
-    coordinator.start(timeout=timeout, log=console.print)
-    raise typer.Exit(coordinator.wait())
+    raise typer.Exit(coordinator.run(timeout=timeout, log=console.print))
 
 
 def run_start_command(

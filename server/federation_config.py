@@ -144,6 +144,8 @@ class FederationConfig(_Section):
     coordinator: CoordinatorConfig
     validity: ValidityConfig = Field(default_factory=ValidityConfig)
     sites: list[SiteConfig] = Field(default_factory=list)
+    # The federation's data contract, copied into every kit: a built-in name or a .toml/.json file.
+    contract: str | None = None
     base_dir: Path = Field(default=Path("."), exclude=True)
     source: str = Field(default="federation.toml", exclude=True)
 

@@ -6,10 +6,14 @@
     coordinator/ca.pem                     the CA certificate, for ``flowerbed run`` commands
     coordinator/server.pem, server.key     the coordinator's TLS certificate and key (key 0600)
     coordinator/node-keys/<site>.pub       every hospital's public key, registered at start
+    coordinator/operator.token             the operator's credential for ``flowerbed run`` (0600)
     kits/<site>/                           one start-up kit per hospital:
         kit.toml                           site name, federation, coordinator address
         ca.pem                             the CA certificate that vouches for the coordinator
         node.key, node.pub                 the node's authentication key pair (key 0600)
+        node.crt                           the CA's certificate for node.key naming the site: the
+                                           node's identity in secure aggregation
+        contract.json                      the federation's data contract (when the file names one)
         README.md                          what the hospital's IT does with the kit
 
 Flower's SuperNode authenticates with an elliptic-curve key on a NIST curve in OpenSSH format
@@ -251,6 +255,7 @@ class ProvisionPaths:
         self.server_cert = self.coordinator / "server.pem"
         self.server_key = self.coordinator / "server.key"
         self.node_keys = self.coordinator / "node-keys"
+        self.operator_token = self.coordinator / "operator.token"
 
     def kit(self, site: str) -> Path:
         """A site's start-up kit folder."""
@@ -301,10 +306,11 @@ def provision(
         )
     ca_key, ca_cert = _ensure_ca(federation, paths, report, ca_days)
     write_public(paths.coordinator_ca, _pem(ca_cert))
+    _ensure_operator_token(paths, report)
     if sites is None:
         _ensure_server_certificate(federation, paths, report, ca_key, ca_cert, force, server_days)
     for site in sites if sites is not None else federation.site_names():
-        _ensure_kit(federation, paths, site, report, force)
+        _ensure_kit(federation, paths, site, report, force, ca_key, ca_cert)
     return report
 
 
@@ -330,6 +336,17 @@ def _ensure_ca(
     write_public(paths.ca_cert, _pem(cert))
     report.created += [paths.ca_cert, paths.ca_key]
     return key, cert
+
+
+def _ensure_operator_token(paths: ProvisionPaths, report: ProvisionReport) -> None:
+    """The operator's credential for run commands (0600, coordinator folder only; kept once made)."""
+    from flowerbed.server.operator_auth import new_token
+
+    if paths.operator_token.exists():
+        report.kept.append(paths.operator_token)
+        return
+    write_private(paths.operator_token, new_token())
+    report.created.append(paths.operator_token)
 
 
 def _ensure_server_certificate(
@@ -370,6 +387,8 @@ def _ensure_kit(
     site: str,
     report: ProvisionReport,
     force: bool,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
 ) -> None:
     kit = paths.kit(site)
     key_path, pub_path = kit / "node.key", kit / "node.pub"
@@ -381,6 +400,7 @@ def _ensure_kit(
         write_private(key_path, private)
         write_public(pub_path, public)
         report.created += [key_path, pub_path]
+    _ensure_node_certificate(kit / "node.crt", public, site, report, ca_key, ca_cert)
     write_public(paths.registered_key(site), public)
     write_public(kit / "ca.pem", paths.ca_cert.read_bytes())
     kit_toml = (
@@ -389,10 +409,49 @@ def _ensure_kit(
         f'coordinator = "{federation.coordinator.address}"\n'
         'ca = "ca.pem"\n'
         'node_key = "node.key"\n'
+        'node_cert = "node.crt"\n'
     )
+    if federation.contract is not None:  # the federation's data contract, as every node reads its data
+        from flowerbed.tasks.data.catalog import named_contract
+
+        write_public(kit / "contract.json", named_contract(federation.contract, federation.base_dir).to_json().encode())
+        kit_toml += 'contract = "contract.json"\n'
     write_public(kit / KIT_FILE, kit_toml.encode())
     write_public(kit / "README.md", kit_readme(federation, site).encode())
     report.kits[site] = kit
+
+
+def _ensure_node_certificate(
+    path: Path,
+    public: bytes,
+    site: str,
+    report: ProvisionReport,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+) -> None:
+    """The node's identity certificate (``node.crt``), made when missing or no longer current.
+
+    Current: it names the site, certifies ``node.pub``, comes from this CA and has not expired
+    (it is issued for as long as the CA is valid).
+    """
+    from flowerbed.privacy.secagg.identity import common_name, issue_node_certificate
+
+    key = serialization.load_ssh_public_key(public)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError(str(path.parent / "node.pub"), ["not an elliptic-curve node key; re-run with --force"])
+    if path.exists():
+        cert = load_certificate(path)
+        current = (
+            common_name(cert) == site
+            and is_signed_by(cert, ca_cert)
+            and cert.public_key().public_numbers() == key.public_numbers()
+            and _now() < cert.not_valid_after_utc
+        )
+        if current:
+            report.kept.append(path)
+            return
+    write_public(path, _pem(issue_node_certificate(ca_key, ca_cert, site, key)))
+    report.created.append(path)
 
 
 def kit_readme(federation: FederationConfig, site: str) -> str:
@@ -405,8 +464,11 @@ sends none: only model updates leave the hospital, and only for tasks this node 
 - `node.key`: this node's private key; it proves to the coordinator that you are {site}.
   Keep it secret, readable only by the account that runs the node (mode 0600).
 - `node.pub`: the matching public key (the coordinator already has a copy).
+- `node.crt`: the federation CA's certificate for that key, naming {site}. In secure aggregation
+  this node signs its round keys with `node.key` and sends `node.crt`; every other node checks
+  both, so the coordinator cannot put keys of its own in place of this hospital's.
 - `ca.pem`: the federation's certificate authority; the node talks only to a coordinator that
-  this authority vouches for.
+  this authority vouches for, and accepts in a secure-aggregation round only nodes it certified.
 - `kit.toml`: site name, federation name and the coordinator's address
   ({federation.coordinator.address}).
 

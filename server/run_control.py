@@ -1,7 +1,9 @@
 """The operator's run commands: start, status, logs, stop, resume and collect a federated run.
 
 A run is submitted to the coordinator's SuperLink with ``flwr run`` through the Control API (the
-``flowerbed`` connection written by ``flowerbed coordinator start``). The Flower app bundle it
+``flowerbed`` connection written by ``flowerbed coordinator start``). Every ``flwr`` command runs
+through ``flowerbed.server.operator_cli``, which sends the operator's token: the coordinator refuses
+Control API calls without it. The Flower app bundle it
 submits holds no code, only ``pyproject.toml``: the ServerApp and every ClientApp are the
 installed flowerbed of the coordinator and of each hospital. The run config carries:
 
@@ -34,8 +36,15 @@ import tomli_w
 import flowerbed
 from flowerbed.exception import RunError
 from flowerbed.experiment import experiment_data, parse_experiment
-from flowerbed.server.coordinator import CONNECTION, INSECURE_WARNING, CoordinatorPaths, _executable, flower_env
+from flowerbed.server.coordinator import (
+    CONNECTION,
+    INSECURE_WARNING,
+    CoordinatorPaths,
+    flower_env,
+    operator_token_file,
+)
 from flowerbed.server.federation_config import FederationConfig
+from flowerbed.server.operator_auth import TOKEN_FILE_ENV, read_token
 
 APP_PYPROJECT = """\
 # The Flower app bundle `flowerbed run start` submits: configuration only, no code. The
@@ -132,10 +141,20 @@ def app_dir(federation: FederationConfig) -> Path:
     return folder
 
 
+def operator_env(federation: FederationConfig) -> dict[str, str]:
+    """Environment of the operator's ``flwr`` commands: the coordinator's Flower home and token file."""
+    return {**flower_env(federation), TOKEN_FILE_ENV: str(operator_token_file(federation))}
+
+
+def flwr_command(*args: str) -> list[str]:
+    """``flwr ARGS`` as the operator (``flowerbed.server.operator_cli``)."""
+    return [sys.executable, "-m", "flowerbed.server.operator_cli", *args]
+
+
 def _flwr(federation: FederationConfig, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [_executable("flwr"), *args],
-        env=flower_env(federation),
+        flwr_command(*args),
+        env=operator_env(federation),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -166,6 +185,7 @@ def _check_coordinator(federation: FederationConfig) -> None:
         )
     if paths.insecure_marker.exists():
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    read_token(operator_token_file(federation))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,8 +390,8 @@ def stream_logs(federation: FederationConfig, ref: str | None = None, *, follow:
     record = find_run(federation, ref) if ref is None or not ref.isdigit() else None
     run_id = latest_flower_run_id(record) if record else int(str(ref))
     mode = "--stream" if follow else "--show"
-    command = [_executable("flwr"), "log", str(run_id), CONNECTION, mode]
-    return subprocess.call(command, env=flower_env(federation), cwd=federation.state_dir)
+    command = flwr_command("log", str(run_id), CONNECTION, mode)
+    return subprocess.call(command, env=operator_env(federation), cwd=federation.state_dir)
 
 
 def collect_run(federation: FederationConfig, ref: str | None, destination: str | Path) -> Path:

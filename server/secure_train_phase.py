@@ -1,13 +1,18 @@
-"""The secure train phase: four message exchanges in place of the plain train exchange.
+"""The secure train phase: five message exchanges in place of the plain train exchange.
 
 When ``secagg.enabled``, the round loop hands its training round to ``secure_train_round``:
 
-1. ``train.secagg_advertise``: the round's parameters; nodes answer with two public keys.
-2. ``train.secagg_share_keys``: the roster; nodes answer with encrypted Shamir shares.
+1. ``train.secagg_advertise``: the round's parameters; nodes answer with two public keys, their
+   identity certificate and a signature binding the keys to the round and to themselves.
+2. ``train.secagg_share_keys``: the roster (every node's keys, certificate and signature); each
+   node checks every entry, then answers with encrypted Shamir shares.
 3. ``train.secagg_masked_input``: the strategy's train message (global arrays + config) plus the
    shares addressed to the node; the node trains exactly as in a plain round, then answers with
    its masked, quantized, weighted update (and its per-site metrics: loss, epsilon).
-4. ``train.secagg_unmask``: who survived; nodes answer with the shares needed to unmask the sum.
+4. ``train.secagg_consistency``: who survived and who dropped; nodes answer with a signature on
+   those lists.
+5. ``train.secagg_unmask``: every signature collected; a node that finds at least ``threshold``
+   valid ones on its own lists (and no invalid one) answers with the shares needed to unmask the sum.
 
 The coordinator learns ``sum_i w_i * update_i`` and ``sum_i w_i``; one equivalent reply (global
 weights + the weighted mean update, ``num-examples`` = the total weight) goes to the strategy's
@@ -29,6 +34,7 @@ from flowerbed.exception import ConfigError, SecureAggregationError
 from flowerbed.experiment import Experiment
 from flowerbed.privacy.secagg.params import SecAggParams, derive_params
 from flowerbed.privacy.secagg.server import SecAggResult, SecAggServer
+from flowerbed.protocol import SECAGG_ACTION_PREFIX, SECAGG_MASKED, SECAGG_MASKED_ARRAY, SECAGG_PAYLOAD
 from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
 from flowerbed.weights import array_view, arrays_to_numpy, numpy_to_arrays
@@ -53,10 +59,6 @@ class Federation(Protocol):
     def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord: ...
 
 
-ACTION_PREFIX = "train.secagg_"
-PAYLOAD_KEY = "secagg"
-MASKED_KEY = "secagg-masked"
-MASKED_ARRAY = "masked"
 ROBUST = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
 WEIGHTED_MEAN = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad")
 CLEAR_METRICS = ("train-loss", "epsilon", "delta")
@@ -130,7 +132,8 @@ def secure_train_round(
         replies = exchange("advertise", server.advertise())
         replies = exchange("share_keys", server.receive_keys(replies))
         replies = exchange("masked_input", server.receive_shares(replies))
-        replies = exchange("unmask", server.receive_masked(replies))
+        replies = exchange("consistency", server.receive_masked(replies))
+        replies = exchange("unmask", server.receive_consistency(replies))
         result = server.receive_unmask(replies)
     except (SecureAggregationError, ConfigError) as exc:
         outcome.refused["secure aggregation"] = str(exc)
@@ -210,7 +213,7 @@ class _Exchange:
     def __call__(self, stage: str, requests: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
         messages = []
         for node, payload in requests.items():
-            content = RecordDict({PAYLOAD_KEY: ConfigRecord(payload)})
+            content = RecordDict({SECAGG_PAYLOAD: ConfigRecord(payload)})
             if stage == "masked_input":  # the strategy's train message: global arrays + config
                 train = self.train_messages[node].content
                 for name in ("arrays", "config"):
@@ -219,7 +222,7 @@ class _Exchange:
                 Message(
                     content,
                     dst_node_id=node,
-                    message_type=ACTION_PREFIX + stage,
+                    message_type=SECAGG_ACTION_PREFIX + stage,
                     group_id=str(self.server_round),
                 )
             )
@@ -231,16 +234,16 @@ class _Exchange:
                 self.outcome.refused[site] = str(reply.error.reason)
                 continue
             content = reply.content
-            if PAYLOAD_KEY not in content.config_records:
-                self.outcome.refused[site] = f"reply to {stage} carries no {PAYLOAD_KEY!r} record"
+            if SECAGG_PAYLOAD not in content.config_records:
+                self.outcome.refused[site] = f"reply to {stage} carries no {SECAGG_PAYLOAD!r} record"
                 continue
-            payload = dict(content.config_records[PAYLOAD_KEY])
+            payload = dict(content.config_records[SECAGG_PAYLOAD])
             if stage == "masked_input":
-                record = content.get(MASKED_KEY)  # one lookup: ``array_records`` copies every record
-                if not isinstance(record, ArrayRecord) or MASKED_ARRAY not in record:
+                record = content.get(SECAGG_MASKED)  # one lookup: ``array_records`` copies every record
+                if not isinstance(record, ArrayRecord) or SECAGG_MASKED_ARRAY not in record:
                     self.outcome.refused[site] = "masked_input reply carries no masked vector"
                     continue
-                payload["masked"] = array_view(record[MASKED_ARRAY])
+                payload["masked"] = array_view(record[SECAGG_MASKED_ARRAY])
                 metrics = content.metric_records.get("metrics", MetricRecord({}))
                 clear = {k: v for k, v in metrics.items() if k in CLEAR_METRICS}
                 self.site_metrics[site] = Message(

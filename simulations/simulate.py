@@ -16,6 +16,7 @@ from rich.console import Console
 
 from flowerbed.client.app import app as client_app
 from flowerbed.client.node_round import SIM_NODE_DIR_ENV
+from flowerbed.client.secagg_handlers import IDENTITY_DIR, simulated_identity_paths
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.server.federation import SilentReporter
@@ -23,6 +24,7 @@ from flowerbed.server.progress import ConsoleReporter
 from flowerbed.server.run_folder import new_run_dir, read_experiment, read_summary, write_summary
 from flowerbed.server.runner import run_federation
 from flowerbed.simulations.research.central import make_central_evaluator
+from flowerbed.strategies.registry import build_strategy
 from flowerbed.tasks.data.catalog import load_federation
 from flowerbed.tasks.task import SiteData
 
@@ -69,6 +71,43 @@ def virtual_nodes_home(folder: Path) -> Iterator[None]:
             os.environ[SIM_NODE_DIR_ENV] = previous
 
 
+def make_node_identities(folder: Path, sites: list[str]) -> None:
+    """A throwaway federation CA and one identity per virtual node, for secure aggregation.
+
+    Each virtual node (partition ``i``) gets a node key and a certificate naming its site, under
+    ``folder`` (``ca.pem``, ``partition-<i>/node.key``, ``node.crt``); the CA's key is never written,
+    so nothing else can be issued under it. The nodes check one another exactly as deployed nodes do.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from flowerbed.privacy.secagg.identity import throwaway_federation
+
+    lowered = [s.lower() for s in sites]
+    usable = len(set(lowered)) == len(sites) and all(0 < len(s) <= 64 for s in sites)
+    names = list(sites) if usable else [f"partition-{i}" for i in range(len(sites))]
+    _, ca_cert, identities = throwaway_federation(names)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    for partition, name in enumerate(names):
+        identity = identities[name]
+        key_path, cert_path, _ = simulated_identity_paths(folder, partition)
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.unlink(missing_ok=True)
+        key = identity.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(key)
+        cert_path.write_bytes(_der_to_pem(identity.certificate))
+
+
+def _der_to_pem(der: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
 def bundled_experiment(name: str) -> Path:
     """Path of an experiment file shipped with flowerbed (``heart``, ``digits_dirichlet``, ...)."""
     return Path(str(resources.files("flowerbed.simulations").joinpath("experiments", f"{name}.toml")))
@@ -102,6 +141,7 @@ def simulate(
     The data is loaded and checked before any engine starts, so a bad dataset or partition fails
     in a second with a message that names the key.
     """
+    build_strategy(experiment.strategy)  # a strategy that cannot run here fails now, not after the engine starts
     sites = load_federation(experiment.data, experiment.seed)
     if not quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -112,6 +152,8 @@ def simulate(
     reporter = SilentReporter() if quiet else ConsoleReporter(console)
     outcome: dict[str, Any] = {}
     server_app = _server_app(experiment, run_dir, sites, resume, reporter, outcome)
+    if experiment.secagg.enabled:
+        make_node_identities(run_dir / NODES_DIR / IDENTITY_DIR, [s.name for s in sites])
     with virtual_nodes_home(run_dir / NODES_DIR):
         run_backend(experiment, server_app, len(sites))
     if "error" in outcome:

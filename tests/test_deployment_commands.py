@@ -11,9 +11,10 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from flowerbed.benchmarks.deployment_harness import HEART_TOML, write_federation
-from flowerbed.client.node import NodeSettings, explain_exit, supernode_command, write_node_config
+from flowerbed.client.node import NodeSettings, executor_command, explain_exit, supernode_command, write_node_config
 from flowerbed.exception import ConfigError, NodeError, RunError
 from flowerbed.kit import load_kit
+from flowerbed.server.coordinator import executor_command as coordinator_executor_command
 from flowerbed.server.coordinator import superlink_command, write_cli_connection
 from flowerbed.server.federation_config import load_federation
 from flowerbed.server.provisioning import provision
@@ -34,13 +35,21 @@ def test_superlink_command_uses_tls_auth_and_a_database(federation) -> None:
         superlink_command(federation)
     provision(federation)
     command = superlink_command(federation)
+    assert command[1:3] == ["-m", "flowerbed.server.superlink_launcher"]
+    assert _flag(command, "--operator-token-file").endswith("provision/coordinator/operator.token")
     assert "--enable-supernode-auth" in command and "--insecure" not in command
     assert "--disable-runtime-dependency-installation" in command
+    assert _flag(command, "--isolation") == "process"  # the SuperLink starts no ServerApp itself
+    assert _flag(command, "--superexec-auth-secret-file").endswith("coordinator-state/superexec.secret")
     assert _flag(command, "--database").endswith("coordinator-state/superlink.db")
     assert Path(_flag(command, "--ssl-certfile")).name == "server.pem"
     assert _flag(command, "--port") == "19093"
     insecure = superlink_command(federation, insecure=True)
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    assert _flag(insecure, "--operator-token-file").endswith("coordinator-state/operator.token")
+    executor = coordinator_executor_command(federation, insecure=False, superlink_pid=123)
+    assert executor[1:3] == ["-m", "flowerbed.server.serverapp_executor"] and _flag(executor, "--parent-pid") == "123"
+    assert _flag(executor, "--superexec-auth-secret-file") == _flag(command, "--superexec-auth-secret-file")
 
 
 def test_cli_connection_for_flwr_commands(federation) -> None:
@@ -82,14 +91,22 @@ def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
     assert parse_config_args([str(path)]) == {
         "data-path": str(data),
         "site": "hungary",
+        "state": str(tmp_path / "state"),
+        "identity-key": str(kit.node_key),
+        "identity-cert": str(kit.node_cert),
+        "ca-cert": str(kit.ca_cert),
         "ledger": "/var/lib/ledger.db",
         "budget-epsilon": 8.0,
     }
-    flower_default = supernode_command(
-        NodeSettings(**{**settings.__dict__, "executor": "flower", "poll_interval": None})
+    assert _flag(command, "--superexec-auth-secret-file") == _flag(
+        executor_command(settings, 1), "--superexec-auth-secret-file"
     )
-    assert _flag(flower_default, "--isolation") == "subprocess"
-    assert Path(flower_default[0]).name == "flower-supernode"
+    assert "--spawn" not in executor_command(settings, 1)
+    flower_like = NodeSettings(**{**settings.__dict__, "executor": "flower", "poll_interval": None})
+    # a new process per message, as Flower does, but still flowerbed's guarded executor
+    assert _flag(supernode_command(flower_like), "--isolation") == "process"
+    assert Path(supernode_command(flower_like)[0]).name == "flower-supernode"
+    assert "--spawn" in executor_command(flower_like, 1)
     with pytest.raises(NodeError, match="kit is required"):
         supernode_command(NodeSettings(**{**settings.__dict__, "kit": None}))
 

@@ -1,8 +1,10 @@
 """End to end without TLS: a real SuperLink and four SuperNodes on 127.0.0.1, one per hospital file.
 
 ``--insecure`` must be given explicitly to the coordinator and to every node, and each prints a
-warning when it starts. The heart experiment runs three rounds with secure aggregation (its four
-message exchanges per round cross the real SuperLink) and leaves its final checkpoint.
+warning when it starts. The heart experiment runs three rounds with secure aggregation (its five
+message exchanges per round cross the real SuperLink) and leaves its final checkpoint. Secure
+aggregation has no unauthenticated rounds: every node gets its identity (node key, certificate,
+federation CA) from a kit that provisioning made, passed with ``--kit``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from flowerbed.benchmarks.deployment_harness import HEART_TOML, SITES, Deployment, free_port, wait_for, write_federation
+from flowerbed.server.federation_config import load_federation
+from flowerbed.server.provisioning import provision
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -20,6 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def test_insecure_federation_of_four_hospitals(tmp_path: Path) -> None:
     port = free_port()
     federation = write_federation(tmp_path, list(SITES), port)
+    (tmp_path / "identities").mkdir()
+    kits = provision(load_federation(write_federation(tmp_path / "identities", list(SITES), port))).kits
     with Deployment(tmp_path) as d:
         d.start_coordinator(federation, "--insecure")
         assert "WARNING: the coordinator runs with --insecure" in d.log("coordinator").read_text()
@@ -27,6 +33,8 @@ def test_insecure_federation_of_four_hospitals(tmp_path: Path) -> None:
             d.start_node(
                 site,
                 "--insecure",
+                "--kit",
+                str(kits[site]),
                 "--coordinator",
                 f"127.0.0.1:{port}",
                 "--site",

@@ -6,6 +6,7 @@ which function of ``flowerbed/flower_internals.py`` to update.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import flwr
@@ -95,3 +96,123 @@ def test_the_superexec_loop_takes_an_executor_the_way_flowerbed_gives_it():
 
 def test_control_api_errors_read_as_flowers():
     assert fi.flower_error_message("not json") is None
+
+
+def test_the_superlink_takes_flowerbeds_control_api_authentication():
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.supercore.error import FlowerError
+    from flwr.superlink.auth_plugin import ControlAuthnPlugin
+
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    assert callable(getattr(module, "load_control_authn_plugin", None)), _changed(
+        "where flower-superlink loads its Control API plugin", "run_superlink_with_authn"
+    )
+    source = inspect.getsource(module._parse_superlink_lifespan_config)
+    assert "load_control_authn_plugin()" in source, _changed(
+        "flower-superlink's plugin loading", "run_superlink_with_authn"
+    )
+    plugin = fi.operator_authn_plugin(lambda token: token == "right", "go away")
+    assert isinstance(plugin, ControlAuthnPlugin), _changed("ControlAuthnPlugin", "operator_authn_plugin")
+    from flwr.common.constant import ACCESS_TOKEN_KEY
+
+    valid, account = plugin.validate_tokens_in_metadata([(ACCESS_TOKEN_KEY, "right")])
+    assert valid and account.flwr_aid == NOOP_FLWR_AID, _changed("the Control API account", "operator_authn_plugin")
+    for metadata in ([], [(ACCESS_TOKEN_KEY, "wrong")], [(ACCESS_TOKEN_KEY, "right"), (ACCESS_TOKEN_KEY, "right")]):
+        with pytest.raises(FlowerError) as refused:
+            plugin.validate_tokens_in_metadata(metadata)
+        assert refused.value.public_details == "go away"
+    from flwr.superlink.dependencies.account import AccountAccessDependency
+
+    assert "validate_tokens_in_metadata" in inspect.getsource(AccountAccessDependency), _changed(
+        "how the Control API checks a request", "operator_authn_plugin"
+    )
+
+
+def test_flowers_cli_sends_flowerbeds_operator_token():
+    from flwr.cli import utils
+    from flwr.cli.app import app
+    from flwr.cli.auth_plugin import CliAuthPlugin
+    from flwr.common.constant import ACCESS_TOKEN_KEY
+
+    plugin = fi.operator_cli_auth_plugin("secret")
+    assert isinstance(plugin, CliAuthPlugin)
+    assert (ACCESS_TOKEN_KEY, "secret") in list(plugin.write_tokens_to_metadata([]))
+    assert "auth_plugin" in inspect.signature(utils.init_http_client_from_connection).parameters, _changed(
+        "init_http_client_from_connection's auth_plugin", "operator_cli_auth_plugin"
+    )
+    source = inspect.getsource(utils.init_http_client_from_connection)
+    assert "load_cli_auth_plugin_from_connection(" in source and "CliAccountAuthHttpInterceptor" in source, _changed(
+        "how the flwr CLI finds its auth plugin", "run_flwr_cli_with_auth"
+    )
+    assert callable(app), _changed("the flwr CLI app", "run_flwr_cli_with_auth")
+
+
+def test_the_clientapp_runner_can_be_guarded(monkeypatch: pytest.MonkeyPatch):
+    module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    source = inspect.getsource(module.run_clientapp)
+    install, load = source.find("install_from_fab(fab.content"), source.find("get_load_client_app_fn(")
+    assert 0 < install < load < source.find("client_app(message=message"), _changed(
+        "run_clientapp's install-then-load order", "guard_clientapp_runtime"
+    )
+    assert source.find("pull_task_input(client)") < install, _changed("run_clientapp's inputs", "current_run_id")
+    for name in ("install_from_fab", "get_load_client_app_fn", "log"):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+
+    class Refused(Exception):
+        pass
+
+    seen = []
+
+    def check(content: bytes, run_id: int | None) -> None:
+        seen.append(content)
+        if content == b"bad":
+            raise Refused
+
+    fi.guard_clientapp_runtime(check, lambda: "the installed app", Refused)
+    with pytest.raises(Refused):
+        module.install_from_fab(b"bad", skip_prompt=True)
+    assert module.install_from_fab(b"good", skip_prompt=True) is None and seen == [b"bad", b"good"]
+    assert module.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)("a/b", "1", "h") == (
+        "the installed app"
+    )
+    module.log(40, "%s raised an exception", "ClientApp", exc_info=Refused())  # one line, no traceback
+
+
+def test_the_serverapp_runner_can_be_guarded():
+    from flwr.server.run_serverapp import run
+    from flwr.supercore.logger import mirror_output_to_queue, restore_output
+
+    module = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    source = inspect.getsource(module.run_serverapp)
+    install, load = source.find("install_from_fab(fab.content"), source.find("run_(")
+    assert 0 < source.find("TaskIdentity.run_id =") < install < load, _changed(
+        "run_serverapp's order (run id, install, load)", "run_guarded_serverapp"
+    )
+    assert all(callable(getattr(module, n, None)) for n in ("install_from_fab", "run_", "log", "run_serverapp"))
+    assert "loaded_server_app" in inspect.signature(run).parameters, _changed(
+        "run's loaded_server_app", "run_guarded_serverapp"
+    )
+    assert callable(mirror_output_to_queue) and callable(restore_output)
+    assert fi.current_run_id() is None or isinstance(fi.current_run_id(), int)
+
+
+def test_the_executors_take_only_their_own_task_type():
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    params = inspect.signature(superexec.run_superexec).parameters
+    for name in ("superexec_auth_secret", "root_certificates_path"):
+        assert name in params, _changed(f"run_superexec's argument {name!r}", "run_superexec_with")
+    assert fi.serverapp_task_type() != fi.clientapp_task_type()
+    assert fi.launch_refused("no").status.value == "failed", _changed("LaunchResult.failed", "launch_refused")
+
+
+def test_the_supernode_idle_sleep_can_be_capped():
+    import time
+
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    assert module.time is time and "time.sleep(" in inspect.getsource(module), _changed(
+        "the SuperNode's sleep", "cap_supernode_idle_sleep"
+    )

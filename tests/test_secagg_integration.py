@@ -90,7 +90,7 @@ def _failing_app(fail: dict[int, str]) -> ClientApp:
             return Message(Error(code=1, reason=f"partition {pid} lost its connection"), reply_to=message)
         return real_client_app(message, context)
 
-    for action in ("advertise", "share_keys", "masked_input", "unmask"):
+    for action in ("advertise", "share_keys", "masked_input", "consistency", "unmask"):
         app.train(f"secagg_{action}")(route)
     app.train()(route)
     app.query()(route)

@@ -15,6 +15,7 @@ from flowerbed.privacy.secagg.protocol import (
     SecAggServer,
     derive_params,
     run_secure_sum,
+    throwaway_identities,
 )
 
 DIM = 4_000
@@ -62,8 +63,8 @@ def test_dropouts_at_each_stage_are_survived(stage: str) -> None:
     params = derive_params(14, DIM)
     gone = ids[:3]
     result = run_secure_sum(updates, weights, params, drop_at=dict.fromkeys(gone, stage))
-    # a node that vanishes during unmasking already sent its input: it is in the sum
-    in_sum = ids if stage == "unmask" else ids[3:]
+    # a node that vanishes after sending its input (consistency check, unmasking) is in the sum
+    in_sum = ids if stage in ("consistency", "unmask") else ids[3:]
     _assert_matches(result, updates, weights, in_sum, params)
     assert {n: s.split(" ")[0] for n, s in result.dropped.items()} == dict.fromkeys(gone, stage)
 
@@ -95,10 +96,15 @@ def test_below_threshold_the_round_fails_and_nothing_is_unmasked(stage: str) -> 
         assert unmask_requests == []  # no node was ever asked to reveal a share
 
 
+def _clients(ids: list[int]) -> dict[int, SecAggClient]:
+    identities = throwaway_identities(ids)
+    return {i: SecAggClient(i, identities[i]) for i in ids}
+
+
 def test_server_refuses_to_unmask_with_too_few_shares_before_rebuilding_anything() -> None:
     ids, updates, weights = _federation(6, dim=300)
     params = derive_params(6, 300)
-    clients = {i: SecAggClient(i) for i in ids}
+    clients = _clients(ids)
     server = SecAggServer(params, ids)
 
     def ask(requests):
@@ -106,7 +112,7 @@ def test_server_refuses_to_unmask_with_too_few_shares_before_rebuilding_anything
 
     requests = server.receive_keys(ask(server.advertise()))
     requests = server.receive_masked(ask(server.receive_shares(ask(requests))))
-    replies = ask(requests)
+    replies = ask(server.receive_consistency(ask(requests)))
     few = {i: replies[i] for i in ids[: params.threshold - 1]}
     with pytest.raises(SecureAggregationError, match="nothing is unmasked"):
         server.receive_unmask(few)
@@ -196,7 +202,7 @@ def test_a_stale_request_from_another_round_is_refused() -> None:
     params = derive_params(5, 50)
     old = SecAggServer(params, ids, round_id=1)
     new = SecAggServer(params, ids, round_id=2)
-    clients = {i: SecAggClient(i) for i in ids}
+    clients = _clients(ids)
     old.receive_keys({i: clients[i].handle(r) for i, r in old.advertise().items()})
     requests = new.receive_keys({i: clients[i].handle(r) for i, r in new.advertise().items()})
     assert requests
@@ -208,28 +214,43 @@ def test_a_stale_request_from_another_round_is_refused() -> None:
 def test_a_node_never_reveals_both_secrets_of_a_neighbour() -> None:
     ids, updates, weights = _federation(6, dim=100)
     params = derive_params(6, 100)
-    clients = {i: SecAggClient(i) for i in ids}
-    server = SecAggServer(params, ids)
 
-    def ask(requests):
+    def ask(clients, requests):
         return {i: clients[i].handle(r, updates[i], weights[i]) for i, r in requests.items()}
 
-    requests = server.receive_keys(ask(server.advertise()))
-    requests = server.receive_masked(ask(server.receive_shares(ask(requests))))
+    def at_consistency():
+        clients = _clients(ids)
+        session = SecAggServer(params, ids)
+        requests = session.receive_keys(ask(clients, session.advertise()))
+        return clients, session.receive_masked(ask(clients, session.receive_shares(ask(clients, requests))))
+
     me, other = ids[0], ids[1]
-    request = requests[me]
-    both = {**request, "dropped": [other]}
-    with pytest.raises(SecureAggregationError, match="both survived and dropped"):
-        clients[me].unmask(both)
-    me_dropped = {**request, "survivors": [i for i in ids if i != me], "dropped": [me]}
-    with pytest.raises(SecureAggregationError, match="listed as dropped"):
-        clients[me].unmask(me_dropped)
-    too_few = {**request, "survivors": ids[:2], "dropped": ids[2:]}
-    with pytest.raises(SecureAggregationError, match="refusing to unmask"):
-        clients[me].unmask(too_few)
-    clients[me].unmask(request)
+    refusals = {
+        "both survived and dropped": lambda r: {**r, "dropped": [*r["dropped"], other]},
+        "listed as dropped": lambda r: {**r, "survivors": [i for i in ids if i != me], "dropped": [me]},
+        "refusing to unmask": lambda r: {**r, "survivors": [me, other], "dropped": ids[2:]},
+        "listed twice": lambda r: {**r, "survivors": [*r["survivors"], other]},
+        "not in this round's roster": lambda r: {**r, "dropped": [12345]},
+    }
+    for message, alter in refusals.items():
+        clients, requests = at_consistency()
+        with pytest.raises(SecureAggregationError, match=message):
+            clients[me].handle(alter(requests[me]))
+        assert clients[me].stage == "failed"  # the round is over for this node
+    # a consistent round: every node signs once, reveals once
+    clients, requests = at_consistency()
+    signed = {i: clients[i].handle(r) for i, r in requests.items()}
+    request = {
+        **{k: requests[me][k] for k in ("round", "session")},
+        "stage": "unmask",
+        "signers": sorted(signed),
+        "signatures": [signed[i]["signature"] for i in sorted(signed)],
+    }
+    clients[me].handle(request)
     with pytest.raises(SecureAggregationError, match="once each"):
-        clients[me].unmask({**request, "survivors": ids[1:], "dropped": [ids[0]]})
+        clients[me].handle(request)
+    with pytest.raises(SecureAggregationError, match="once each"):
+        clients[other].handle(requests[other])  # signs one survivor set, once
 
 
 def test_everything_the_server_receives_is_masked() -> None:
@@ -291,13 +312,15 @@ def test_client_state_survives_a_flower_config_record_between_stages() -> None:
     ids, updates, weights = _federation(5, dim=300)
     params = derive_params(5, 300)
     server = SecAggServer(params, ids, round_id=4)
+    identities = throwaway_identities(ids)
     records = {i: SecAggClient(i).to_record() for i in ids}
 
     def ask(requests):
         replies = {}
         for i, request in requests.items():
-            # what a ClientApp does: state lives in Context.state as a ConfigRecord
-            client = SecAggClient.from_record(dict(ConfigRecord(records[i])))
+            # what a ClientApp does: state lives in Context.state as a ConfigRecord; the
+            # identity comes from the node's own files at every stage
+            client = SecAggClient.from_record(dict(ConfigRecord(records[i])), identities[i])
             replies[i] = client.handle(dict(ConfigRecord(request)), updates[i], weights[i])
             records[i] = client.to_record()
             masked = replies[i].pop("masked", None)
@@ -308,7 +331,7 @@ def test_client_state_survives_a_flower_config_record_between_stages() -> None:
 
     requests = server.receive_keys(ask(server.advertise()))
     requests = server.receive_masked(ask(server.receive_shares(ask(requests))))
-    result = server.receive_unmask(ask(requests))
+    result = server.receive_unmask(ask(server.receive_consistency(ask(requests))))
     _assert_matches(result, updates, weights, ids, params)
 
 

@@ -3,7 +3,8 @@
 Masking, summing and quantizing a vector of a million entries is memory-bound: done one whole
 pass at a time it streams the vector through main memory once per mask. Cut into 256 KiB chunks,
 every pass over a chunk happens while it sits in the CPU cache; cut into contiguous ranges, the
-chunks run on several cores (AES in ``cryptography`` and numpy's ufuncs release the GIL).
+chunks run on several cores (AES in ``cryptography`` and numpy's ufuncs release the GIL). The same
+threads check a roster's signatures (``map_in_threads``; OpenSSL's ECDSA releases the GIL too).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +26,8 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 _workers: int | None = None
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_workers() -> int:
@@ -79,6 +83,20 @@ def add_vectors(target: np.ndarray, vectors: Sequence[np.ndarray], workers: int 
             np.add(piece, vector[lo:hi], out=piece)
 
     for_each_range(target.size, target.dtype.itemsize, add_range, workers)
+
+
+def map_in_threads(work: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
+    """``[work(x) for x in items]``, contiguous slices on the pool's threads (for work that releases the GIL)."""
+    parts = min(workers or default_workers(), len(items))
+    if parts <= 1:
+        return [work(item) for item in items]
+    bounds = [len(items) * i // parts for i in range(parts + 1)]
+
+    def run(lo: int, hi: int) -> list[R]:
+        return [work(item) for item in items[lo:hi]]
+
+    futures = [_pool().submit(run, lo, hi) for lo, hi in pairwise(bounds)]
+    return [result for future in futures for result in future.result()]
 
 
 def _pool() -> ThreadPoolExecutor:

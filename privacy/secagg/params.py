@@ -9,6 +9,8 @@ clipped, quantized, weighted updates can never wrap.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -177,6 +179,12 @@ class SecAggParams:
     def to_payload(self) -> dict[str, int | float | bool]:
         """Flat, ConfigRecord-friendly form."""
         return asdict(self)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the parameters in a canonical form (nodes sign it with their round keys)."""
+        kinds = {"int": int, "float": float, "bool": bool}
+        canonical = {k: kinds[str(f.type)](getattr(self, k)) for k, f in self.__dataclass_fields__.items()}
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).digest()
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> SecAggParams:

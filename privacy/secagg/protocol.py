@@ -12,8 +12,12 @@ A round, as the coordinator sees it::
     requests = server.advertise()                     # -> nodes: "advertise"
     requests = server.receive_keys(replies)           # -> nodes: "share_keys"
     requests = server.receive_shares(replies)         # -> nodes: "masked_input"
-    requests = server.receive_masked(replies)         # -> nodes: "unmask"
+    requests = server.receive_masked(replies)         # -> nodes: "consistency"
+    requests = server.receive_consistency(replies)    # -> nodes: "unmask"
     result = server.receive_unmask(replies)           # SecAggResult: sum of w*u and of w
+
+Every node needs an identity (``NodeIdentity``: node key, certificate, federation CA); the
+in-memory driver makes a throwaway federation when none are given.
 
 A node missing from ``replies`` has dropped out; a reply a node could not make (its error) counts
 the same.
@@ -30,11 +34,13 @@ import numpy as np
 
 from flowerbed.exception import SecureAggregationError
 from flowerbed.privacy.secagg.client import STAGES, SecAggClient
+from flowerbed.privacy.secagg.identity import NodeIdentity, throwaway_federation
 from flowerbed.privacy.secagg.params import SecAggParams, derive_params
 from flowerbed.privacy.secagg.server import SecAggResult, SecAggServer
 
 __all__ = [
     "STAGES",
+    "NodeIdentity",
     "RoundTimings",
     "SecAggClient",
     "SecAggParams",
@@ -42,6 +48,7 @@ __all__ = [
     "SecAggServer",
     "derive_params",
     "run_secure_sum",
+    "throwaway_identities",
 ]
 
 Payloads = dict[int, dict[str, Any]]
@@ -85,6 +92,7 @@ def run_secure_sum(
     observe: Callable[[str, Payloads], None] | None = None,
     node_errors: str = "raise",
     timings: RoundTimings | None = None,
+    identities: dict[int, NodeIdentity] | None = None,
 ) -> SecAggResult:
     """One secure round in memory: the coordinator learns ``sum w_i u_i`` and ``sum w_i``.
 
@@ -111,6 +119,8 @@ def run_secure_sum(
         (what a deployed coordinator sees: an error reply).
     timings : RoundTimings or None (default: None)
         Filled with CPU and wall-clock seconds per side if given.
+    identities : dict of int to NodeIdentity or None (default: None)
+        Each node's identity; None: a throwaway federation (one CA, one site per node).
 
     Raises
     ------
@@ -123,9 +133,11 @@ def run_secure_sum(
             raise ValueError(f"drop_at[{node}] = {stage!r}: expected one of {STAGES}")
     if set(updates) != set(weights):
         raise ValueError("updates and weights must name the same nodes")
+    if identities is None:
+        identities = throwaway_identities(sorted(updates))
     t = timings if timings is not None else RoundTimings()
     wall_start = time.perf_counter()
-    clients = {node: SecAggClient(node) for node in updates}
+    clients = {node: SecAggClient(node, identities.get(node)) for node in updates}
     server = SecAggServer(params, sorted(updates), round_id=round_id)
 
     def server_call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -161,6 +173,13 @@ def run_secure_sum(
     requests = server_call(server.receive_keys, deliver("advertise", requests))
     requests = server_call(server.receive_shares, deliver("share_keys", requests))
     requests = server_call(server.receive_masked, deliver("masked_input", requests))
+    requests = server_call(server.receive_consistency, deliver("consistency", requests))
     result = server_call(server.receive_unmask, deliver("unmask", requests))
     t.wall = time.perf_counter() - wall_start
     return result
+
+
+def throwaway_identities(node_ids: list[int]) -> dict[int, NodeIdentity]:
+    """One identity per node (site ``node-<id>``) under a new CA whose key is then dropped."""
+    _, _, by_site = throwaway_federation([f"node-{n}" for n in node_ids])
+    return {n: by_site[f"node-{n}"] for n in node_ids}

@@ -1,11 +1,12 @@
-"""The coordinator's side of a secure-aggregation round: a four-stage state machine.
+"""The coordinator's side of a secure-aggregation round: a five-stage state machine.
 
 Each method takes the nodes' replies to one stage (``{node_id: payload}``; a node missing from the
-dict dropped out) and returns the requests of the next stage. The coordinator only routes
-encrypted shares, adds masked vectors and, at the end, rebuilds the self-mask seeds of the nodes
-that sent an input and the mask keys of those that dropped after sharing keys. It never sees an
-unmasked vector of one node: a round with fewer than ``threshold`` nodes left fails with
-``SecureAggregationError`` before anything is unmasked.
+dict dropped out) and returns the requests of the next stage. The coordinator only routes signed
+keys, encrypted shares and signatures, adds masked vectors and, at the end, rebuilds the self-mask
+seeds of the nodes that sent an input and the mask keys of those that dropped after sharing keys.
+It never sees an unmasked vector of one node: a round with fewer than ``threshold`` nodes left
+fails with ``SecureAggregationError`` before anything is unmasked. It checks no certificate or
+signature itself: the nodes do, each against its own federation CA.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class SecAggServer:
         self.sharers: list[int] = []
         self.mask_peers: dict[int, list[int]] = {}
         self.survivors: list[int] = []
+        self.signers: list[int] = []
         self._order: dict[int, int] = {}
         self._total: np.ndarray | None = None
         self.stage = "created"
@@ -147,7 +149,9 @@ class SecAggServer:
         self._expect("advertise")
 
         def ok(_: int, r: dict[str, Any]) -> bool:
-            return all(isinstance(r.get(k), bytes) and len(r[k]) == 32 for k in ("channel_pk", "mask_pk"))
+            keys = all(isinstance(r.get(k), bytes) and len(r[k]) == 32 for k in ("channel_pk", "mask_pk"))
+            signed = all(isinstance(r.get(k), bytes) and 0 < len(r[k]) <= 8192 for k in ("certificate", "signature"))
+            return keys and signed
 
         alive = self._collect(replies, self.sampled, "advertise", ok)
         if len(alive) < self.params.threshold:
@@ -165,6 +169,8 @@ class SecAggServer:
                 "nodes": nodes,
                 "channel_pks": [self.roster[n][0] for n in nodes],
                 "mask_pks": [self.roster[n][1] for n in nodes],
+                "certificates": [replies[n]["certificate"] for n in nodes],
+                "signatures": [replies[n]["signature"] for n in nodes],
             }
         )
         self.stage = "share_keys"
@@ -216,7 +222,7 @@ class SecAggServer:
 
     # ------------------------------------------------------------------ stage 4
     def receive_masked(self, replies: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        """Masked vectors in (summed at once); the survivor and dropout lists out."""
+        """Masked vectors in (summed at once); the survivor and dropout lists out, for the nodes to sign."""
         self._expect("masked_input")
         params = self.params
 
@@ -231,20 +237,45 @@ class SecAggServer:
         add_vectors(total, [replies[node]["masked"] for node in survivors])
         self._total = total
         self.survivors = survivors
+        self._check_holders(set(survivors))
         live = set(survivors)
         late = [n for n in self.sharers if n not in live]
-        for node in survivors:
-            holders = len((self.graph[node] & set(self.sharers) | {node}) & live)
-            if holders < params.threshold:
-                raise self._fail(f"node {node} has only {holders} share holders left")
-        for node in late:
-            if set(self.mask_peers[node]) & live:
-                holders = len(self.graph[node] & live)
-                if holders < params.threshold:
-                    raise self._fail(f"node {node} dropped and only {holders} of its share holders are left")
-        request = self._header("unmask") | {"survivors": survivors, "dropped": late}
-        self.stage = "unmask"
+        request = self._header("consistency") | {"survivors": survivors, "dropped": late}
+        self.stage = "consistency"
         return {node: dict(request) for node in survivors}
+
+    def _check_holders(self, responders: set[int]) -> None:
+        """Fail unless every secret that must be rebuilt has ``threshold`` holders among ``responders``."""
+        live, sharers = set(self.survivors), set(self.sharers)
+        for node in self.survivors:
+            holders = len((self.graph[node] & sharers | {node}) & responders)
+            if holders < self.params.threshold:
+                raise self._fail(f"node {node} has only {holders} share holders left")
+        for node in sorted(sharers - live):
+            if set(self.mask_peers[node]) & live:
+                holders = len(self.graph[node] & responders)
+                if holders < self.params.threshold:
+                    raise self._fail(f"node {node} dropped and only {holders} of its share holders are left")
+
+    # ------------------------------------------------------------------ stage 5
+    def receive_consistency(self, replies: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Signatures on the survivor set in; all of them out, to every node that signed."""
+        self._expect("consistency")
+
+        def ok(_: int, r: dict[str, Any]) -> bool:
+            return isinstance(r.get("signature"), bytes) and 0 < len(r["signature"]) <= 1024
+
+        signers = self._collect(replies, self.survivors, "consistency", ok)
+        if len(signers) < self.params.threshold:
+            raise self._fail(f"only {len(signers)} nodes signed the survivor set")
+        self._check_holders(set(signers))
+        self.signers = signers
+        request = self._header("unmask") | {
+            "signers": signers,
+            "signatures": [replies[node]["signature"] for node in signers],
+        }
+        self.stage = "unmask"
+        return {node: dict(request) for node in signers}
 
     # ------------------------------------------------------------------ finish
     def receive_unmask(self, replies: dict[int, dict[str, Any]]) -> SecAggResult:
@@ -264,7 +295,7 @@ class SecAggServer:
             except (KeyError, TypeError, ValueError):
                 return False
 
-        responders = self._collect(replies, self.survivors, "unmask", ok)
+        responders = self._collect(replies, self.signers, "unmask", ok)
         if len(responders) < params.threshold:
             raise self._fail(f"only {len(responders)} nodes sent unmasking shares")
         seed_shares: dict[int, list[bytes]] = {n: [] for n in self.survivors}

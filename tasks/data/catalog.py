@@ -5,7 +5,8 @@ Two entry points:
 
 - ``load_federation(data, seed)``: every site of a simulated federation (a natural split, or a pooled
   set cut by a partitioner).
-- ``load_node_data(data, path, site)``: one hospital's own file, as a deployed node reads it.
+- ``load_node_data(data, path, site)``: one hospital's own file, as a deployed node reads it,
+  against the federation's data contract (``resolve_contract``) when it has one.
 """
 
 from __future__ import annotations
@@ -20,10 +21,64 @@ import numpy as np
 from flowerbed.exception import ConfigError, DataError
 from flowerbed.experiment import DataConfig
 from flowerbed.tasks.data import heart as heart_disease
+from flowerbed.tasks.data.contract import DataContract, load_contract, parse_contract
+from flowerbed.tasks.data.intake import DialectOptions, Table, read_table
 from flowerbed.tasks.data.tabular import impute_and_scale, read_numeric_csv, stratified_split
 from flowerbed.tasks.task import DataSchema, SiteData
 
 BUILTIN = ("heart-disease", "digits", "breast-cancer", "csv", "images")
+#: Built-in data contracts by name; a dataset of the same name reads its files against it.
+CONTRACTS: dict[str, DataContract] = {"heart-disease": heart_disease.CONTRACT}
+#: Datasets a node reads from a table (a CSV-like export).
+TABULAR = ("heart-disease", "csv", "breast-cancer")
+
+
+def named_contract(value: str, base_dir: Path) -> DataContract:
+    """A contract named by a federation file: a built-in name, or a ``.toml``/``.json`` file (relative to ``base_dir``).
+
+    Raises
+    ------
+    ConfigError
+        Neither a built-in name nor a readable, valid contract file.
+    """
+    if value in CONTRACTS:
+        return CONTRACTS[value]
+    return load_contract(base_dir / value)
+
+
+def resolve_contract(data: DataConfig) -> DataContract | None:
+    """The run's data contract: ``data.contract`` (a built-in name or a table), else the dataset's own.
+
+    Raises
+    ------
+    ConfigError
+        An unknown name, an invalid table, or a heart-disease run with another contract than its own.
+    """
+    if data.contract is None:
+        return CONTRACTS.get(data.dataset)
+    if isinstance(data.contract, str):
+        if data.contract not in CONTRACTS:
+            raise ConfigError(
+                "experiment",
+                [f"data.contract = {data.contract!r} is not a built-in contract ({', '.join(CONTRACTS)}); "
+                 "give the contract itself as a table ([data.contract] with [[data.contract.columns]])"],
+            )  # fmt: skip
+        contract = CONTRACTS[data.contract]
+    else:
+        contract = parse_contract(data.contract, "experiment: data.contract")
+    own = CONTRACTS.get(data.dataset)
+    if own is not None and contract.fingerprint != own.fingerprint:
+        raise ConfigError(
+            "experiment",
+            [f"data.contract is {contract.ref}, but data.dataset = {data.dataset!r} reads its files as {own.ref}"],
+        )
+    if data.dataset == "csv" and len(contract.label.codes) not in (0, data.num_classes):
+        raise ConfigError(
+            "experiment",
+            [f"data.contract's label {contract.label.name!r} has {len(contract.label.codes)} values, "
+             f"but data.num_classes = {data.num_classes}"],
+        )  # fmt: skip
+    return contract
 
 
 def _pooled_builtin(name: str) -> tuple[np.ndarray, np.ndarray, DataSchema, np.ndarray | None]:
@@ -87,6 +142,9 @@ def _heart(data: DataConfig, seed: int) -> list[SiteData]:
 def _csv(data: DataConfig, seed: int) -> list[SiteData]:
     if not data.path:
         raise ConfigError("experiment", ["data.path is required when data.dataset = 'csv'"])
+    contract = resolve_contract(data)
+    if contract is not None:
+        return _csv_by_contract(data, contract, seed)
     names, x, y = read_numeric_csv(data.path, data.label_column)
     y_int = _check_labels(y, data.num_classes, data.path)
     if data.site_column:
@@ -102,6 +160,60 @@ def _csv(data: DataConfig, seed: int) -> list[SiteData]:
         return _cut(x, y_int, schema, parts, data, [f"site-{v:g}" for v in values])
     schema = DataSchema("tabular", (x.shape[1],), data.num_classes, tuple(names))
     return _partitioned(x, y_int, schema, data, seed)
+
+
+def _csv_by_contract(data: DataConfig, contract: DataContract, seed: int) -> list[SiteData]:
+    """A pooled CSV read against the contract: one site per value of the site column, or cut by a partitioner."""
+    assert data.path is not None
+    keep = (data.site_column,) if data.site_column else ()
+    table = read_table(data.path, contract, keep=keep).raise_if_blocking()
+    if data.site_column and data.site_column not in table.kept:
+        raise ConfigError("experiment", [f"data.site_column = {data.site_column!r} is not a column of {data.path}"])
+    if not data.site_column:
+        plain, onehot, y = _contract_arrays(table, data, np.arange(len(table.values)))
+        return _partitioned(np.concatenate([plain, onehot], axis=1), y, contract.schema(data.num_classes), data, seed)
+    site_values = table.kept[data.site_column]
+    return [
+        _contract_site(table, data, f"site-{v:g}", np.flatnonzero(site_values == v)) for v in np.unique(site_values)
+    ]
+
+
+def _contract_arrays(table: Table, data: DataConfig, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numeric and binary columns (NaN where missing), categorical columns one-hot, and the classes."""
+    contract = table.contract
+    values = table.values[rows]
+    label = values[:, table.columns.index(contract.label.name)]
+    classes = {float(code): i for i, code in enumerate(contract.label.codes)}
+    y = np.array([classes.get(v, np.nan) for v in label]) if classes else label
+    y = _check_labels(np.asarray(y, dtype=np.float64), data.num_classes, str(table.path))
+    plain = [c for c in contract.features if c.kind != "categorical"]
+    x = values[:, [table.columns.index(c.name) for c in plain]].copy()
+    for j, column in enumerate(plain):
+        if column.zero_means_missing:
+            x[x[:, j] == 0, j] = np.nan
+    onehots = [
+        np.stack([values[:, table.columns.index(c.name)] == float(code) for code in c.codes], axis=1)
+        for c in contract.features
+        if c.kind == "categorical"
+    ]
+    onehot = np.concatenate(onehots, axis=1).astype(np.float64) if onehots else np.zeros((len(y), 0))
+    return x, onehot, y
+
+
+def _contract_site(table: Table, data: DataConfig, name: str, rows: np.ndarray) -> SiteData:
+    """Rows of a table read against a contract, preprocessed on their own training split.
+
+    Numeric and binary columns: a 0 the contract reads as missing is missing; missing values take
+    the training split's median, then the columns are standardized with the training split's mean
+    and deviation. Categorical columns are one-hot (missing: all zeros). The label's class is the
+    position of its value among the contract's label values.
+    """
+    plain, onehot, y = _contract_arrays(table, data, rows)
+    train, test = stratified_split(y, data.test_fraction, data.split_seed)
+    scaled, notes = impute_and_scale(plain, train) if plain.shape[1] else (plain, [])
+    features = np.concatenate([scaled, onehot], axis=1).astype(np.float32)
+    schema = table.contract.schema(data.num_classes)
+    return SiteData(name, features[train], y[train], features[test], y[test], schema, notes, str(table.path))
 
 
 def _check_labels(y: np.ndarray, num_classes: int, source: str) -> np.ndarray:
@@ -156,23 +268,31 @@ def pooled_test_set(sites: list[SiteData]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([s.x_test for s in sites]), np.concatenate([s.y_test for s in sites])
 
 
-def load_node_data(data: DataConfig, path: str | Path, site: str) -> SiteData:
+def load_node_data(
+    data: DataConfig,
+    path: str | Path,
+    site: str,
+    options: DialectOptions | None = None,
+    contract: DataContract | None = None,
+) -> SiteData:
     """One deployed node's own data file, preprocessed as ``data`` describes.
 
-    ``heart-disease`` reads a UCI ``processed.*.data`` file; ``csv`` a CSV with a header and a label
-    column; ``images`` an ``.npz`` (arrays ``x``, ``y``) or a folder with one sub-folder of PNG/JPEG
-    images per class (``0/``, ``1/``, ...).
+    ``heart-disease`` reads a UCI ``processed.*.data`` file or any export of its columns; ``csv`` a
+    CSV against the run's contract (or, without one, with a header and a label column);
+    ``images`` an ``.npz`` (arrays ``x``, ``y``) or a folder with one sub-folder of PNG/JPEG images
+    per class (``0/``, ``1/``, ...). ``options`` sets the CSV dialect; ``contract`` replaces the
+    run's (a node's own copy of the federation's).
+
+    Raises
+    ------
+    DataError
+        The file is missing or unreadable, or does not fit the contract (every problem listed).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"node {site!r}: data-path {str(path)!r} does not exist; set data-path in the node config")
-    if data.dataset == "heart-disease":
-        return heart_disease.load_site(path, site, split_seed=data.split_seed, test_fraction=data.test_fraction)
-    if data.dataset in ("csv", "breast-cancer"):
-        names, x, y = read_numeric_csv(path, data.label_column)
-        y_int = _check_labels(y, data.num_classes, str(path))
-        schema = DataSchema("tabular", (x.shape[1],), data.num_classes, tuple(names))
-        site_data = _cut(x, y_int, schema, [np.arange(len(y_int))], data, [site])[0]
+    if data.dataset in TABULAR:
+        site_data = site_from_table(data, read_node_table(data, path, options, contract).raise_if_blocking(), site)
     elif data.dataset in ("images", "digits"):
         x, y_int = _read_images(path, data.num_classes)
         schema = DataSchema("image", tuple(x.shape[1:]), data.num_classes)
@@ -183,6 +303,35 @@ def load_node_data(data: DataConfig, path: str | Path, site: str) -> SiteData:
     if len(np.unique(site_data.y_train)) < 2:
         raise DataError(f"{path}: every training row has the same label; a site needs at least two classes")
     return site_data
+
+
+def read_node_table(
+    data: DataConfig, path: str | Path, options: DialectOptions | None = None, contract: DataContract | None = None
+) -> Table:
+    """A node's export read against ``contract`` (default: the run's), every problem collected."""
+    contract = contract if contract is not None else resolve_contract(data)
+    return read_table(path, contract, options, label_column=data.label_column)
+
+
+def site_from_table(data: DataConfig, table: Table, site: str) -> SiteData:
+    """A node's site data from its table (read without blocking problems), split and preprocessed.
+
+    Raises
+    ------
+    DataError
+        The rows cannot make a site (e.g. a single class).
+    """
+    if data.dataset == "heart-disease":
+        return heart_disease.preprocess(
+            table.values, site, split_seed=data.split_seed, test_fraction=data.test_fraction, source=str(table.path)
+        )
+    if table.contract.name != "undeclared":
+        return _contract_site(table, data, site, np.arange(len(table.values)))
+    features = [c.name for c in table.contract.features]
+    x = table.values[:, [table.columns.index(n) for n in features]]
+    y_int = _check_labels(table.column(table.contract.label.name), data.num_classes, str(table.path))
+    schema = DataSchema("tabular", (x.shape[1],), data.num_classes, tuple(features))
+    return _cut(x, y_int, schema, [np.arange(len(y_int))], data, [site])[0]
 
 
 def _read_images(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,4 +368,8 @@ def dataset_schema(data: DataConfig, seed: int = 0) -> DataSchema:
         return DataSchema("image", (1, 8, 8), 10)
     if data.dataset == "breast-cancer":
         return DataSchema("tabular", (30,), 2)
+    if data.dataset == "csv" and data.contract is not None:
+        contract = resolve_contract(data)
+        assert contract is not None
+        return contract.schema(data.num_classes)
     return load_federation(data, seed)[0].schema

@@ -1,9 +1,11 @@
-"""The UCI heart-disease federation: four hospitals, one file each (shipped in simulations/data).
+"""The UCI heart-disease federation: four hospitals, one file each (shipped in tasks/data/heart_disease).
 
 Preprocessing, per site and fitted on that site's own training split only:
 
-- ``?`` is missing; ``chol = 0`` and ``trestbps = 0`` are also missing (Switzerland records most
-  cholesterol values as 0).
+- Every file is read against ``CONTRACT`` (``flowerbed.tasks.data.intake``): columns by name when
+  there is a header row, else in the UCI order; empty cells and ``?``, ``NA``, ``NULL``, ... are
+  missing; ``chol = 0`` and ``trestbps = 0`` are also missing (Switzerland records most cholesterol
+  values as 0).
 - Numeric columns (age, sex, trestbps, chol, fbs, thalach, exang, oldpeak, ca): missing values are
   replaced by the training split's median, then standardized with the training split's mean and
   standard deviation. A column missing in every training row becomes 0 (the standardized mean).
@@ -23,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from flowerbed.exception import DataError
-from flowerbed.tasks.data.tabular import read_text_file, stratified_split
+from flowerbed.tasks.data.contract import DataContract
+from flowerbed.tasks.data.intake import DialectOptions, read_table
+from flowerbed.tasks.data.tabular import stratified_split
 from flowerbed.tasks.task import DataSchema, SiteData
 
 COLUMNS = (
@@ -41,6 +45,63 @@ SITES = {
 }
 FEATURE_NAMES = NUMERIC + tuple(f"{c}={v}" for c, values in CATEGORICAL.items() for v in values)
 SCHEMA = DataSchema(kind="tabular", input_shape=(len(FEATURE_NAMES),), num_classes=2, feature_names=FEATURE_NAMES)
+_NO_YES = {0: "no", 1: "yes"}
+
+#: The federation's data contract for the UCI heart-disease columns (meanings from the data set's
+#: documentation; "valid" bounds what can be right at all, "plausible" what is usual in adults).
+CONTRACT = DataContract.model_validate(
+    {
+        "name": "heart-disease",
+        "version": 1,
+        "description": "UCI Heart Disease (Janosi, Steinbrunn, Pfisterer, Detrano 1988), 14 processed columns",
+        "columns": [
+            {"name": "age", "kind": "numeric", "unit": "years", "valid": (0, 120), "plausible": (18, 100),
+             "description": "age"},
+            {"name": "sex", "kind": "binary", "levels": {0: "female", 1: "male"}, "aliases": ("gender",),
+             "description": "sex"},
+            {"name": "cp", "kind": "categorical", "description": "chest pain type",
+             "levels": {1: "typical angina", 2: "atypical angina", 3: "non-anginal pain", 4: "asymptomatic"},
+             "aliases": ("chest_pain", "chest_pain_type")},
+            {"name": "trestbps", "kind": "numeric", "unit": "mm Hg", "valid": (0, 300), "plausible": (80, 220),
+             "zero_means_missing": True, "description": "resting blood pressure on admission",
+             "aliases": ("resting_bp", "resting_blood_pressure")},
+            {"name": "chol", "kind": "numeric", "unit": "mg/dl", "valid": (0, 1500), "plausible": (100, 600),
+             "zero_means_missing": True, "description": "serum cholesterol",
+             "aliases": ("cholesterol", "serum_cholesterol")},
+            {"name": "fbs", "kind": "binary", "levels": _NO_YES, "description": "fasting blood sugar > 120 mg/dl",
+             "aliases": ("fasting_blood_sugar",)},
+            {"name": "restecg", "kind": "categorical", "description": "resting electrocardiographic results",
+             "levels": {0: "normal", 1: "ST-T wave abnormality", 2: "left ventricular hypertrophy"},
+             "aliases": ("resting_ecg",)},
+            {"name": "thalach", "kind": "numeric", "unit": "bpm", "valid": (0, 300), "plausible": (60, 220),
+             "description": "maximum heart rate achieved", "aliases": ("max_heart_rate", "max_hr")},
+            {"name": "exang", "kind": "binary", "levels": _NO_YES, "description": "exercise induced angina",
+             "aliases": ("exercise_angina",)},
+            {"name": "oldpeak", "kind": "numeric", "unit": "mm", "valid": (-10, 10), "plausible": (-3, 7),
+             "description": "ST depression induced by exercise relative to rest", "aliases": ("st_depression",)},
+            {"name": "slope", "kind": "categorical", "description": "slope of the peak exercise ST segment",
+             "levels": {1: "upsloping", 2: "flat", 3: "downsloping"}, "aliases": ("st_slope",)},
+            {"name": "ca", "kind": "numeric", "unit": "vessels", "valid": (0, 3), "plausible": (0, 3),
+             "description": "major vessels coloured by fluoroscopy", "aliases": ("major_vessels",)},
+            {"name": "thal", "kind": "categorical", "description": "thallium scintigraphy",
+             "levels": {3: "normal", 6: "fixed defect", 7: "reversible defect"}, "aliases": ("thallium",)},
+            {"name": "num", "kind": "label", "aliases": ("diagnosis",),
+             "description": "angiographic disease status: 0 < 50 % diameter narrowing, 1-4 more (class: num > 0)",
+             "levels": {0: "< 50 % narrowing", 1: "> 50 % narrowing", 2: "> 50 % narrowing",
+                        3: "> 50 % narrowing", 4: "> 50 % narrowing"}},
+            {"name": "patient_id", "kind": "identifier", "description": "the hospital's patient identifier",
+             "aliases": ("id", "mrn", "record_id", "patient_number", "patient")},
+            {"name": "name", "kind": "identifier", "description": "the patient's name",
+             "aliases": ("patient_name", "full_name")},
+            {"name": "notes", "kind": "text", "description": "free-text notes",
+             "aliases": ("note", "comment", "comments", "remarks")},
+        ],
+        "ignore": ("*_id", "id_*", "*name*", "*note*", "*comment*", "*date*", "dob", "mrn*", "*address*",
+                   "*phone*", "*email*", "zip*", "postcode*", "ssn*", "insurance*"),
+        "min_train_rows": 20,
+        "min_test_rows": 10,
+    }
+)  # fmt: skip
 
 
 def bundled_path(site: str) -> Path:
@@ -50,36 +111,18 @@ def bundled_path(site: str) -> Path:
     return Path(str(resources.files("flowerbed.tasks.data").joinpath("heart_disease", SITES[site])))
 
 
-def read_raw(path: str | Path) -> np.ndarray:
-    """Parse a UCI ``processed.*.data`` file into a float array with NaN for missing values."""
-    path = Path(path)
-    rows = []
-    for line_no, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        cells = line.strip().split(",")
-        if len(cells) != len(COLUMNS):
-            raise DataError(
-                f"{path}, line {line_no}: expected {len(COLUMNS)} comma-separated columns "
-                f"({', '.join(COLUMNS)}), found {len(cells)}"
-            )
-        row = []
-        for name, cell in zip(COLUMNS, cells, strict=True):
-            cell = cell.strip()
-            if cell == "?":
-                row.append(np.nan)
-                continue
-            try:
-                row.append(float(cell))
-            except ValueError:
-                raise DataError(
-                    f"{path}, line {line_no}, column {name!r}: {cell!r} is not a number "
-                    "(missing values must be written as '?')"
-                ) from None
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: the file has no rows")
-    return np.asarray(rows, dtype=np.float64)
+def read_raw(path: str | Path, options: DialectOptions | None = None) -> np.ndarray:
+    """Read one site's export into a float array in ``COLUMNS`` order, NaN where a value is missing.
+
+    Any export ``read_table`` reads against ``CONTRACT``: the UCI ``processed.*.data`` files, and
+    CSVs with a header (columns in any order), other separators, decimal commas or missing markers.
+
+    Raises
+    ------
+    DataError
+        Listing every problem with its file, line and column.
+    """
+    return read_table(path, CONTRACT, options).raise_if_blocking().values
 
 
 def preprocess(raw: np.ndarray, site: str, *, split_seed: int, test_fraction: float, source: str = "") -> SiteData:
@@ -140,9 +183,16 @@ def preprocess(raw: np.ndarray, site: str, *, split_seed: int, test_fraction: fl
     )
 
 
-def load_site(path: str | Path, site: str, *, split_seed: int = 0, test_fraction: float = 0.25) -> SiteData:
+def load_site(
+    path: str | Path,
+    site: str,
+    *,
+    split_seed: int = 0,
+    test_fraction: float = 0.25,
+    options: DialectOptions | None = None,
+) -> SiteData:
     """Read and preprocess one hospital's file."""
-    raw = read_raw(path)
+    raw = read_raw(path, options)
     return preprocess(raw, site, split_seed=split_seed, test_fraction=test_fraction, source=str(path))
 
 

@@ -58,6 +58,19 @@ def _contract_file(path: str, mtime_ns: int) -> DataContract:
     return load_contract(path)
 
 
+_SITES: dict[int, tuple[Experiment, list[SiteData]]] = {}
+
+
+def _federation(experiment: Experiment) -> list[SiteData]:
+    """The simulated federation's sites, looked up once per experiment object (every virtual node asks)."""
+    held = _SITES.get(id(experiment))
+    if held is None or held[0] is not experiment:
+        if len(_SITES) > 16:
+            _SITES.clear()
+        held = _SITES[id(experiment)] = (experiment, load_federation(experiment.data, experiment.seed))
+    return held[1]
+
+
 def node_split(data: DataConfig, config: NodeConfig) -> DataConfig:
     """The experiment's data section with the node's own split (its ``test-fraction`` and ``split-seed``)."""
     fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
@@ -133,7 +146,7 @@ def resolve_site(config: NodeConfig, experiment: Experiment) -> SiteData:
                 "the node does not train on it. The hospital sees the problems with `flowerbed node check`"
             ) from None
     if config.partition_id is not None:
-        sites = load_federation(experiment.data, experiment.seed)
+        sites = _federation(experiment)
         pid = config.partition_id
         if not 0 <= pid < len(sites):
             raise NodeError(

@@ -373,8 +373,18 @@ def _task_cached(name: str, args_json: str) -> Task:
     return resolve_task(name, json.loads(args_json))
 
 
+_TASKS: dict[int, tuple[Experiment, Task]] = {}
+
+
 def _task(experiment: Experiment) -> Task:
-    return _task_cached(experiment.task.name, json.dumps(experiment.task.args, sort_keys=True))
+    """The experiment's task, resolved once per experiment object (every node of a cohort asks)."""
+    held = _TASKS.get(id(experiment))
+    if held is None or held[0] is not experiment:
+        if len(_TASKS) > 16:
+            _TASKS.clear()
+        task = _task_cached(experiment.task.name, json.dumps(experiment.task.args, sort_keys=True))
+        held = _TASKS[id(experiment)] = (experiment, task)
+    return held[1]
 
 
 def ledger_path(config: NodeConfig, run_id: str) -> Path:
@@ -386,17 +396,27 @@ def ledger_path(config: NodeConfig, run_id: str) -> Path:
         A deployed node without ``ledger`` cannot train with DP.
     """
     if config.ledger is not None:
-        return Path(config.ledger).expanduser()
+        return _expanded(config.ledger)
     if config.simulated:
-        root = os.environ.get(SIM_NODE_DIR_ENV)
-        if root:
-            return Path(root) / "ledger.sqlite"
-        safe_run = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-        return Path(tempfile.gettempdir()) / "flowerbed-nodes" / safe_run / "ledger.sqlite"
+        return _simulated_ledger(os.environ.get(SIM_NODE_DIR_ENV) or "", run_id)
     raise NodeError(
         "DP training needs a privacy ledger: start the node with "
         "--node-config 'ledger=\"/var/lib/flowerbed/ledger.sqlite\" budget-epsilon=8.0'"
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _expanded(path: str) -> Path:
+    return Path(path).expanduser()
+
+
+@functools.lru_cache(maxsize=256)
+def _simulated_ledger(root: str, run_id: str) -> Path:
+    """A simulated node's ledger: in ``FLOWERBED_SIM_NODE_DIR``, else a per-run folder of the temporary folder."""
+    if root:
+        return Path(root) / "ledger.sqlite"
+    safe_run = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return Path(tempfile.gettempdir()) / "flowerbed-nodes" / safe_run / "ledger.sqlite"
 
 
 @functools.lru_cache(maxsize=64)

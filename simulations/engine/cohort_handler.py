@@ -126,7 +126,7 @@ class CohortHandler:
             if isinstance(outcome, Refusal):
                 replies[i] = refusal_reply(pairs[i][0], outcome)
             else:  # one cohort per data schema and local work (sites may have their own batch size or steps)
-                key = (outcome.site.schema, outcome.train.model_dump_json())
+                key = (outcome.site.schema, _train_key(outcome))
                 by_schema.setdefault(key, []).append((i, outcome))
         message = pairs[0][0]
         for (schema, _), members in by_schema.items():
@@ -203,6 +203,12 @@ class CohortHandler:
             score(a, out, torch.as_tensor(a.site.y_test, device=device))
             for a, out in zip(admitted, logits, strict=True)
         ]
+
+
+def _train_key(admitted: Admitted) -> object:
+    """Nodes whose local work is the federation's share one key; a site with its own, its own."""
+    train = admitted.train
+    return "federation" if train is admitted.request.experiment.train else train.model_dump_json()
 
 
 def _reply(message: Message, site: str, metrics: Metrics, trained: dict[str, np.ndarray] | None, row: int) -> Message:

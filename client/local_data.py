@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from flowerbed.client.node_config import NodeConfig
 from flowerbed.exception import DataError, NodeError
@@ -58,17 +60,23 @@ def _contract_file(path: str, mtime_ns: int) -> DataContract:
     return load_contract(path)
 
 
-_SITES: dict[int, tuple[Experiment, list[SiteData]]] = {}
+T = TypeVar("T")
+_PER_EXPERIMENT: dict[tuple[str, int], tuple[Experiment, object]] = {}
+
+
+def per_experiment(what: str, experiment: Experiment, make: Callable[[Experiment], T]) -> T:
+    """``make(experiment)``, made once per experiment object (every node of a cohort asks for the same)."""
+    held = _PER_EXPERIMENT.get((what, id(experiment)))
+    if held is None or held[0] is not experiment:
+        if len(_PER_EXPERIMENT) > 64:
+            _PER_EXPERIMENT.clear()
+        held = _PER_EXPERIMENT[(what, id(experiment))] = (experiment, make(experiment))
+    return held[1]  # type: ignore[return-value]
 
 
 def _federation(experiment: Experiment) -> list[SiteData]:
-    """The simulated federation's sites, looked up once per experiment object (every virtual node asks)."""
-    held = _SITES.get(id(experiment))
-    if held is None or held[0] is not experiment:
-        if len(_SITES) > 16:
-            _SITES.clear()
-        held = _SITES[id(experiment)] = (experiment, load_federation(experiment.data, experiment.seed))
-    return held[1]
+    """The simulated federation's sites."""
+    return per_experiment("sites", experiment, lambda e: load_federation(e.data, e.seed))
 
 
 def node_split(data: DataConfig, config: NodeConfig) -> DataConfig:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from flowerbed.client.approval import check_task_approved
-from flowerbed.client.local_data import resolve_site
+from flowerbed.client.local_data import per_experiment, resolve_site
 from flowerbed.client.node_config import NodeConfig, parse_node_config
 from flowerbed.client.node_state import NodeState
 from flowerbed.client.private_training import train_private
@@ -339,7 +339,8 @@ def _per_row_probe(task: Task, site: SiteData) -> str | None:
     mean_loss = torch.stack([r.detach() for r in rows]).mean()
     problem = None
     if not torch.allclose(batch.detach(), mean_loss, rtol=1e-4, atol=1e-6):
-        problem = f"the batch's loss is {float(batch):.6g}, the mean of the rows' losses {float(mean_loss):.6g}"
+        value = float(batch.detach())
+        problem = f"the batch's loss is {value:.6g}, the mean of the rows' losses {float(mean_loss):.6g}"
     for j, g in enumerate(batch_grads):
         mean_grad = torch.stack([rg[j] for rg in row_grads]).mean(0)
         if problem is None and not torch.allclose(g, mean_grad, rtol=1e-3, atol=1e-6):
@@ -373,18 +374,11 @@ def _task_cached(name: str, args_json: str) -> Task:
     return resolve_task(name, json.loads(args_json))
 
 
-_TASKS: dict[int, tuple[Experiment, Task]] = {}
-
-
 def _task(experiment: Experiment) -> Task:
-    """The experiment's task, resolved once per experiment object (every node of a cohort asks)."""
-    held = _TASKS.get(id(experiment))
-    if held is None or held[0] is not experiment:
-        if len(_TASKS) > 16:
-            _TASKS.clear()
-        task = _task_cached(experiment.task.name, json.dumps(experiment.task.args, sort_keys=True))
-        held = _TASKS[id(experiment)] = (experiment, task)
-    return held[1]
+    """The experiment's task, resolved once per experiment object."""
+    return per_experiment(
+        "task", experiment, lambda e: _task_cached(e.task.name, json.dumps(e.task.args, sort_keys=True))
+    )
 
 
 def ledger_path(config: NodeConfig, run_id: str) -> Path:

@@ -42,7 +42,7 @@ from flowerbed.client.local_data import per_experiment, resolve_site
 from flowerbed.client.node_config import NodeConfig, parse_node_config
 from flowerbed.client.node_state import NodeState
 from flowerbed.client.private_training import train_private
-from flowerbed.client.training import StepSchedule, TrainResult, train_local
+from flowerbed.client.training import StepSchedule, TrainResult, predict, task_metrics, train_local
 from flowerbed.exception import ConfigError, DataError, FlowerbedError, NodeError, PolicyRefusal
 from flowerbed.experiment import Experiment, TrainConfig
 from flowerbed.privacy.dp_sgd import make_private_compatible
@@ -601,14 +601,7 @@ def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> Tr
 def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device, batch_size: int = 1024) -> Metrics:
     """The model on the node's own test split: ``score`` of its logits."""
     site = admitted.site
-    model.to(device).eval()
-    with torch.no_grad():
-        logits = torch.cat(
-            [
-                model(torch.as_tensor(site.x_test[i : i + batch_size], device=device))
-                for i in range(0, len(site.y_test), batch_size)
-            ]
-        )
+    logits = predict(model, site.x_test, device=device, batch_size=batch_size)
     return score(admitted, logits, torch.as_tensor(site.y_test, device=device))
 
 
@@ -621,9 +614,7 @@ def score(admitted: Admitted, logits: torch.Tensor, labels: torch.Tensor) -> Met
     """What an evaluation measures: the task's loss and metrics, or for a DP release the test split's counts."""
     task = admitted.task
     if admitted.private is None:
-        metrics: Metrics = {"loss": float(task.loss_fn(logits, labels))}
-        metrics.update(task.metrics_fn(logits, labels))
-        return metrics
+        return task_metrics(task, logits, labels)
     if task.loss_fn is cross_entropy:
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
     else:

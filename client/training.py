@@ -125,14 +125,25 @@ def evaluate_local(
     model: nn.Module, task: Task, x: np.ndarray, y: np.ndarray, *, device: torch.device, batch_size: int = 1024
 ) -> dict[str, float]:
     """Loss and the task's metrics on a whole evaluation set."""
-    model.to(device).eval()
     if len(y) == 0:
         return {"loss": float("nan"), "num-examples": 0}
-    logits = torch.cat(
-        [model(torch.as_tensor(x[i : i + batch_size], device=device)) for i in range(0, len(y), batch_size)]
-    )
     labels = torch.as_tensor(y, device=device)
-    metrics = {"loss": float(task.loss_fn(logits, labels))}
-    metrics.update(task.metrics_fn(logits, labels))
-    metrics["num-examples"] = len(y)
-    return metrics
+    return {
+        **task_metrics(task, predict(model, x, device=device, batch_size=batch_size), labels),
+        "num-examples": len(y),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, *, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """The model's outputs on every row of ``x``, in batches, in evaluation mode."""
+    model.to(device).eval()
+    return torch.cat(
+        [model(torch.as_tensor(x[i : i + batch_size], device=device)) for i in range(0, len(x), batch_size)]
+    )
+
+
+@torch.no_grad()
+def task_metrics(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The task's loss and its metrics on a whole set of outputs."""
+    return {"loss": float(task.loss_fn(logits, labels)), **task.metrics_fn(logits, labels)}

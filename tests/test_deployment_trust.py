@@ -290,12 +290,18 @@ def test_only_the_operator_runs_and_the_coordinator_runs_only_flowerbed(tmp_path
             wait_for(
                 lambda line=line: line in state.serverapp_output.read_text(), 90, f"the refusal of {name}\n{d.tail()}"
             )
-            code, listed = _cli(
-                [*flwr_command("ls", "flowerbed", "--run-id", str(run_id), "--format", "json")],
-                operator_env(federation),
-                tmp_path,
-            )
-            assert json.loads(listed[listed.index("{") :])["runs"][0]["status"].startswith("finished:failed"), listed
+
+            def run_status(run_id: int = run_id) -> str:
+                _, listed = _cli(
+                    [*flwr_command("ls", "flowerbed", "--run-id", str(run_id), "--format", "json")],
+                    operator_env(federation),
+                    tmp_path,
+                )
+                return json.loads(listed[listed.index("{") :])["runs"][0]["status"]
+
+            # the refusal is logged before the SuperLink records the run's end: wait for the record
+            wait_for(lambda f=run_status: f().startswith("finished"), 60, f"{name}'s run to end\n{d.tail()}")
+            assert run_status().startswith("finished:failed"), run_status()
 
         # SIGTERM: `flowerbed run logs --follow`, then `--insecure` against TLS, then the coordinator
         logs = d.spawn("logs", ["run", "logs", "--follow", "-f", str(federation_file)])

@@ -17,6 +17,7 @@ from flowerbed.client.node_round import (
     Kind,
     NodeRequest,
     Refusal,
+    Split,
     admit,
     evaluate_step,
     node_label,
@@ -29,7 +30,14 @@ from flowerbed.client.node_round import (
 )
 from flowerbed.exception import FlowerbedError, NodeError
 from flowerbed.experiment import Experiment, parse_experiment
-from flowerbed.protocol import EXPERIMENT_KEY, PROXIMAL_MU_KEY, RUN_ID_KEY, SECAGG_ACTION_PREFIX, SITE_RECORD
+from flowerbed.protocol import (
+    EVALUATE_SPLIT_KEY,
+    EXPERIMENT_KEY,
+    PROXIMAL_MU_KEY,
+    RUN_ID_KEY,
+    SECAGG_ACTION_PREFIX,
+    SITE_RECORD,
+)
 from flowerbed.tasks import resolve_device
 from flowerbed.weights import arrays_to_numpy, model_to_arrays
 
@@ -58,7 +66,21 @@ def node_request(message: Message, context: Context, kind: Kind) -> NodeRequest:
         node_config=context.node_config,
         secure=kind == "train" and message.metadata.message_type.startswith(SECAGG_ACTION_PREFIX),
         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+        split=evaluation_split(config.get(EVALUATE_SPLIT_KEY, "test")),
     )
+
+
+def evaluation_split(value: object) -> Split:
+    """The split an evaluation message names.
+
+    Raises
+    ------
+    NodeError
+        For anything but "test" or "validation".
+    """
+    if value not in ("test", "validation"):
+        raise NodeError(f"{EVALUATE_SPLIT_KEY} = {value!r} from the server must be 'test' or 'validation'")
+    return value  # type: ignore[return-value]
 
 
 def refusal_reply(message: Message, refusal: Refusal) -> Message:

@@ -29,6 +29,7 @@ from flowerbed.experiment import DataConfig, Experiment
 from flowerbed.tasks.data.catalog import load_federation, load_node_data, resolve_contract
 from flowerbed.tasks.data.contract import DataContract, load_contract
 from flowerbed.tasks.data.intake import DialectOptions, IntakeError
+from flowerbed.tasks.data.validation import hold_out_validation
 from flowerbed.tasks.task import SiteData
 
 DEFAULT_TEST_FRACTION = 0.25
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 def _node_file(
     data_json: str, path: str, site: str, options: DialectOptions, contract: DataContract | None
 ) -> SiteData:
-    return load_node_data(DataConfig.model_validate(json.loads(data_json)), path, site, options, contract)
+    data = DataConfig.model_validate(json.loads(data_json))
+    held = load_node_data(data, path, site, options, contract)
+    return hold_out_validation(held, data.validation_fraction, data.split_seed)
 
 
 def _data_json(data: DataConfig) -> str:
@@ -76,14 +79,20 @@ def per_experiment(what: str, experiment: Experiment, make: Callable[[Experiment
 
 def _federation(experiment: Experiment) -> list[SiteData]:
     """The simulated federation's sites."""
-    return per_experiment("sites", experiment, lambda e: load_federation(e.data, e.seed))
+    return per_experiment("sites", experiment, lambda e: validation_splits(load_federation(e.data, e.seed), e.data))
+
+
+def validation_splits(sites: list[SiteData], data: DataConfig) -> list[SiteData]:
+    """Every site with its validation rows held out of its training rows (``data.validation_fraction``)."""
+    return [hold_out_validation(site, data.validation_fraction, data.split_seed) for site in sites]
 
 
 def node_split(data: DataConfig, config: NodeConfig) -> DataConfig:
-    """The experiment's data section with the node's own split (its ``test-fraction`` and ``split-seed``)."""
+    """The experiment's data section with the node's own split: its test and validation shares and split seed."""
     fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
     seed = DEFAULT_SPLIT_SEED if config.split_seed is None else config.split_seed
-    return data.model_copy(update={"test_fraction": fraction, "split_seed": seed})
+    validation = data.validation_fraction if config.validation_fraction is None else config.validation_fraction
+    return data.model_copy(update={"test_fraction": fraction, "split_seed": seed, "validation_fraction": validation})
 
 
 def dialect_options(config: NodeConfig) -> DialectOptions:

@@ -28,6 +28,7 @@ nodes. :func:`parse_node_config` checks every key at once and reports every prob
 | ``evaluation-noise`` | float > 0 | 5.0 | noise multiplier of a DP evaluation release |
 | ``test-fraction`` | float in (0, 1) | none | share of local rows held out for testing |
 | ``split-seed`` | int >= 0 | none | seed of the local train/test split |
+| ``validation-fraction`` | float in [0, 1) | the experiment's | share of local training rows held out for validation |
 | ``min-test-rows`` | int >= 1 | 10 deployed, 1 simulated | fewest local test rows the node reports metrics on |
 | ``csv-delimiter`` | ``,``, ``;``, ``tab``, ``pipe`` | detected | the data file's column separator |
 | ``csv-decimal`` | ``.`` or ``,`` | detected | the data file's decimal mark |
@@ -149,6 +150,13 @@ class NodeConfig(BaseModel):
         None, alias="test-fraction", gt=0, lt=1, description="Share of local rows held out for testing."
     )
     split_seed: Int | None = Field(None, alias="split-seed", ge=0, description="Seed of the local train/test split.")
+    validation_fraction: Float | None = Field(
+        None,
+        alias="validation-fraction",
+        ge=0,
+        lt=1,
+        description="Share of local training rows held out for validation (default: the experiment's).",
+    )
     min_test_rows: Int | None = Field(None, alias="min-test-rows", ge=1, description="Fewest local test rows.")
     csv_delimiter: Separator | None = Field(None, alias="csv-delimiter", description="The data file's separator.")
     csv_decimal: Literal[".", ","] | None = Field(None, alias="csv-decimal", description="The data's decimal mark.")
@@ -226,6 +234,7 @@ _ALLOWED: dict[str, str] = {
     "evaluation": "must be one of 'allow', 'dp', 'refuse'",
     "test-fraction": "must be in (0, 1) (e.g. 0.2)",
     "split-seed": "must be an integer >= 0 (e.g. 42)",
+    "validation-fraction": "must be in [0, 1) (e.g. 0.2)",
     "min-test-rows": "must be an integer >= 1 (e.g. 20)",
     "csv-delimiter": "must be one of ',', ';', 'tab', 'pipe' ('|')",
     "csv-decimal": "must be '.' or ','",

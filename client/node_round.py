@@ -66,6 +66,7 @@ SIM_NODE_CONFIG_ENV = "FLOWERBED_SIM_NODE_CONFIG"
 SIM_NODE_DIR_ENV = "FLOWERBED_SIM_NODE_DIR"
 
 Kind = Literal["query", "train", "evaluate"]
+Split = Literal["test", "validation"]
 Metrics = dict[str, int | float]
 
 
@@ -89,6 +90,8 @@ class NodeRequest:
         A training request inside a secure-aggregation round (its update leaves the node masked).
     proximal_mu : float (default: 0.0)
         FedProx's proximal term, as the strategy sends it (``proximal-mu``).
+    split : {"test", "validation"} (default: "test")
+        The split an evaluation scores: the node's test split or its validation rows.
     """
 
     kind: Kind
@@ -98,6 +101,7 @@ class NodeRequest:
     node_config: Mapping[str, Any]
     secure: bool = False
     proximal_mu: float = 0.0
+    split: Split = "test"
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,10 @@ class Admitted:
     train: TrainConfig  # the federation's local work with this site's own entries applied
     private: PrivateRelease | None = None
     schedule: StepSchedule | None = None  # train.local_steps: this round's steps of the site's iterator
+
+    def evaluation_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The features and targets an evaluation request scores (its test or validation split)."""
+        return self.site.split(self.request.split)
 
 
 Outcome = Admitted | Refusal
@@ -257,7 +265,7 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
         check_task_approved(experiment.task.name, {**raw, **config.model_dump(by_alias=True, exclude_none=True)})
     task = _task(experiment)
     if request.kind == "evaluate":
-        _check_evaluation(config, site, task)
+        _check_evaluation(config, site, task, request.split)
     if request.kind == "train":
         if site.num_train == 0:
             raise DataError(f"site {site.name} has no training rows")
@@ -349,16 +357,20 @@ def _per_row_probe(task: Task, site: SiteData) -> str | None:
     return problem
 
 
-def _check_evaluation(config: NodeConfig, site: SiteData, task: Task) -> None:
-    """The node's evaluation policy: refused outright, too few test rows, or DP that the task's metrics do not fit."""
-    rows = len(site.y_test)
+def _check_evaluation(config: NodeConfig, site: SiteData, task: Task, split: Split) -> None:
+    """The node's evaluation policy: refused outright, too few rows, or DP that the task's metrics do not fit."""
+    rows = len(site.split(split)[1])
     if config.evaluation_policy == "refuse":
         raise PolicyRefusal(f"site {site.name} does not answer evaluation requests (its node config sets evaluation)")
+    if rows == 0 and split == "validation":
+        raise DataError(
+            f"site {site.name} holds no validation rows: set data.validation_fraction (e.g. 0.2) in the experiment"
+        )
     if rows == 0:
         raise DataError(f"site {site.name} has no test rows to evaluate on (too few examples to split)")
     if rows < config.test_rows_needed:
         raise PolicyRefusal(
-            f"site {site.name} has {rows} test rows, fewer than its min-test-rows ({config.test_rows_needed}): "
+            f"site {site.name} has {rows} {split} rows, fewer than its min-test-rows ({config.test_rows_needed}): "
             "metrics on so few patients would reveal them"
         )
     if config.evaluation_policy == "dp" and task.metrics_fn is not accuracy_metrics:
@@ -599,10 +611,10 @@ def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> Tr
 
 
 def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device, batch_size: int = 1024) -> Metrics:
-    """The model on the node's own test split: ``score`` of its logits."""
-    site = admitted.site
-    logits = predict(model, site.x_test, device=device, batch_size=batch_size)
-    return score(admitted, logits, torch.as_tensor(site.y_test, device=device))
+    """The model on the node's own test (or validation) split: ``score`` of its logits."""
+    x, y = admitted.evaluation_rows()
+    logits = predict(model, x, device=device, batch_size=batch_size)
+    return score(admitted, logits, torch.as_tensor(y, device=device))
 
 
 #: In a DP evaluation release a row's loss counts at most this much (bounds one patient's influence).
@@ -680,14 +692,34 @@ def _record_steps(admitted: list[Admitted]) -> None:
         NodeState(path).record(members[0].request.run_id, [(a.site.name, a.request.server_round) for a in members])
 
 
-def aggregation_weight(admitted: Admitted, result: TrainResult) -> int:
-    """What the node reports as ``num-examples``: its training rows, its steps, or 1 (``train.weighting``)."""
+def aggregation_weight(admitted: Admitted, result: TrainResult) -> float:
+    """What the node reports as ``num-examples`` (``train.weighting``).
+
+    Its training rows, its steps, 1, or the task's ``weight_fn`` of the site's own data.
+
+    Raises
+    ------
+    NodeError
+        When the task's ``weight_fn`` is missing or gives anything but a finite positive number.
+    """
     weighting = admitted.request.experiment.train.weighting
     if weighting == "steps":
         return result.steps
     if weighting == "uniform":
         return 1
+    if weighting == "task":
+        return task_weight(admitted.task, admitted.site)
     return result.num_examples
+
+
+def task_weight(task: Task, site: SiteData) -> float:
+    """``task.weight_fn(site)``, checked (see ``aggregation_weight``)."""
+    if task.weight_fn is None:
+        raise NodeError(f"train.weighting = 'task', but task {task.name!r} has no weight_fn")
+    weight = task.weight_fn(site)
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+        raise NodeError(f"task {task.name!r}: weight_fn gave {weight!r} for site {site.name}; it must be a number > 0")
+    return float(weight)
 
 
 def _charge(a: Admitted, steps: int) -> Charge:
@@ -702,7 +734,7 @@ def release_evaluate(admitted: Sequence[Admitted], scores: Sequence[Metrics]) ->
     by_ledger: dict[Path, list[int]] = {}
     for i, (a, measured) in enumerate(zip(admitted, scores, strict=True)):
         if a.private is None:
-            out.append({**measured, "num-examples": len(a.site.y_test)})
+            out.append({**measured, "num-examples": len(a.evaluation_rows()[1])})
         else:
             out.append({})
             by_ledger.setdefault(a.private.ledger.path, []).append(i)

@@ -56,6 +56,8 @@ class DataConfig(_Section):
     contract: str | dict[str, Any] | None = None
     num_classes: int = Field(default=2, ge=2)
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    # Each node holds out this share of its training rows as its validation split (0: none).
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     split_seed: int = 0
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
@@ -66,6 +68,15 @@ class SiteTrainConfig(_Section):
     local_epochs: int | None = Field(default=None, gt=0)
     local_steps: int | None = Field(default=None, gt=0)
     batch_size: int | None = Field(default=None, gt=0)
+
+
+class EarlyStoppingConfig(_Section):
+    """Stop when the federated validation metric has not improved for ``patience`` validations."""
+
+    metric: str | None = None  # a key of the validation replies; none: the task's primary metric
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: min for a loss, else the task's direction
+    patience: int = Field(default=5, gt=0)
+    min_delta: float = Field(default=0.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -84,10 +95,11 @@ class TrainConfig(_Section):
     min_nodes: int | None = Field(default=None, gt=0)
     round_timeout: float = Field(default=600.0, gt=0)
     # The weight each site reports as num-examples (what the strategy averages by).
-    weighting: Literal["train-rows", "steps", "uniform"] = "train-rows"
+    weighting: Literal["train-rows", "steps", "uniform", "task"] = "train-rows"
     # What one reply may claim: its weight (num-examples) and the norm of its update.
     max_examples: int = Field(default=10_000_000, gt=0)
     max_update_norm: float | None = Field(default=1000.0, gt=0)
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 class StrategyConfig(_Section):
@@ -104,6 +116,10 @@ class EvaluateConfig(_Section):
     central: bool = True
     local_baselines: bool = False
     plots: bool = True
+    validation_every: int = Field(default=1, gt=0)  # rounds between federated validations
+    # Which global model the final figures are for: the last round's or the best on validation
+    # (auto: best when data.validation_fraction > 0).
+    report_model: Literal["auto", "last", "best"] = "auto"
 
 
 class PrivacyConfig(_Section):
@@ -196,6 +212,28 @@ class Experiment(_Section):
                 "FedAdam, FedYogi or FedAdagrad, or set secagg.enabled = false"
             )
         return self
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self) -> Experiment:
+        if self.data.validation_fraction > 0:
+            return self
+        if self.train.early_stopping is not None:
+            raise ValueError(
+                "train.early_stopping watches the federated validation metric: set data.validation_fraction "
+                "(e.g. 0.2) so that every node holds out a validation split"
+            )
+        if self.evaluate.report_model == "best":
+            raise ValueError(
+                "evaluate.report_model = 'best' picks the model by its validation metric: set "
+                "data.validation_fraction (e.g. 0.2)"
+            )
+        return self
+
+    @property
+    def reports_best_model(self) -> bool:
+        """Whether the final figures are for the best model on validation (else the last round's)."""
+        choice = self.evaluate.report_model
+        return choice == "best" or (choice == "auto" and self.data.validation_fraction > 0)
 
     def train_for(self, site: str) -> TrainConfig:
         """The local work of one site: ``train`` with that site's own entries of ``train.sites`` applied."""

@@ -23,6 +23,8 @@ EXPERIMENT_KEY = "flowerbed.experiment"
 RUN_ID_KEY = "flowerbed.run-id"
 #: Set by Flower's FedProx in the train config: the proximal term's weight, applied at every node.
 PROXIMAL_MU_KEY = "proximal-mu"
+#: Which split an evaluation message asks for: "test" (the default) or "validation".
+EVALUATE_SPLIT_KEY = "evaluate-split"
 #: The secure train phase: its stages' message types start with this; their payload travels in a
 #: ``ConfigRecord`` under ``SECAGG_PAYLOAD``, a node's masked update in an ``ArrayRecord`` under
 #: ``SECAGG_MASKED`` as the array ``SECAGG_MASKED_ARRAY``.

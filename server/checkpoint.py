@@ -1,7 +1,8 @@
 """Atomic per-round checkpoints: a crashed coordinator resumes from its last complete round.
 
 A checkpoint is a folder ``checkpoints/round-NNNN/`` with ``weights.safetensors``, ``state.json``
-(the loop's state and the strategy's scalars) and ``strategy.safetensors`` (the strategy's arrays):
+(the loop's state and the strategy's scalars), ``strategy.safetensors`` (the strategy's arrays)
+and, when the run selects on validation, ``best.safetensors`` (the best global model so far):
 no pickle, so resuming a run folder never executes what it holds. It is written under a temporary
 name, every file fsynced, then renamed; only
 then does ``checkpoints/LATEST`` (itself replaced atomically) point at it. A crash at any moment
@@ -37,6 +38,7 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     strategy: Strategy
     state: dict[str, Any]
+    best: dict[str, np.ndarray] | None = None  # the best global model on validation so far
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,6 +67,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     save_safetensors(checkpoint.weights, tmp / "weights.safetensors")
     meta, tensors = strategy_state(checkpoint.strategy)
     save_safetensors(tensors, tmp / "strategy.safetensors")
+    if checkpoint.best is not None:
+        save_safetensors(checkpoint.best, tmp / "best.safetensors")
     state = {"round": checkpoint.round, "strategy": meta, **checkpoint.state}
     _write_bytes(tmp / "state.json", json.dumps(state, separators=(",", ":")).encode())
     shutil.rmtree(final, ignore_errors=True)
@@ -108,4 +112,5 @@ def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
         build_strategy(strategy), state.pop("strategy", {}), load_safetensors(folder / "strategy.safetensors")
     )
     weights = load_safetensors(folder / "weights.safetensors")
-    return Checkpoint(round=int(state.pop("round")), weights=weights, strategy=rebuilt, state=state)
+    best = load_safetensors(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
+    return Checkpoint(round=int(state.pop("round")), weights=weights, strategy=rebuilt, state=state, best=best)

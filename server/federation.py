@@ -22,11 +22,19 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
 from flowerbed.experiment import Experiment
-from flowerbed.protocol import EXPERIMENT_KEY, PERSISTENT_REFUSALS, RUN_ID_KEY, ErrorCode, error_name
+from flowerbed.protocol import (
+    EVALUATE_SPLIT_KEY,
+    EXPERIMENT_KEY,
+    PERSISTENT_REFUSALS,
+    RUN_ID_KEY,
+    ErrorCode,
+    error_name,
+)
 from flowerbed.seeds import derive_seed
 from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
 from flowerbed.server.exchange import send_and_receive
+from flowerbed.server.model_selection import Selection, best_round, stop_reason
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
 from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
 from flowerbed.server.round_policy import select_round_participants
@@ -91,6 +99,9 @@ class Federation:
         ``weights -> metrics`` on a server-side test set (simulations only).
     reporter : Reporter, optional
         Progress display.
+    selection : Selection, optional
+        How rounds rank on the federated validation metric (with early stopping); ``None`` when the
+        nodes hold no validation split.
     """
 
     def __init__(
@@ -104,8 +115,11 @@ class Federation:
         central_evaluator: CentralEvaluator | None = None,
         reporter: Reporter | None = None,
         site_max_examples: dict[str, int] | None = None,
+        selection: Selection | None = None,
     ) -> None:
         self.grid = grid
+        self.selection = selection
+        self.best_weights: dict[str, np.ndarray] | None = None  # the best round's global model on validation
         self.experiment = experiment
         self.run_dir = run_dir
         self.expected_nodes = expected_nodes
@@ -129,9 +143,12 @@ class Federation:
 
     # -- messages -------------------------------------------------------------------------------
 
-    def config(self) -> ConfigRecord:
+    def config(self, split: str | None = None) -> ConfigRecord:
         """A fresh copy of the config every message carries (strategies edit the one they get)."""
-        return ConfigRecord(dict(self._base_config))
+        config = ConfigRecord(dict(self._base_config))
+        if split is not None:
+            config[EVALUATE_SPLIT_KEY] = split
+        return config
 
     @property
     def timeout(self) -> float:
@@ -261,11 +278,12 @@ class Federation:
         return numpy_to_arrays({k: values[k].astype(ref.dtype, copy=False) for k, ref in self.initial_weights.items()})
 
     def evaluate_round(
-        self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str]
+        self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str], split: str = "test"
     ) -> tuple[dict[str, Any], RoundOutcome]:
-        """Federated evaluation on ``sites``' own test splits."""
+        """Federated evaluation on ``sites``' own test (or validation) splits."""
         subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
-        messages = list(strategy.configure_evaluate(server_round, arrays, self.config(), subset))
+        config = self.config(split if split != "test" else None)
+        messages = list(strategy.configure_evaluate(server_round, arrays, config, subset))
         if not messages:
             return {}, RoundOutcome()
         replies = send_and_receive(self.grid, messages, self.timeout)
@@ -282,6 +300,7 @@ class Federation:
             strategy, weights = state.strategy, state.weights
             self.history = list(state.state.get("history", []))
             self.pinned_examples = dict(state.state.get("pinned_examples", {}))
+            self.best_weights = state.best
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
             first_round = state.round + 1
             run_folder.write_metrics(self.run_dir, self.history)
@@ -335,6 +354,8 @@ class Federation:
                 for site, reply in eval_outcome.accepted:
                     site_metrics = _metrics_dict(_metric_record(reply))
                     record["sites"].setdefault(site, {}).update({f"eval-{k}": v for k, v in site_metrics.items()})
+            if self.selection is not None and self._validates(server_round):
+                self._validate(strategy, server_round, arrays, record)
             if self.central_evaluator is not None:
                 record["central"] = self.central_evaluator(arrays_to_numpy(arrays))
             elapsed = round(time.monotonic() - started, 3)
@@ -347,12 +368,37 @@ class Federation:
                     arrays_to_numpy(arrays),
                     strategy,
                     {"history": self.history, "pinned_examples": self.pinned_examples},
+                    best=self.best_weights,
                 ),
             )
             run_folder.append_metrics(self.run_dir, record)
             run_folder.append_timing(self.run_dir, self.timings[-1])
             self.reporter.round_finished(record, self.experiment.rounds, elapsed)
+            if self.selection is not None and (stopped := stop_reason(self.history, self.selection)):
+                self.reporter.note(stopped)
+                break
         return self.finish(strategy, arrays, stopped)
+
+    def _validates(self, server_round: int) -> bool:
+        """Whether this round ends with a federated validation (every ``evaluate.validation_every``, and the last)."""
+        return server_round % self.experiment.evaluate.validation_every == 0 or server_round == self.experiment.rounds
+
+    def _validate(self, strategy: Strategy, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        """Validate the new global model on every live site's validation rows; keep it if it is the best."""
+        assert self.selection is not None
+        gone = self.excluded.keys() | self.exhausted.keys() | self.left_out.keys()
+        live = sorted(s for s in self.site_nodes if s not in gone)
+        metrics, outcome = self.evaluate_round(strategy, server_round, arrays, live, split="validation")
+        record["validation"] = metrics
+        for site, reply in outcome.accepted:
+            site_metrics = _metrics_dict(_metric_record(reply))
+            record["sites"].setdefault(site, {}).update({f"val-{k}": v for k, v in site_metrics.items()})
+        if outcome.refused:
+            record["validation_refused"] = outcome.refused
+        self._exclude_exhausted(server_round, outcome)
+        best = best_round([*self.history, record], self.selection)
+        if best is not None and best[0] == server_round:
+            self.best_weights = arrays_to_numpy(arrays)
 
     def _exclude_exhausted(self, server_round: int, outcome: RoundOutcome) -> None:
         """Leave out of later rounds every site that refused for good (budget spent, policy), and say why."""
@@ -387,10 +433,28 @@ class Federation:
             "epsilon_max": max(epsilons) if epsilons else None,
         }
 
+    def reported_model(self) -> dict[str, Any]:
+        """Which global model the final figures are for: the last round's, or the best on validation."""
+        last = self.history[-1]["round"] if self.history else 0
+        best = best_round(self.history, self.selection) if self.selection is not None else None
+        if best is None or self.best_weights is None or not self.experiment.reports_best_model:
+            return {"reported": "last", "round": last}
+        return {
+            "reported": "best",
+            "round": best[0],
+            "last_round": last,
+            "selected_by": f"validation {self.selection.metric}",  # type: ignore[union-attr]
+            "validation_value": best[1],
+        }
+
     def finish(self, strategy: Strategy, arrays: ArrayRecord, stopped: str | None) -> dict[str, Any]:
-        """Final evaluation on every site, the summary, and the final model."""
+        """Final evaluation on every site (of the reported model), the summary, and the final model."""
+        self.final_weights = arrays_to_numpy(arrays)
+        model = self.reported_model()
+        if model["reported"] == "best":
+            assert self.best_weights is not None
+            arrays = numpy_to_arrays(self.best_weights)
         weights = arrays_to_numpy(arrays)
-        self.final_weights = weights
         final_sites: dict[str, dict[str, Any]] = {}
         final_federated: dict[str, Any] = {}
         live = sorted(s for s in self.site_nodes if s not in self.excluded)
@@ -413,6 +477,7 @@ class Federation:
             "rounds_completed": self.history[-1]["round"] if self.history else 0,
             "stopped": stopped,
             "strategy": self.experiment.strategy.name,
+            "model": model,
             "final": {
                 "federated": final_federated,
                 "sites": final_sites,

@@ -118,8 +118,18 @@ INITIAL_WEIGHTS = "initial.safetensors"
 
 
 def save_initial_weights(run_dir: Path, weights: dict[str, np.ndarray]) -> Path:
-    """Keep the global model a run started from (``task.initial_weights``) in its run folder."""
+    """Keep the global model a run started from (``task.initial_weights`` or ``init_fn``) in its run folder."""
     path = run_dir / INITIAL_WEIGHTS
+    save_safetensors(weights, path)
+    return path
+
+
+BEST_WEIGHTS = "best.safetensors"
+
+
+def save_best_model(run_dir: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Keep the best global model on the federated validation metric (``summary.json`` names its round)."""
+    path = run_dir / BEST_WEIGHTS
     save_safetensors(weights, path)
     return path
 

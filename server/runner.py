@@ -14,6 +14,7 @@ from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.seeds import derive_seed
 from flowerbed.server import run_folder
 from flowerbed.server.federation import CentralEvaluator, Federation, Reporter
+from flowerbed.server.model_selection import selection_for
 from flowerbed.tasks import resolve_task
 from flowerbed.tasks.data.catalog import dataset_schema
 from flowerbed.weights import load_safetensors
@@ -22,8 +23,9 @@ from flowerbed.weights import load_safetensors
 def initial_model(experiment: Experiment) -> torch.nn.Module:
     """The global model before round 1: the same weights for the same seed, everywhere.
 
-    With ``task.initial_weights``, the weights come from that safetensors file instead (every
-    name and shape must match the task's model).
+    The task's ``init_fn`` then sets the initial state in place, where the task has one. With
+    ``task.initial_weights``, the weights come from that safetensors file instead (every name and
+    shape must match the task's model).
 
     Raises
     ------
@@ -32,7 +34,12 @@ def initial_model(experiment: Experiment) -> torch.nn.Module:
     """
     task = resolve_task(experiment.task.name, experiment.task.args)
     schema = dataset_schema(experiment.data, experiment.seed)
-    model = task.build_model(schema, seed=derive_seed(experiment.seed, "init"))
+    seed = derive_seed(experiment.seed, "init")
+    model = task.build_model(schema, seed=seed)
+    if task.init_fn is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            task.init_fn(model)
     if experiment.privacy.enabled:
         model = make_private_compatible(model)
     if experiment.task.initial_weights:
@@ -73,7 +80,18 @@ def run_federation(
     reporter: Reporter | None = None,
     site_max_examples: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run or resume every round, then save ``model.safetensors``, ``model.pt`` and ``summary.json``."""
+    """Run or resume every round, then save the models and ``summary.json``.
+
+    ``model.safetensors`` and ``model.pt2`` hold the last round's global model, ``best.safetensors``
+    the best on validation (when the nodes hold validation splits); a run that completed no round
+    writes no model.
+    """
+    task = resolve_task(experiment.task.name, experiment.task.args)
+    if experiment.train.weighting == "task" and task.weight_fn is None:
+        raise ConfigError(
+            "experiment (train.weighting)",
+            [f"train.weighting = 'task' needs a weight_fn on task {task.name!r}; give the Task one or pick train-rows"],
+        )
     model = initial_model(experiment)
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     federation = Federation(
@@ -85,12 +103,16 @@ def run_federation(
         central_evaluator=central_evaluator,
         reporter=reporter,
         site_max_examples=site_max_examples,
+        selection=selection_for(experiment, task),
     )
-    if experiment.task.initial_weights and not resume:
+    if (experiment.task.initial_weights or task.init_fn is not None) and not resume:
         run_folder.save_initial_weights(run_dir, weights)
     summary = federation.run(resume=resume)
-    input_shape = dataset_schema(experiment.data, experiment.seed).input_shape
-    run_folder.save_final_model(run_dir, federation.final_weights, model, input_shape)
+    if summary["rounds_completed"]:
+        input_shape = dataset_schema(experiment.data, experiment.seed).input_shape
+        run_folder.save_final_model(run_dir, federation.final_weights, model, input_shape)
+        if federation.best_weights is not None:
+            run_folder.save_best_model(run_dir, federation.best_weights)
     run_folder.write_summary(run_dir, summary)
     if reporter is not None:
         reporter.run_finished(summary)

@@ -136,7 +136,7 @@ def partition(
         typer.Option("--out", help="Also write partition.csv, partition.md, partition.png here."),
     ] = None,
 ) -> None:
-    """Show what every client of an experiment holds (sizes, label histograms); train nothing."""
+    """Show what every client of an experiment holds (sizes; label histograms for class labels); train nothing."""
     from rich.console import Console
 
     from flowerbed.experiment import load_experiment
@@ -147,6 +147,7 @@ def partition(
     )
     from flowerbed.tasks.data.catalog import load_federation
 
+    make_importable(experiment.resolve().parent)  # a user dataset factory next to the experiment file
     config = load_experiment(experiment, overrides)
     summary = summarize_sites(load_federation(config.data, config.seed))
     console = Console(highlight=False)

@@ -22,15 +22,22 @@ class DataSchema:
     input_shape : tuple[int, ...]
         ``(num_features,)`` for tabular data, ``(channels, height, width)`` for images.
     num_classes : int
-        Number of label values; labels are integers ``0 .. num_classes - 1``.
+        Number of label values; labels are integers ``0 .. num_classes - 1``. For
+        ``target = "values"``, the number of target columns (1 for one regression value).
     feature_names : tuple[str, ...] (default: ())
         Column names after preprocessing, for reports and error messages.
+    target : {"class", "values"} (default: "class")
+        ``"class"``: one integer class label per row (``int64``). ``"values"``: float targets,
+        one value or a row of values per example (a regression value; event and time for a
+        survival task). Components that count labels (label-skew partitions, label histograms)
+        accept only ``"class"`` and say so.
     """
 
     kind: Literal["tabular", "image"]
     input_shape: tuple[int, ...]
     num_classes: int
     feature_names: tuple[str, ...] = ()
+    target: Literal["class", "values"] = "class"
 
     @property
     def num_features(self) -> int:
@@ -40,7 +47,11 @@ class DataSchema:
 
 @dataclass
 class SiteData:
-    """One site's preprocessed train and test split (features float32, labels int64)."""
+    """One site's preprocessed train and test split (features float32, labels int64).
+
+    ``x_val``/``y_val`` hold the validation rows the node took out of its training rows
+    (``data.validation_fraction``); empty when the experiment asks for none.
+    """
 
     name: str
     x_train: np.ndarray
@@ -50,6 +61,21 @@ class SiteData:
     schema: DataSchema
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+
+    @property
+    def num_val(self) -> int:
+        """Number of validation examples."""
+        return 0 if self.y_val is None else len(self.y_val)
+
+    def split(self, name: Literal["test", "validation"]) -> tuple[np.ndarray, np.ndarray]:
+        """The features and targets of the test or the validation split."""
+        if name == "validation":
+            if self.x_val is None or self.y_val is None:
+                return self.x_train[:0], self.y_train[:0]
+            return self.x_val, self.y_val
+        return self.x_test, self.y_test
 
     @property
     def num_train(self) -> int:
@@ -88,6 +114,18 @@ class Task:
         alone). DP-SGD bounds one row's influence only then: it trains a task that declares
         ``True`` (after checking the claim on a batch) and refuses one that declares ``False`` or
         nothing. The built-in tasks declare ``True``.
+    primary_metric : str (default: "accuracy")
+        The one figure reports, local baselines, comparisons and early stopping rank models by:
+        a key of ``metrics_fn``'s result, or ``"loss"``.
+    greater_is_better : bool (default: True)
+        Whether a larger ``primary_metric`` is better (``False`` for a loss or an error).
+    weight_fn : Callable[[SiteData], float] | None (default: None)
+        With ``train.weighting = "task"``: the positive weight a site reports as ``num-examples``,
+        computed at the node from its own data.
+    init_fn : Callable[[nn.Module], None] | None (default: None)
+        Called on the global model before round 1 (after ``model_fn``, under the run's seed), to
+        set its initial state in place, e.g. from a reference implementation; the result is kept
+        in the run folder as ``initial.safetensors``.
     """
 
     name: str
@@ -96,6 +134,10 @@ class Task:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy
     metrics_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = accuracy_metrics
     loss_per_row: bool | None = None
+    primary_metric: str = "accuracy"
+    greater_is_better: bool = True
+    weight_fn: Callable[[SiteData], float] | None = None
+    init_fn: Callable[[nn.Module], None] | None = None
 
     def build_model(self, schema: DataSchema, seed: int | None = None) -> nn.Module:
         """A fresh model; with ``seed``, the same initial weights on every machine.

@@ -52,3 +52,17 @@ def test_the_global_model_can_start_from_a_file(heart_experiment, tmp_path):
     save_safetensors({"0.weight": np.zeros((3, 3), np.float32)}, bad)
     with pytest.raises(ConfigError, match="missing 1.weight"):
         initial_model(heart_experiment(f"task.initial_weights='{bad}'"))
+
+
+def test_a_task_weighs_its_sites_and_sets_the_initial_state(heart_experiment):
+    task = "task={name='tests.user_task_example:weighted'}"
+    experiment = heart_experiment("rounds=1", STRATEGY, task, "train.weighting='task'", "evaluate.central=false")
+    RecordingFedAvg.seen.clear()
+    run = simulate(experiment, quiet=True)
+    sites = sorted(load_federation(experiment.data, experiment.seed), key=lambda s: s.name)
+    assert RecordingFedAvg.seen == [[float((s.y_train == 1).sum() + 1) for s in sites]]
+    start = load_safetensors(run / "initial.safetensors")
+    assert all(np.all(v == 0.5) for k, v in start.items() if k.endswith("bias"))
+    assert not all(np.all(v == 0.5) for k, v in start.items() if k.endswith("weight"))
+    with pytest.raises(ConfigError, match="needs a weight_fn"):
+        simulate(heart_experiment("train.weighting='task'"), quiet=True)

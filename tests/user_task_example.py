@@ -46,3 +46,27 @@ class RecordingFedAvg(FedAvg):
         replies = list(replies)
         RecordingFedAvg.seen.append([float(r.content["metrics"]["num-examples"]) for r in replies])
         return super().aggregate_train(server_round, replies)
+
+
+def _positives_plus_one(site) -> float:
+    """A site's weight: its positive training rows plus one."""
+    return float((site.y_train == 1).sum() + 1)
+
+
+def _biases_to_half(model: nn.Module) -> None:
+    """Every bias starts at 0.5 (an initial-state hook)."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.constant_(param, 0.5)
+
+
+def weighted(width: int = 16) -> Task:
+    """``wide_mlp`` whose sites weigh their positive rows + 1 and whose biases start at 0.5."""
+    return Task(
+        name="tests.user_task_example:weighted",
+        model_fn=wide_mlp(width).model_fn,
+        kinds=("tabular",),
+        loss_per_row=True,
+        weight_fn=_positives_plus_one,
+        init_fn=_biases_to_half,
+    )

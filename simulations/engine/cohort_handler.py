@@ -34,7 +34,7 @@ from flowerbed.client.node_round import (
 from flowerbed.client.training import TrainResult
 from flowerbed.exception import FlowerbedError
 from flowerbed.privacy.dp_sgd import make_private_compatible
-from flowerbed.protocol import EXPERIMENT_KEY, PROXIMAL_MU_KEY, SITE_RECORD
+from flowerbed.protocol import EVALUATE_SPLIT_KEY, EXPERIMENT_KEY, PROXIMAL_MU_KEY, SITE_RECORD
 from flowerbed.simulations.cohort.vectorized import (
     Unsupported,
     check_functional,
@@ -104,7 +104,8 @@ class CohortHandler:
         if EXPERIMENT_KEY not in config:
             return None
         server_round, mu = config.get("server-round", 0), config.get(PROXIMAL_MU_KEY, 0.0)
-        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), server_round, mu
+        split = config.get(EVALUATE_SPLIT_KEY, "test")
+        return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), server_round, mu, split
 
     def _answer_group(self, kind: Kind, pairs: list[Pair]) -> list[Message | None]:
         try:
@@ -196,12 +197,12 @@ class CohortHandler:
     def _evaluate(
         model: torch.nn.Module, weights: dict[str, torch.Tensor], admitted: Sequence[Admitted], device: torch.device
     ) -> list[Metrics]:
-        """Each node's ``score`` on its test split, from one forward pass of the cohort."""
-        xs = [torch.as_tensor(a.site.x_test, device=device) for a in admitted]
-        logits = cohort_logits(model, weights, xs)
+        """Each node's ``score`` on its test (or validation) split, from one forward pass of the cohort."""
+        rows = [a.evaluation_rows() for a in admitted]
+        logits = cohort_logits(model, weights, [torch.as_tensor(x, device=device) for x, _ in rows])
         return [
-            score(a, out, torch.as_tensor(a.site.y_test, device=device))
-            for a, out in zip(admitted, logits, strict=True)
+            score(a, out, torch.as_tensor(y, device=device))
+            for a, (_, y), out in zip(admitted, rows, logits, strict=True)
         ]
 
 

@@ -95,7 +95,8 @@ def global_panels(runs: Sequence[RunRecord], labels: Sequence[str] | None = None
     """Aggregated metrics per round: ``{"central accuracy": {run label: (rounds, values)}}``.
 
     ``labels`` name the runs' lines (default: experiment names, else folder names). Panels come
-    grouped by metric (accuracy first, then losses), each as train, federated, central. A
+    grouped by metric (whatever the task's ``metrics_fn`` records, such as accuracy or a C-index,
+    in name order; then losses), each as train, federated, central. A
     ``participants`` panel is added when the number of replying sites changes between rounds
     (dropouts, refusals, late joiners).
     """

@@ -117,7 +117,7 @@ def _cut(
 def _partitioned(x: np.ndarray, y: np.ndarray, schema: DataSchema, data: DataConfig, seed: int) -> list[SiteData]:
     from flowerbed.tasks.data.partitioners import partition
 
-    parts = partition(y, data.partition, seed)
+    parts = partition(y, data.partition, seed, target=schema.target)
     width = len(str(len(parts) - 1))
     return _cut(x, y, schema, parts, data, [f"client-{i:0{width}d}" for i in range(len(parts))])
 
@@ -234,6 +234,10 @@ def _user_factory(data: DataConfig, seed: int) -> list[SiteData]:
     sites = factory(data, seed)
     if not sites or not all(isinstance(s, SiteData) for s in sites):
         raise ConfigError("experiment", [f"data.dataset = {data.dataset!r} must return a list of SiteData"])
+    from flowerbed.tasks.data.partitioners import check_partition_target
+
+    for target in sorted({s.schema.target for s in sites}):
+        check_partition_target(data.partition.kind, target, f"data.dataset = {data.dataset!r}")
     return list(sites)
 
 

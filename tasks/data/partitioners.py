@@ -15,7 +15,10 @@ Kinds (``data.partition.kind``):
 - ``quantity``: quantity skew; client ``i`` (0-based) holds a share proportional to
   ``(i + 1) ** -power`` of the samples, labels drawn IID.
 
-``label_skew`` measures how far the clients' label distributions are from the pooled one.
+``dirichlet`` and ``pathological`` split by class label and need class targets
+(``DataSchema.target = "class"``); ``natural``, ``iid`` and ``quantity`` split rows and take any
+target, one value or several columns per row. ``label_skew`` measures how far the clients' label
+distributions are from the pooled one (class labels only).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from flowerbed.exception import ConfigError
 from flowerbed.experiment import PartitionConfig
 
 __all__ = [
+    "LABEL_KINDS",
+    "check_partition_target",
     "class_ids",
+    "is_class_labels",
     "label_histograms",
     "label_skew",
     "natural_names",
@@ -34,6 +40,47 @@ __all__ = [
 ]
 
 _KEY = "data.partition"
+#: Partition kinds that split by class label (the others split rows and take any target).
+LABEL_KINDS = ("dirichlet", "pathological")
+
+
+def check_partition_target(kind: str, target: str, owner: str, source: str = "experiment") -> None:
+    """Refuse a label-skew partition of targets that are not class labels.
+
+    Parameters
+    ----------
+    kind : str
+        ``data.partition.kind``.
+    target : str
+        ``DataSchema.target`` of the data: ``"class"`` or ``"values"``.
+    owner : str
+        Whose targets, for the message (``"task 'survival:task' (data.dataset = 'survival:hospitals')"``).
+    source : str (default: "experiment")
+        Named in the error (the experiment file).
+
+    Raises
+    ------
+    ConfigError
+        ``kind`` is ``dirichlet`` or ``pathological`` and ``target`` is not ``"class"``.
+    """
+    if kind in LABEL_KINDS and target != "class":
+        raise ConfigError(
+            source,
+            [
+                f"{_KEY}.kind = {kind!r} splits by class label, but the targets of {owner} are "
+                f"{target} (DataSchema.target = {target!r}), not class labels; use iid, quantity or natural"
+            ],
+        )
+
+
+def is_class_labels(labels: np.ndarray) -> bool:
+    """Whether ``labels`` can be class labels: one integer (or text) value per row, not floats with fractions."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        return False
+    if labels.dtype.kind == "f":
+        return bool(np.all(np.isfinite(labels)) and np.all(np.mod(labels, 1) == 0))
+    return labels.dtype.kind in "biuUSO"
 
 
 def partition(
@@ -44,13 +91,16 @@ def partition(
     *,
     min_samples: int | None = None,
     source: str = "experiment",
+    target: str = "class",
 ) -> list[np.ndarray]:
     """Split sample indices into one sorted index array per client.
 
     Parameters
     ----------
     labels : np.ndarray
-        One label per sample (any dtype ``np.unique`` can sort), shape ``(n,)``.
+        The targets, one row per sample: class labels of shape ``(n,)`` (any dtype ``np.unique``
+        can sort) for ``dirichlet`` and ``pathological``; any shape ``(n, ...)`` for the others,
+        which look only at the number of rows.
     config : PartitionConfig
         ``data.partition`` of the experiment: ``kind``, ``num_clients``, ``alpha``,
         ``classes_per_client``, ``power``.
@@ -65,6 +115,8 @@ def partition(
         moving random samples from the largest clients.
     source : str (default: "experiment")
         Named in errors (the experiment file).
+    target : str (default: "class")
+        ``DataSchema.target`` of the data; ``"values"`` refuses the label-skew kinds.
 
     Returns
     -------
@@ -74,12 +126,24 @@ def partition(
     Raises
     ------
     ConfigError
-        More clients (times ``min_samples``) than samples, a natural partition without groups, or
-        more classes per client than the dataset has.
+        More clients (times ``min_samples``) than samples, a natural partition without groups,
+        more classes per client than the dataset has, or a label-skew kind on targets that are
+        not class labels.
     """
     labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ConfigError(source, [f"labels must be one value per sample, got shape {labels.shape}"])
+    if labels.ndim == 0:
+        raise ConfigError(source, [f"the targets must have one row per sample, got a scalar ({labels!r})"])
+    check_partition_target(config.kind, target, "the dataset", source)
+    if config.kind in LABEL_KINDS and not is_class_labels(labels):
+        shape = "x".join(str(d) for d in labels.shape)
+        raise ConfigError(
+            source,
+            [
+                f"{_KEY}.kind = {config.kind!r} splits by class label, but the targets are not class "
+                f"labels ({labels.dtype} array of shape {shape}; one integer per row needed); "
+                "use iid, quantity or natural, and set DataSchema(target='values') for such targets"
+            ],
+        )
     n = labels.shape[0]
     floor = _min_samples(config, min_samples)
     rng = np.random.default_rng(seed)
@@ -125,7 +189,8 @@ def natural_names(groups: np.ndarray) -> list[str]:
 
 def class_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(classes, ids)``: the sorted distinct labels and each sample's class index."""
-    classes, ids = np.unique(np.asarray(labels), return_inverse=True)
+    labels = _one_label_per_row(labels)
+    classes, ids = np.unique(labels, return_inverse=True)
     return classes, ids.reshape(-1)
 
 
@@ -140,8 +205,13 @@ def label_histograms(labels: np.ndarray, parts: list[np.ndarray], classes: np.nd
         One index array per client, as ``partition`` returns.
     classes : np.ndarray or None (default: None)
         The column order; defaults to the sorted distinct labels.
+
+    Raises
+    ------
+    ValueError
+        ``labels`` is not one value per sample (multi-column targets have no histogram).
     """
-    labels = np.asarray(labels)
+    labels = _one_label_per_row(labels)
     if classes is None:
         classes = np.unique(labels)
     hist = np.zeros((len(parts), len(classes)), dtype=np.int64)
@@ -165,6 +235,16 @@ def label_skew(labels: np.ndarray, parts: list[np.ndarray]) -> float:
     if hist.shape[0] == 0:
         return 0.0
     return float(np.mean(0.5 * np.abs(hist - pooled).sum(axis=1)))
+
+
+def _one_label_per_row(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(
+            f"label histograms need one class label per sample, got targets of shape {labels.shape}; "
+            "targets with several columns (DataSchema.target = 'values') have sizes only"
+        )
+    return labels
 
 
 def _min_samples(config: PartitionConfig, override: int | None) -> int:

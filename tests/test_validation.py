@@ -107,3 +107,16 @@ def test_a_node_answers_the_split_asked_for_and_refuses_what_it_does_not_hold(he
     assert refused.error.code == ErrorCode.DATA and "set data.validation_fraction" in refused.error.reason
     forged = _evaluate(with_validation, "train")  # a coordinator asking for metrics on the training rows
     assert forged.has_error() and "must be 'test' or 'validation'" in forged.error.reason
+
+
+def test_local_baselines_follow_the_same_validation_rule(heart_experiment):
+    from flowerbed.simulations.research.baselines import local_only_baselines
+
+    stopping = ("data.validation_fraction=0.2", "train.early_stopping.patience=1", "train.early_stopping.min_delta=100.0")
+    experiment = heart_experiment("rounds=4", *stopping)
+    sites = load_federation(experiment.data, experiment.seed)
+    stopped = local_only_baselines(experiment, sites)  # round 1 is each local model's best; round 2 stops it
+    one_round = local_only_baselines(heart_experiment("rounds=1", "data.validation_fraction=0.2"), sites)
+    assert stopped["sites"] == one_round["sites"]
+    last = local_only_baselines(heart_experiment("rounds=4", *stopping, "evaluate.report_model='last'"), sites)
+    assert last["sites"] != one_round["sites"]

@@ -1,5 +1,10 @@
 """Local-only baselines: each site trains alone on its own data, for the same number of epochs.
 
+With validation splits (``data.validation_fraction``) a local model follows the federation's
+rule: its site holds out the same validation rows, it is validated after every round's worth of
+epochs (``evaluate.validation_every``), stops on the same ``train.early_stopping`` and is
+reported at its best validation round when the federation reports its best model.
+
 The question a hospital asks is "what do we gain by federating?": the federated model's figure
 on the task's ``primary_metric`` (accuracy, a C-index, a loss, ...) is reported beside that of
 models each trained on one site only, on every site's test split and on the pooled test set.
@@ -10,15 +15,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.experiment import Experiment
 from flowerbed.seeds import derive_seed
+from flowerbed.server.model_selection import Selection, best_round, selection_for, stop_reason
 from flowerbed.server.runner import initial_model
 from flowerbed.simulations.research.comparison import metric_value
 from flowerbed.tasks import resolve_device, resolve_task
 from flowerbed.tasks.data.catalog import pooled_test_set
-from flowerbed.tasks.task import SiteData
+from flowerbed.tasks.data.validation import hold_out_validation
+from flowerbed.tasks.task import SiteData, Task
 
 __all__ = ["local_only_baselines"]
 
@@ -41,10 +49,15 @@ def local_only_baselines(experiment: Experiment, sites: list[SiteData]) -> dict[
     x_pool, y_pool = pooled_test_set(sites)
     results: dict[str, dict[str, float | None]] = {}
     missing: list[str] = []
+    selection = selection_for(experiment, task)
     for site in sites:
         model = initial_model(experiment)
         seed = derive_seed(experiment.seed, "local-only", site.name)
-        train_local(model, task, site.x_train, site.y_train, train, seed=seed, device=device)
+        if selection is None:
+            train_local(model, task, site.x_train, site.y_train, train, seed=seed, device=device)
+        else:
+            site = hold_out_validation(site, experiment.data.validation_fraction, experiment.data.split_seed)
+            _train_with_validation(model, experiment, task, site, selection, seed, device)
         scores = {
             "own": evaluate_local(model, task, site.x_test, site.y_test, device=device),
             "pooled": evaluate_local(model, task, x_pool, y_pool, device=device),
@@ -63,6 +76,36 @@ def local_only_baselines(experiment: Experiment, sites: list[SiteData]) -> dict[
         "mean_own": _mean([r["own"] for r in results.values()]),
         "missing": missing,
     }
+
+
+def _train_with_validation(
+    model: torch.nn.Module,
+    experiment: Experiment,
+    task: Task,
+    site: SiteData,
+    selection: Selection,
+    seed: int,
+    device: torch.device,
+) -> None:
+    """Round by round on the site's training rows, validated as the federation is; ``model`` ends as reported."""
+    history: list[dict[str, Any]] = []
+    best: dict[str, torch.Tensor] | None = None
+    for server_round in range(1, experiment.rounds + 1):
+        train_local(
+            model, task, site.x_train, site.y_train, experiment.train,
+            seed=derive_seed(seed, server_round), device=device,
+        )  # fmt: skip
+        if server_round % experiment.evaluate.validation_every and server_round != experiment.rounds:
+            continue
+        metrics = evaluate_local(model, task, site.x_val, site.y_val, device=device)  # type: ignore[arg-type]
+        history.append({"round": server_round, "validation": metrics})
+        found = best_round(history, selection)
+        if found is not None and found[0] == server_round:
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if stop_reason(history, selection):
+            break
+    if best is not None and experiment.reports_best_model:
+        model.load_state_dict(best)
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -556,12 +556,16 @@ def check_node_data(
     with torch.no_grad():
         sample = torch.as_tensor(site_data.x_train[:8])
         out = model(sample)
-    if tuple(out.shape) != (len(sample), schema.num_classes) or not torch.isfinite(out).all():
+    # class targets: one logit per class; value targets: whatever the task's loss reads, one row per example
+    classes = schema.target == "class"
+    fits = tuple(out.shape) == (len(sample), schema.num_classes) if classes else len(out) == len(sample)
+    if not fits or not torch.isfinite(out).all():
+        wanted = f"({len(sample)}, {schema.num_classes})" if classes else f"{len(sample)} rows of"
         raise DataError(
             f"{path}: task {experiment.task.name!r} gave output {tuple(out.shape)} on these rows; "
-            f"expected ({len(sample)}, {schema.num_classes}) finite values"
+            f"expected {wanted} finite values"
         )
-    labels, counts = np.unique(site_data.y_train, return_counts=True)
+    labels, counts = np.unique(site_data.y_train, return_counts=True) if classes else ((), ())
     return DataCheck(
         site=site,
         path=path,

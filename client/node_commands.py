@@ -92,7 +92,8 @@ def node_check_command(
     what = f"({result.dataset}, task {result.task})"
     _say(f"[green]ok[/] {escape(str(result.path))} for site [bold]{result.site}[/] {what}")
     _say(f"  {result.num_train} training rows, {result.num_test} test rows, {result.num_features} features")
-    _say(f"  training labels: {classes}")
+    if classes:  # targets that are values have no label counts
+        _say(f"  training labels: {classes}")
     for note in result.notes:
         _say(f"  note: {escape(note)}")
     if result.report_paths:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import json
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from flowerbed.client.node_round import (
     Admitted,
@@ -22,6 +23,7 @@ from flowerbed.client.node_round import (
     evaluate_step,
     node_label,
     node_model,
+    personal_scores,
     query_metrics,
     refusal_for,
     release_evaluate,
@@ -31,15 +33,20 @@ from flowerbed.client.node_round import (
 from flowerbed.exception import FlowerbedError, NodeError
 from flowerbed.experiment import Experiment, parse_experiment
 from flowerbed.protocol import (
+    CLINICAL_RECORD,
+    EVALUATE_CLINICAL_KEY,
     EVALUATE_SPLIT_KEY,
     EXPERIMENT_KEY,
     PROXIMAL_MU_KEY,
     RUN_ID_KEY,
+    SCAFFOLD_CONTROL,
+    SCAFFOLD_DELTA,
+    SCAFFOLD_PREFIX,
     SECAGG_ACTION_PREFIX,
     SITE_RECORD,
 )
 from flowerbed.tasks import resolve_device
-from flowerbed.weights import arrays_to_numpy, model_to_arrays
+from flowerbed.weights import arrays_to_numpy, model_to_arrays, numpy_to_arrays
 
 
 @functools.lru_cache(maxsize=16)
@@ -67,7 +74,15 @@ def node_request(message: Message, context: Context, kind: Kind) -> NodeRequest:
         secure=kind == "train" and message.metadata.message_type.startswith(SECAGG_ACTION_PREFIX),
         proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
         split=evaluation_split(config.get(EVALUATE_SPLIT_KEY, "test")),
+        control=_control(message) if kind == "train" else None,
+        clinical=kind == "evaluate" and config.get(EVALUATE_CLINICAL_KEY) is True,
     )
+
+
+def _control(message: Message) -> dict[str, np.ndarray] | None:
+    """SCAFFOLD's global control variate, where the strategy sent one."""
+    record = message.content.get(SCAFFOLD_CONTROL)
+    return arrays_to_numpy(record) if isinstance(record, ArrayRecord) else None
 
 
 def evaluation_split(value: object) -> Split:
@@ -138,6 +153,8 @@ def train(message: Message, context: Context) -> Message:
             SITE_RECORD: site_record(admitted.site.name),
         }
     )
+    if result.control_delta is not None:
+        content[SCAFFOLD_DELTA] = numpy_to_arrays({SCAFFOLD_PREFIX + k: v for k, v in result.control_delta.items()})
     return Message(content, reply_to=message)
 
 
@@ -148,11 +165,17 @@ def evaluate(message: Message, context: Context) -> Message:
         return refusal_reply(message, admitted)
     try:
         model = node_model(admitted, arrays_to_numpy(message.content["arrays"]))
-        metrics = evaluate_step(admitted, model, resolve_device(admitted.request.experiment.task.device))
+        device = resolve_device(admitted.request.experiment.task.device)
+        metrics = evaluate_step(admitted, model, device)
+        own = personal_scores(admitted, model, device)  # the site's personalized model, where there is one
     except FlowerbedError as exc:
         return refusal_reply(message, refusal_for(exc, admitted.site.name))
     (released,) = release_evaluate([admitted], [metrics])
     if isinstance(released, Refusal):
         return refusal_reply(message, released)
-    content = RecordDict({"metrics": MetricRecord(released), SITE_RECORD: site_record(admitted.site.name)})
+    content = RecordDict(
+        {"metrics": MetricRecord({**released.metrics, **own}), SITE_RECORD: site_record(admitted.site.name)}
+    )
+    if released.clinical is not None:
+        content[CLINICAL_RECORD] = ConfigRecord({"statistics": released.clinical})
     return Message(content, reply_to=message)

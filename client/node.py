@@ -28,7 +28,6 @@ import collections
 import os
 import re
 import secrets
-import shutil
 import socket
 import ssl
 import subprocess
@@ -45,7 +44,13 @@ from flowerbed.client.node_config import parse_node_config
 from flowerbed.exception import DataError, NodeError
 from flowerbed.experiment import Experiment
 from flowerbed.kit import NodeKit
-from flowerbed.process_control import StopSignal, popen_ignoring_interrupt, stop_processes
+from flowerbed.process_control import (
+    StopSignal,
+    child_env,
+    flower_executable,
+    popen_ignoring_interrupt,
+    stop_processes,
+)
 
 INSECURE_WARNING = (
     "WARNING: this node runs with --insecure: no TLS (model updates cross the network "
@@ -136,15 +141,10 @@ def write_node_config(settings: NodeSettings) -> Path:
     return path
 
 
-def _executable(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else shutil.which(name) or name
-
-
 def supernode_command(settings: NodeSettings) -> list[str]:
     """The ``flower-supernode`` command line for this node."""
     if settings.poll_interval is None:
-        launcher = [_executable("flower-supernode")]
+        launcher = [flower_executable("flower-supernode")]
     else:
         launcher = [
             sys.executable,
@@ -261,8 +261,8 @@ def check_transport(settings: NodeSettings) -> None:
 
 
 def node_env(settings: NodeSettings) -> dict[str, str]:
-    """Environment of the node's processes: its own Flower home, no telemetry."""
-    env = dict(os.environ)
+    """Environment of the node's processes: its own Flower home, no telemetry, this interpreter's scripts first."""
+    env = child_env()
     env["FLWR_HOME"] = str(settings.state_dir / "flwr-home")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env

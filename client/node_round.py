@@ -23,6 +23,7 @@ nodes ignore it. A simulated node without ``ledger`` keeps its releases in
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowerbed.client import personal
 from flowerbed.client.approval import check_task_approved
 from flowerbed.client.local_data import per_experiment, resolve_site
 from flowerbed.client.node_config import NodeConfig, parse_node_config
@@ -59,7 +61,7 @@ from flowerbed.privacy.ledger import (
 from flowerbed.privacy.planner import DPPlan, make_plan
 from flowerbed.protocol import ErrorCode
 from flowerbed.seeds import derive_seed
-from flowerbed.tasks import SiteData, Task, is_builtin, resolve_task
+from flowerbed.tasks import SiteData, Task, clinical, is_builtin, resolve_task
 from flowerbed.tasks.task import accuracy_metrics, cross_entropy
 
 SIM_NODE_CONFIG_ENV = "FLOWERBED_SIM_NODE_CONFIG"
@@ -92,6 +94,8 @@ class NodeRequest:
         FedProx's proximal term, as the strategy sends it (``proximal-mu``).
     split : {"test", "validation"} (default: "test")
         The split an evaluation scores: the node's test split or its validation rows.
+    control : Mapping[str, np.ndarray] | None (default: None)
+        SCAFFOLD's global control variate, as the strategy sends it (``scaffold-control``).
     """
 
     kind: Kind
@@ -102,6 +106,8 @@ class NodeRequest:
     secure: bool = False
     proximal_mu: float = 0.0
     split: Split = "test"
+    control: Mapping[str, np.ndarray] | None = None
+    clinical: bool = False  # an evaluation that also asks for the split's clinical statistics
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,8 @@ def state_path(config: NodeConfig, run_id: str) -> Path:
     if config.simulated:
         return ledger_path(config, run_id).with_name("node-state.sqlite")
     raise NodeError(
-        "train.local_steps needs the node's state folder, where its data iterator resumes: start the node with "
+        "train.local_steps and SCAFFOLD need the node's state folder, where its data iterator and control "
+        "variate resume: start the node with "
         "flowerbed node start (it sets state), or --node-config 'state=\"/var/lib/flowerbed/state\"'"
     )
 
@@ -271,6 +278,10 @@ def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
             raise DataError(f"site {site.name} has no training rows")
         if not (math.isfinite(request.proximal_mu) and request.proximal_mu >= 0):
             raise NodeError(f"proximal-mu = {request.proximal_mu!r} from the server must be a finite number >= 0")
+        if request.control is not None and request.secure:
+            raise NodeError(
+                "SCAFFOLD's control variates do not travel through secure aggregation; set secagg.enabled = false"
+            )
         if config.require_secure_aggregation and not request.secure:
             raise PolicyRefusal(
                 f"site {site.name} releases updates only through secure aggregation (its node config sets "
@@ -507,12 +518,15 @@ def _is_release(a: Admitted) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def evaluation_plan(noise_multiplier: float, delta: float, accountant: str) -> DPPlan:
-    """One Gaussian release of a test split's counts: the accountant's (sigma, q = 1, one step)."""
+def evaluation_plan(noise_multiplier: float, delta: float, accountant: str, releases: int = 1) -> DPPlan:
+    """Gaussian releases of a split's counts: the accountant's (sigma, q = 1, one step per release).
+
+    An evaluation is one release (loss, accuracy, size); with the clinical statistics, two.
+    """
     return DPPlan(
         noise_multiplier=noise_multiplier,
         sample_rate=1.0,
-        steps_per_round=1,
+        steps_per_round=releases,
         rounds=1,
         max_grad_norm=1.0,
         delta=delta,
@@ -531,7 +545,7 @@ def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
                 plan = run_plan(a.request.experiment, a.site.num_train, a.train)
             else:
                 c = a.config
-                plan = evaluation_plan(c.evaluation_noise, c.budget_delta, c.budget_accountant)
+                plan = evaluation_plan(c.evaluation_noise, c.budget_delta, c.budget_accountant, evaluation_releases(a))
         except FlowerbedError as exc:
             outcomes[i] = refusal_for(exc, a.site.name)
             continue
@@ -596,21 +610,171 @@ def node_model(admitted: Admitted, weights: Mapping[str, np.ndarray]) -> nn.Modu
 
 
 def train_step(admitted: Admitted, model: nn.Module, device: torch.device) -> TrainResult:
-    """The local arithmetic of one round on one node: DP-SGD under the admitted plan, or plain SGD."""
+    """The local arithmetic of one round on one node: DP-SGD under the admitted plan, or plain SGD.
+
+    Under SCAFFOLD every step's gradient is corrected by ``c - c_i`` (the global control variate
+    minus the site's own), and the result carries the site's new control variate and its change.
+    Under personalization (``flowerbed.client.personal``) the site's own layers are trained and
+    kept in the result, and the model is left holding what the node may send.
+    """
+    method = admitted.request.experiment.personalization.method
+    received = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()} if method != "none" else {}
+    names = personal.personal_names(model, admitted.request.experiment.personalization)
+    if names:
+        personal.overlay(model, _kept(admitted, admitted.request.server_round), names)
+    if method == "fedrep":  # the head first, the body fixed; then the body, the head fixed
+        personal.freeze(model, names)
+        _local_steps(admitted, model, device, admitted.request.experiment.personalization.finetune_steps, "head")
+        personal.freeze(model, {k for k, _ in model.named_parameters()} - names)
+    try:
+        result = _train(admitted, model, device)
+    finally:
+        personal.unfreeze(model)
+    if names:
+        result = replace(result, personal=personal.take_personal(model, received, names))
+    elif method == "ditto":
+        result = replace(result, personal=_ditto(admitted, model, received, device))
+    return result
+
+
+def _train(admitted: Admitted, model: nn.Module, device: torch.device) -> TrainResult:
+    """The round's training of the shared model (SCAFFOLD-corrected where the strategy asks)."""
     site = admitted.site
     mu = admitted.request.proximal_mu
+    scaffold = _scaffold_start(admitted, model, device) if admitted.request.control is not None else None
+    correction = scaffold[1] if scaffold else None
     if admitted.private is not None:
-        return train_private(
+        result = train_private(
             model, admitted.task, site.x_train, site.y_train, admitted.train,
             plan=admitted.private.plan, seed=admitted.private.noise_seed, device=device, proximal_mu=mu,
+            correction=correction,
         )  # fmt: skip
-    return train_local(
-        model, admitted.task, site.x_train, site.y_train, admitted.train,
-        seed=admitted.seed, device=device, proximal_mu=mu, schedule=admitted.schedule,
+    else:
+        result = train_local(
+            model, admitted.task, site.x_train, site.y_train, admitted.train,
+            seed=admitted.seed, device=device, proximal_mu=mu, schedule=admitted.schedule, correction=correction,
+        )  # fmt: skip
+    return result if scaffold is None else _scaffold_end(admitted, model, result, *scaffold)
+
+
+def _kept(admitted: Admitted, before_round: int) -> dict[str, np.ndarray] | None:
+    """The site's personal arrays from its newest round before ``before_round``."""
+    request = admitted.request
+    return NodeState(state_path(admitted.config, request.run_id)).kept_before(
+        request.run_id, admitted.site.name, personal.KIND, before_round
+    )
+
+
+def _local_steps(admitted: Admitted, model: nn.Module, device: torch.device, steps: int, purpose: str) -> None:
+    """``steps`` plain SGD steps on the site's training rows (only ever into what stays at the node)."""
+    site, train = admitted.site, admitted.train
+    schedule = StepSchedule(0, steps, derive_seed(admitted.seed, purpose), train.batch_size)
+    train_local(model, admitted.task, site.x_train, site.y_train, train, seed=0, device=device, schedule=schedule)
+
+
+def _ditto(
+    admitted: Admitted, model: nn.Module, received: dict[str, np.ndarray], device: torch.device
+) -> dict[str, np.ndarray]:
+    """Ditto's personal model: the site's own, trained as the round's local work with a pull towards the global one."""
+    own = copy.deepcopy(model)
+    kept = _kept(admitted, admitted.request.server_round) or received
+    own.load_state_dict({k: torch.as_tensor(np.array(kept[k])) for k in received})
+    anchor = {k: torch.as_tensor(received[k], device=device) for k, _ in own.named_parameters()}
+    site, lam = admitted.site, admitted.request.experiment.personalization.ditto_lambda
+    train_local(
+        own, admitted.task, site.x_train, site.y_train, admitted.train,
+        seed=derive_seed(admitted.seed, "ditto"), device=device, proximal_mu=lam, schedule=admitted.schedule,
+        anchor=anchor,
     )  # fmt: skip
+    return {k: v.detach().cpu().numpy().copy() for k, v in own.state_dict().items()}
 
 
-def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device, batch_size: int = 1024) -> Metrics:
+@torch.no_grad()
+def _score_personal(admitted: Admitted, model: nn.Module, device: torch.device) -> Metrics:
+    x, y = admitted.evaluation_rows()
+    logits = predict(model, x, device=device)
+    measured = task_metrics(admitted.task, logits, torch.as_tensor(y, device=device))
+    return {f"personal-{k}": v for k, v in measured.items()}
+
+
+def personal_scores(admitted: Admitted, model: nn.Module, device: torch.device) -> Metrics:
+    """The site's own model on the evaluation split, as ``personal-<metric>`` (nothing under personalization none).
+
+    ``model`` holds the received global weights; it is changed. A DP evaluation release carries
+    only the global model's counts, so a node that answers evaluation with DP adds nothing here.
+    """
+    config = admitted.request.experiment.personalization
+    if config.method == "none" or admitted.private is not None:
+        return {}
+    kept = _kept(admitted, admitted.request.server_round + 1)
+    if config.method in personal.SPLIT:
+        personal.overlay(model, kept, personal.personal_names(model, config))
+    elif config.method == "ditto" and kept:
+        model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in kept.items()})
+    elif config.method == "finetune":
+        with torch.enable_grad():
+            _local_steps(admitted, model, device, config.finetune_steps, "finetune")
+    return _score_personal(admitted, model, device)
+
+
+Params = dict[str, torch.Tensor]
+
+
+def _scaffold_start(
+    admitted: Admitted, model: nn.Module, device: torch.device
+) -> tuple[Params, Params, Params, Params]:
+    """(weights received, correction ``c - c_i``, ``c``, ``c_i``) for a SCAFFOLD round.
+
+    Raises
+    ------
+    NodeError
+        When the control variate does not fit the model or is not finite.
+    """
+    request = admitted.request
+    assert request.control is not None
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    control = request.control
+    if set(control) != set(params) or any(tuple(control[k].shape) != tuple(v.shape) for k, v in params.items()):
+        raise NodeError("the SCAFFOLD control variate from the server does not fit the model's parameters")
+    if not all(np.isfinite(v).all() for v in control.values()):
+        raise NodeError("the SCAFFOLD control variate from the server has NaN or infinite values")
+    held = NodeState(state_path(admitted.config, request.run_id)).kept_before(
+        request.run_id, admitted.site.name, "control", request.server_round
+    )
+    c = {k: torch.as_tensor(np.array(v), dtype=params[k].dtype, device=device) for k, v in control.items()}
+    c_i = (
+        {k: torch.as_tensor(held[k], dtype=v.dtype, device=device) for k, v in params.items()}
+        if held is not None and set(held) == set(params)
+        else {k: torch.zeros_like(v, device=device) for k, v in params.items()}
+    )
+    return {k: v.to(device) for k, v in params.items()}, {k: c[k] - c_i[k] for k in params}, c, c_i
+
+
+def _scaffold_end(
+    admitted: Admitted, model: nn.Module, result: TrainResult, start: Params, _: Params, c: Params, c_i: Params
+) -> TrainResult:
+    """The site's new control variate ``c_i - c + (x - y) / (K lr)`` (option II) and its change."""
+    scale = 1.0 / (max(result.steps, 1) * admitted.train.lr)
+    trained = dict(model.named_parameters())
+    new = {k: c_i[k] - c[k] + (start[k] - trained[k].detach()) * scale for k in start}
+    control = {k: v.cpu().numpy() for k, v in new.items()}
+    delta = {k: (new[k] - c_i[k]).cpu().numpy() for k in new}
+    return replace(result, control=control, control_delta=delta)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """An evaluation at the node: its metrics, and the split's clinical statistics when the request asks.
+
+    Before ``release_evaluate`` ``clinical`` holds every cell (it never leaves the node as such);
+    after it, the JSON text of what the reply carries.
+    """
+
+    metrics: Metrics
+    clinical: Any = None
+
+
+def evaluate_step(admitted: Admitted, model: nn.Module, device: torch.device, batch_size: int = 1024) -> Scored:
     """The model on the node's own test (or validation) split: ``score`` of its logits."""
     x, y = admitted.evaluation_rows()
     logits = predict(model, x, device=device, batch_size=batch_size)
@@ -622,17 +786,107 @@ LOSS_CLIP = 5.0
 
 
 @torch.no_grad()
-def score(admitted: Admitted, logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
-    """What an evaluation measures: the task's loss and metrics, or for a DP release the test split's counts."""
+def score(admitted: Admitted, logits: torch.Tensor, labels: torch.Tensor) -> Scored:
+    """What an evaluation measures: the task's loss and metrics, or for a DP release the test split's counts.
+
+    With ``request.clinical``, also the split's clinical cells (``clinical_cells``), kept at the node
+    until ``release_evaluate`` decides what leaves it.
+    """
     task = admitted.task
+    held = clinical_cells(admitted, logits, labels) if admitted.request.clinical else None
     if admitted.private is None:
-        return task_metrics(task, logits, labels)
+        return Scored(task_metrics(task, logits, labels), held)
     if task.loss_fn is cross_entropy:
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
     else:
         losses = torch.stack([task.loss_fn(logits[i : i + 1], labels[i : i + 1]) for i in range(len(labels))])
     correct = int((logits.argmax(dim=1) == labels).sum())
-    return {"rows": len(labels), "correct": correct, "loss-sum": float(losses.clamp(0, LOSS_CLIP).sum())}
+    counts = {"rows": len(labels), "correct": correct, "loss-sum": float(losses.clamp(0, LOSS_CLIP).sum())}
+    return Scored(counts, held)
+
+
+def clinical_cells(admitted: Admitted, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """Every cell of the split (the whole split, each subgroup value), unsuppressed: for the node only.
+
+    Subgroups come from the site's raw columns (``SiteData.split_groups``), named by the
+    experiment's ``evaluate.clinical.subgroups``; levels default to the data contract's.
+    """
+    experiment = admitted.request.experiment
+    settings = experiment.evaluate.clinical
+    schema = admitted.site.schema
+    out = outputs.detach().cpu().double().numpy()
+    y = targets.detach().cpu().numpy()
+    kind = clinical.outputs_kind(out, y, schema.target, schema.num_classes)
+    if kind is None:
+        return clinical.withheld("the model's outputs are neither class scores nor the targets' values")
+    raw = admitted.site.split_groups(admitted.request.split)
+    groups: dict[str, np.ndarray] = {}
+    declared: dict[str, list[str] | None] = {}
+    unavailable: dict[str, str] = {}
+    for sub in settings.subgroups:
+        if sub.column not in raw:
+            unavailable[sub.label] = f"the site's data has no raw column {sub.column!r}"
+            continue
+        levels = clinical.subgroup_levels(sub.levels, run_contract(experiment), sub.column)
+        groups[sub.label] = clinical.assign_values(raw[sub.column], sub.cuts, levels)
+        declared[sub.label] = clinical.declared_values(sub.cuts, levels)
+    cells = clinical.cell_statistics(out, y, kind=kind, groups=groups, threshold=settings.threshold, bins=settings.bins)
+    return {"kind": kind, "cells": cells, "declared": declared, "unavailable": unavailable}
+
+
+def run_contract(experiment: Experiment) -> Any:
+    """The run's data contract (``None``: it has none), resolved once per experiment."""
+    from flowerbed.tasks.data.catalog import resolve_contract
+
+    try:
+        return per_experiment("contract", experiment, lambda e: resolve_contract(e.data))
+    except FlowerbedError:
+        return None
+
+
+def evaluation_releases(a: Admitted) -> int:
+    """DP releases one evaluation makes: its counts, and the clinical statistics of a binary classifier."""
+    schema = a.site.schema
+    return 2 if a.request.clinical and schema.target == "class" and schema.num_classes == 2 else 1
+
+
+def clinical_release(a: Admitted, held: dict[str, Any] | None) -> str | None:
+    """What leaves the node of its clinical cells, as JSON text (``None``: not asked for).
+
+    Without DP: the cells of at least ``min_count`` patients (the experiment's, never below the
+    node's ``min-test-rows``), with secondary suppression (``clinical.suppress``). Under DP: a
+    binary classifier's declared cells with Gaussian noise (``clinical.noisy_statistics``), at the
+    evaluation's noise multiplier, charged as the evaluation's second release.
+    """
+    if held is None:
+        return None
+    if "withheld" in held:
+        return clinical.to_text(held)
+    settings = a.request.experiment.evaluate.clinical
+    min_count = max(settings.min_count, a.config.test_rows_needed)
+    unavailable = dict(held["unavailable"])
+    noise = None
+    if a.private is None:
+        cells = clinical.suppress(held["cells"], min_count)
+    elif held["kind"] != "binary":
+        return clinical.to_text(clinical.withheld("under DP the node releases binary classifiers' statistics only"))
+    else:
+        declared = {g: v for g, v in held["declared"].items() if v is not None}
+        for group in set(held["declared"]) - set(declared):
+            unavailable[group] = "under DP only subgroups whose values are declared (cuts or levels) are released"
+        kept = [c for c in held["cells"] if c["group"] == clinical.ALL or c["group"] in declared]
+        noise = clinical.noise_std(a.private.plan.noise_multiplier, len(declared))
+        seed = None if a.private.noise_seed is None else derive_seed(a.private.noise_seed, "clinical")
+        cells = clinical.noisy_statistics(kept, declared, std=noise, min_count=min_count, seed=seed)
+    if not cells:
+        return clinical.to_text(clinical.withheld(f"the split has fewer patients than the minimum count ({min_count})"))
+    statistics = clinical.release(
+        held["kind"], cells, split=a.request.split, threshold=settings.threshold, bins=settings.bins,
+        min_count=min_count, noise=noise,
+    )  # fmt: skip
+    if unavailable:
+        statistics["unavailable"] = unavailable
+    return clinical.to_text(statistics)
 
 
 def noisy_metrics(counts: Metrics, noise_multiplier: float, seed: int | None) -> Metrics:
@@ -680,7 +934,19 @@ def release_train(admitted: Sequence[Admitted], results: Sequence[TrainResult]) 
             epsilon = compose(histories[charge.dataset], private.delta, private.accountant)  # type: ignore[union-attr]
             weight = aggregation_weight(admitted[i], results[i])
             out[i] = {"num-examples": weight, "epsilon": epsilon, "delta": private.delta}  # type: ignore[union-attr]
+    _keep_controls([(a, r) for a, r, o in zip(admitted, results, out, strict=True) if not isinstance(o, Refusal)])
     return out
+
+
+def _keep_controls(released: list[tuple[Admitted, TrainResult]]) -> None:
+    """Keep each released round's SCAFFOLD control variate and personal arrays at the node, before any reply."""
+    for a, result in released:
+        request = a.request
+        for kind, arrays in (("control", result.control), (personal.KIND, result.personal)):
+            if arrays is not None:
+                NodeState(state_path(a.config, request.run_id)).keep(
+                    request.run_id, a.site.name, kind, request.server_round, arrays
+                )
 
 
 def _record_steps(admitted: list[Admitted]) -> None:
@@ -728,19 +994,25 @@ def _charge(a: Admitted, steps: int) -> Charge:
     return Charge(private.dataset, a.request.run_id, a.request.server_round, private.plan, steps, a.site.name)
 
 
-def release_evaluate(admitted: Sequence[Admitted], scores: Sequence[Metrics]) -> list[Metrics | Refusal]:
-    """Each node's evaluation reply: its metrics and ``num-examples``, or under DP noisy counts, charged first."""
-    out: list[Metrics | Refusal] = []
+def release_evaluate(admitted: Sequence[Admitted], scores: Sequence[Scored]) -> list[Scored | Refusal]:
+    """Each node's evaluation reply: its metrics and ``num-examples``, or under DP noisy counts, charged first.
+
+    The clinical statistics, when asked for, leave as ``clinical_release`` makes them (suppressed,
+    or under DP noised and charged with the counts: one ledger entry of ``evaluation_releases`` steps).
+    """
+    out: list[Scored | Refusal] = []
     by_ledger: dict[Path, list[int]] = {}
     for i, (a, measured) in enumerate(zip(admitted, scores, strict=True)):
         if a.private is None:
-            out.append({**measured, "num-examples": len(a.evaluation_rows()[1])})
+            metrics = {**measured.metrics, "num-examples": len(a.evaluation_rows()[1])}
+            out.append(Scored(metrics, clinical_release(a, measured.clinical)))
         else:
-            out.append({})
+            out.append(Scored({}))
             by_ledger.setdefault(a.private.ledger.path, []).append(i)
     for members in by_ledger.values():
         ledger = admitted[members[0]].private.ledger  # type: ignore[union-attr]
-        charges = [_charge(admitted[i], 1) for i in members]
+        steps = [admitted[i].private.plan.steps_per_round for i in members]  # type: ignore[union-attr]
+        charges = [_charge(admitted[i], k) for i, k in zip(members, steps, strict=True)]
         budgets = [admitted[i].private.budget for i in members]  # type: ignore[union-attr]
         for i, outcome in zip(members, ledger.charge_many(charges, budgets), strict=True):
             private = admitted[i].private
@@ -748,7 +1020,8 @@ def release_evaluate(admitted: Sequence[Admitted], scores: Sequence[Metrics]) ->
             if isinstance(outcome, PrivacyBudgetExceeded):
                 out[i] = refusal_for(outcome, admitted[i].site.name)
             else:
-                out[i] = noisy_metrics(scores[i], private.plan.noise_multiplier, private.noise_seed)
+                metrics = noisy_metrics(scores[i].metrics, private.plan.noise_multiplier, private.noise_seed)
+                out[i] = Scored(metrics, clinical_release(admitted[i], scores[i].clinical))
     return out
 
 

@@ -1,9 +1,16 @@
-"""What a node remembers between the rounds of a run besides its ledger: which rounds it trained.
+"""What a node remembers between the rounds of a run besides its ledger.
+
+Which rounds each site trained, and arrays a site keeps from round to round: its SCAFFOLD control
+variate, its personal parameters (personalized federated learning).
 
 A site that trains in ``train.local_steps`` continues its own iterator from round to round; where
 it stands is ``local_steps x`` the rounds of this run it trained before the current one. The node
 records a round after training it and before replying (like a ledger charge), so a round that is
 run again after a crash takes the same batches, and a resumed run goes on where it stopped.
+
+Kept arrays are stored per round they were made in: a round reads the newest ones from an earlier
+round, so a round run again (a resumed coordinator) starts from the same state and writes the same
+result.
 
 A deployed node keeps ``node-state.sqlite`` in its state folder (``state`` in its config, set by
 ``flowerbed node start``); a simulated one beside its ledger (``FLOWERBED_SIM_NODE_DIR``).
@@ -15,6 +22,9 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+import safetensors.numpy
+
 from flowerbed.exception import NodeError
 
 _SCHEMA = """
@@ -24,11 +34,19 @@ CREATE TABLE IF NOT EXISTS trained (
     round INTEGER NOT NULL,
     PRIMARY KEY (run_id, site, round)
 );
+CREATE TABLE IF NOT EXISTS kept (
+    run_id TEXT NOT NULL,
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    arrays BLOB NOT NULL,
+    PRIMARY KEY (run_id, site, kind, round)
+);
 """
 
 
 class NodeState:
-    """The rounds each site of this node trained, per run (a SQLite file)."""
+    """The rounds each site of this node trained and the arrays it keeps, per run (a SQLite file)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
@@ -62,4 +80,23 @@ class NodeState:
             con.executemany(
                 "INSERT OR IGNORE INTO trained (run_id, site, round) VALUES (?, ?, ?)",
                 [(run_id, site, int(number)) for site, number in rounds],
+            )
+
+    def kept_before(self, run_id: str, site: str, kind: str, server_round: int) -> dict[str, np.ndarray] | None:
+        """The site's newest ``kind`` arrays (``control``, ``personal``) from a round before ``server_round``."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT arrays FROM kept WHERE run_id = ? AND site = ? AND kind = ? AND round < ? "
+                "ORDER BY round DESC LIMIT 1",
+                (run_id, site, kind, int(server_round)),
+            ).fetchone()
+        return None if row is None else safetensors.numpy.load(bytes(row[0]))
+
+    def keep(self, run_id: str, site: str, kind: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+        """Keep the ``kind`` arrays a round made (durably; the same round again replaces them)."""
+        data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        with self._connect() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO kept (run_id, site, kind, round, arrays) VALUES (?, ?, ?, ?, ?)",
+                (run_id, site, kind, int(server_round), data),
             )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowerbed.client.training import TrainResult, make_optimizer, proximal_gradient
+from flowerbed.client.training import TrainResult, corrected_gradient, make_optimizer, proximal_gradient
 from flowerbed.exception import TaskError
 from flowerbed.experiment import TrainConfig
 from flowerbed.privacy.dp_sgd import (
@@ -36,6 +36,7 @@ def train_private(
     device: torch.device | str = "cpu",
     fast: bool = True,
     proximal_mu: float = 0.0,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """One round of DP-SGD on a node's training rows, as planned.
 
@@ -64,6 +65,8 @@ def train_private(
         Use the fast per-sample engine where it supports the model.
     proximal_mu : float (default: 0.0)
         FedProx's proximal term, added to the noisy gradient (it does not touch the data).
+    correction : dict[str, Tensor] | None (default: None)
+        SCAFFOLD's ``c - c_i``, added to the noisy gradient (it does not touch the data either).
 
     Returns
     -------
@@ -105,6 +108,7 @@ def train_private(
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
             proximal_gradient(model, anchor, proximal_mu)
+            corrected_gradient(model, correction)
             optimizer.step()
     finally:
         engine.close()

@@ -48,6 +48,22 @@ class TrainResult:
     loss: float
     steps: int
     num_examples: int
+    control: dict[str, np.ndarray] | None = None  # SCAFFOLD: the site's new control variate
+    control_delta: dict[str, np.ndarray] | None = None  # SCAFFOLD: its change, which the node sends
+    personal: dict[str, np.ndarray] | None = None  # personalization: what the site keeps at its node
+
+
+def corrected_gradient(model: nn.Module, correction: dict[str, torch.Tensor] | None) -> None:
+    """Add a fixed vector to every parameter's gradient (SCAFFOLD's ``c - c_i``, Karimireddy et al. 2020).
+
+    Under DP-SGD it is added after clipping and noise: it depends on no row of this step's data.
+    """
+    if not correction:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.grad is not None and name in correction:
+                p.grad.add_(correction[name])
 
 
 def proximal_gradient(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float) -> None:
@@ -66,9 +82,10 @@ def proximal_gradient(model: nn.Module, anchor: dict[str, torch.Tensor], mu: flo
 
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """A fresh optimizer for one round (no state carried across rounds)."""
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (FedRep's phases) stay put
     if train.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=train.lr)
-    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
+        return torch.optim.Adam(params, lr=train.lr)
+    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum)
 
 
 def train_local(
@@ -82,17 +99,22 @@ def train_local(
     device: torch.device,
     proximal_mu: float = 0.0,
     schedule: StepSchedule | None = None,
+    correction: dict[str, torch.Tensor] | None = None,
+    anchor: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Mini-batch training for ``train.local_epochs`` epochs, shuffled by ``seed``.
 
     Deterministic on CPU for a fixed seed: the batch order comes from a seeded generator and the
     built-in models have no dropout. ``proximal_mu`` adds FedProx's proximal term towards the
     weights the model starts from. With ``schedule``, the round is its steps instead of epochs
-    (``train.batch_size`` of the schedule, ``seed`` unused).
+    (``train.batch_size`` of the schedule, ``seed`` unused). ``correction`` is added to every
+    step's gradient (SCAFFOLD). ``anchor`` replaces the starting weights as the proximal term's
+    centre (Ditto's personal model is pulled towards the global one).
     """
     model.to(device).train()
     optimizer = make_optimizer(model, train)
-    anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu else {}
+    if anchor is None:
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if proximal_mu else {}
     features = torch.as_tensor(x, device=device)
     labels = torch.as_tensor(y, device=device)
     total, steps = 0.0, 0
@@ -102,6 +124,7 @@ def train_local(
         loss = task.loss_fn(model(features[batch]), labels[batch])
         loss.backward()
         proximal_gradient(model, anchor, proximal_mu)
+        corrected_gradient(model, correction)
         optimizer.step()
         total += float(loss.detach())
         steps += 1

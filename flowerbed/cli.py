@@ -3,11 +3,14 @@
 - researchers: ``simulate``, ``report``, ``sweep`` (flowerbed.simulations.commands)
 - the coordinator's operator: ``provision``, ``coordinator``, ``run`` (flowerbed.server.commands)
 - hospital IT: ``node`` (flowerbed.client.commands)
+- everyone who watches runs: ``dashboard`` (flowerbed.server.dashboard)
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -23,12 +26,22 @@ app = typer.Typer(
 )
 
 
+def _write_report(run_dirs: Sequence[Path]) -> list[Path]:
+    """``flowerbed report``'s writer, for ``flowerbed run collect`` (the server package cannot import it)."""
+    from flowerbed.simulations.research.report import write_report
+
+    return write_report(run_dirs)
+
+
 def _register() -> None:
     from flowerbed.client import commands as node_commands
     from flowerbed.server import commands as server_commands
+    from flowerbed.server import dashboard
     from flowerbed.simulations import commands as sim_commands
 
-    for module in (sim_commands, server_commands, node_commands):
+    sim_commands.register(app)
+    server_commands.register(app, report=_write_report)
+    for module in (node_commands, dashboard):
         module.register(app)
 
 

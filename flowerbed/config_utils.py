@@ -44,3 +44,16 @@ def validate(model: type[Model], data: dict[str, Any], source: str, docs: str) -
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, [format_error(e, docs) for e in exc.errors()]) from None
+
+
+def find_file(value: str | Path) -> Path:
+    """A file named by an absolute path, or relative to the working directory, else to flowerbed itself.
+
+    flowerbed's own files (``simulations/experiments/heart.toml``) are found this way wherever the
+    process runs, from a checkout or an installed wheel. Not found anywhere: ``value`` as given.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    package = Path(__file__).resolve().parent  # an installed wheel: .../flowerbed; a checkout: <repo>/flowerbed
+    return next((c for c in (package / path, package.parent / path) if c.is_file()), path)

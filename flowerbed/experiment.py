@@ -7,6 +7,7 @@ key, never a silently ignored setting. ``load_experiment`` gathers every problem
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from pathlib import Path
@@ -109,6 +110,44 @@ class StrategyConfig(_Section):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class SubgroupConfig(_Section):
+    """One subgroup column the nodes evaluate by: its raw values, or bands of them."""
+
+    column: str = Field(min_length=1)  # a column of the site's raw data (the data contract's name)
+    name: str | None = None  # how reports call it (default: the column, "<column> band" with cuts)
+    cuts: list[float] | None = None  # increasing cut points: bands <c1, c1 to <c2, ..., >=cN
+    levels: dict[str, str] | None = None  # code -> name (default: the data contract's levels)
+
+    @field_validator("cuts")
+    @classmethod
+    def _increasing(cls, cuts: list[float] | None) -> list[float] | None:
+        if cuts is not None and (not cuts or any(b <= a for a, b in itertools.pairwise(cuts))):
+            raise ValueError("cuts must be a non-empty list of increasing numbers, e.g. [45, 55, 65]")
+        return cuts
+
+    @property
+    def label(self) -> str:
+        """The subgroup's name in replies and reports."""
+        return self.name or (f"{self.column} band" if self.cuts else self.column)
+
+
+class ClinicalConfig(_Section):
+    """Clinical metrics at the nodes on the final evaluation, per subgroup (docs/evaluation.md)."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.5, gt=0, lt=1)  # predicted positive when P(class 1) >= threshold
+    bins: int = Field(default=20, ge=2, le=100)  # equal-width score bins of the histograms
+    min_count: int = Field(default=10, ge=1)  # cells of fewer patients are suppressed at the node
+    subgroups: list[SubgroupConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> ClinicalConfig:
+        labels = [s.label for s in self.subgroups]
+        if len(set(labels)) != len(labels) or "all" in labels:
+            raise ValueError("evaluate.clinical.subgroups need distinct names other than 'all' (set name = ...)")
+        return self
+
+
 class EvaluateConfig(_Section):
     """Which evaluations run after each round."""
 
@@ -120,6 +159,21 @@ class EvaluateConfig(_Section):
     # Which global model the final figures are for: the last round's or the best on validation
     # (auto: best when data.validation_fraction > 0).
     report_model: Literal["auto", "last", "best"] = "auto"
+    clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
+
+
+class PersonalizationConfig(_Section):
+    """Personalized federated learning: what each site keeps at its node and evaluates as its own model."""
+
+    # finetune: the global model fine-tuned on the site's rows before each evaluation; fedper: the
+    # personal layers stay at the node; fedrep: the same, the head trained first with the body fixed;
+    # fedbn: the normalization layers stay at the node; ditto: a whole personal model pulled towards
+    # the global one.
+    method: Literal["none", "finetune", "fedper", "fedrep", "fedbn", "ditto"] = "none"
+    # fedper/fedrep: parameter name prefixes kept at the node (default: the model's last layer)
+    personal_layers: list[str] = Field(default_factory=list)
+    finetune_steps: int = Field(default=100, gt=0)  # finetune: SGD steps; fedrep: the head's steps
+    ditto_lambda: float = Field(default=0.1, ge=0)  # ditto: the pull towards the global model
 
 
 class PrivacyConfig(_Section):
@@ -165,14 +219,34 @@ class ScenarioConfig(_Section):
 
 
 class BackendConfig(_Section):
-    """How a simulation executes its virtual nodes."""
+    """How a simulation executes its virtual nodes: in this process (``inline``) unless it asks for Flower's engine."""
 
-    name: Literal["flower", "inline"] = "flower"
+    name: Literal["flower", "inline"] = "inline"
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
     ray_address: str | None = None
     vectorize: bool = True  # inline: train built-in models as vectorized cohorts
     workers: int = Field(default=1, ge=1)  # inline: Ray actors sharing each round's clients
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking at the coordinator (the optional extra ``flowerbed[tracking]``)."""
+
+    mlflow: bool = False
+    # A tracking server or database; none: a file store in the run folder (mlflow/).
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None  # none: the experiment's name
+    tensorboard: bool = False  # event files in the run folder (tensorboard/)
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", uri):
+            raise ValueError(
+                "the experiment travels to every node: keep credentials out of tracking.mlflow_uri and give "
+                "them to MLflow in its environment (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)"
+            )
+        return uri
 
 
 class Experiment(_Section):
@@ -188,9 +262,11 @@ class Experiment(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("name")
     @classmethod
@@ -210,6 +286,40 @@ class Experiment(_Section):
                 f"strategy.name = {self.strategy.name!r} needs every node's individual update, but with "
                 "secagg.enabled = true the coordinator only learns their sum: use FedAvg, FedProx, FedAvgM, "
                 "FedAdam, FedYogi or FedAdagrad, or set secagg.enabled = false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _personalization_fits(self) -> Experiment:
+        method = self.personalization.method
+        if method == "none":
+            return self
+        if self.strategy.name == "SCAFFOLD":
+            raise ValueError(
+                f"personalization.method = {method!r} with strategy.name = 'SCAFFOLD': SCAFFOLD's control variates "
+                "assume one shared model; use FedAvg, FedProx or an adaptive strategy"
+            )
+        if method == "fedrep" and self.privacy.enabled:
+            raise ValueError(
+                "personalization.method = 'fedrep' trains the head without DP-SGD before the body's DP round, which "
+                "would let the released body depend on an unprotected head: use 'fedper' (one DP-SGD round over "
+                "both) or 'ditto' under privacy.enabled = true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scaffold_needs_plain_sgd(self) -> Experiment:
+        if self.strategy.name != "SCAFFOLD":
+            return self
+        if self.train.optimizer != "sgd" or self.train.momentum:
+            raise ValueError(
+                "strategy.name = 'SCAFFOLD' updates each node's control variate from its SGD steps: set "
+                "train.optimizer = 'sgd' and train.momentum = 0"
+            )
+        if self.secagg.enabled:
+            raise ValueError(
+                "strategy.name = 'SCAFFOLD' needs each node's control-variate change beside its update, which "
+                "secure aggregation does not carry: set secagg.enabled = false or use FedAvg/FedProx"
             )
         return self
 

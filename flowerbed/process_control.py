@@ -19,17 +19,26 @@ dies mid-import with a traceback; their entry points also end quietly on a ``Key
 
 ``flowerbed run ...`` commands turn SIGTERM into the same path as Ctrl-C (``sigterm_as_interrupt``):
 the ``flwr`` process they wait on is stopped and they exit with code 130.
+
+Every Flower process a command starts finds Flower's console scripts (``flower-superlink``,
+``flower-supernode``, ``flower-superexec``, ``flwr``) beside the command's own interpreter, as a
+service manager runs ``/opt/venv/bin/flowerbed`` without activating the environment:
+``flower_executable`` names them by full path and ``child_env`` puts that folder first on the
+children's ``PATH``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -82,6 +91,44 @@ def popen_ignoring_interrupt(command: list[str], **kwargs: object) -> subprocess
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
+
+
+def interpreter_folder() -> Path:
+    """The folder of this interpreter (a virtual environment's ``bin``), where its console scripts are.
+
+    ``sys.executable`` as started (not resolved): a virtual environment's ``python`` is often a link
+    to the base interpreter, whose folder lacks the environment's scripts.
+    """
+    return Path(sys.executable).parent
+
+
+def flower_executable(name: str) -> str:
+    """A console script (``flower-supernode``, ``flwr``, ...) beside this interpreter, else from ``PATH``."""
+    candidate = interpreter_folder() / name
+    return str(candidate) if candidate.exists() else shutil.which(name) or name
+
+
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with this interpreter's folder first on ``PATH``.
+
+    Flower's processes start others by name (``flower-superexec``, ``flwr-serverapp``); they find
+    this environment's, activated or not.
+    """
+    env = dict(os.environ if base is None else base)
+    folder = str(interpreter_folder())
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != folder]
+    env["PATH"] = os.pathsep.join([folder, *parts])
+    return env
+
+
+def flower_logs_once() -> None:
+    """Let each line of Flower's log reach the console once.
+
+    Opacus gives the root logger a handler when it is imported (``logging.basicConfig``); Flower's
+    logger has its own console handler and also passes every line on to the root's, so without
+    this each line shows twice (and twice in ``flwr log``, which mirrors stdout and stderr).
+    """
+    logging.getLogger("flwr").propagate = False
 
 
 def quiet_main(main: Callable[[], object]) -> None:

@@ -23,8 +23,20 @@ EXPERIMENT_KEY = "flowerbed.experiment"
 RUN_ID_KEY = "flowerbed.run-id"
 #: Set by Flower's FedProx in the train config: the proximal term's weight, applied at every node.
 PROXIMAL_MU_KEY = "proximal-mu"
+#: SCAFFOLD: the global control variate travels to the nodes in an ArrayRecord under
+#: ``SCAFFOLD_CONTROL``; a node's change of its own control variate comes back under
+#: ``SCAFFOLD_DELTA``, every array named ``SCAFFOLD_PREFIX + parameter``.
+SCAFFOLD_CONTROL = "scaffold-control"
+SCAFFOLD_DELTA = "scaffold-delta"
+SCAFFOLD_PREFIX = "scaffold/"
+#: The number of sites the coordinator discovered (SCAFFOLD scales its control update by it).
+SITES_KEY = "flowerbed.sites"
 #: Which split an evaluation message asks for: "test" (the default) or "validation".
 EVALUATE_SPLIT_KEY = "evaluate-split"
+#: An evaluation message with this key set to true asks for the clinical statistics; the reply
+#: carries them as JSON text in a ``ConfigRecord`` under ``CLINICAL_RECORD`` (key ``statistics``).
+EVALUATE_CLINICAL_KEY = "evaluate-clinical"
+CLINICAL_RECORD = "clinical"
 #: The secure train phase: its stages' message types start with this; their payload travels in a
 #: ``ConfigRecord`` under ``SECAGG_PAYLOAD``, a node's masked update in an ``ArrayRecord`` under
 #: ``SECAGG_MASKED`` as the array ``SECAGG_MASKED_ARRAY``.
@@ -34,6 +46,8 @@ SECAGG_MASKED = "secagg-masked"
 SECAGG_MASKED_ARRAY = "masked"
 #: Record keys of a reply: the site's name (a ``ConfigRecord``) beside Flower's ``arrays``/``metrics``.
 SITE_RECORD = "site"
+#: What the ``epsilon`` of a DP reply counts (the node composes its ledger, see privacy/ledger.py).
+EPSILON_SCOPE = "cumulative at each node's ledger: every release of the site's dataset, this run's and earlier runs'"
 
 
 class ErrorCode(IntEnum):

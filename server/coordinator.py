@@ -44,7 +44,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import ssl
 import subprocess
 import sys
@@ -55,7 +54,7 @@ from pathlib import Path
 
 from flowerbed import flower_internals
 from flowerbed.exception import ConfigError, NodeError
-from flowerbed.process_control import StopSignal, popen_ignoring_interrupt, stop_processes
+from flowerbed.process_control import StopSignal, child_env, popen_ignoring_interrupt, stop_processes
 from flowerbed.server.federation_config import FederationConfig
 from flowerbed.server.operator_auth import new_token, read_token
 from flowerbed.server.provisioning import ProvisionPaths, write_private
@@ -137,8 +136,12 @@ def local_address(federation: FederationConfig) -> str:
 
 
 def flower_env(federation: FederationConfig) -> dict[str, str]:
-    """Environment for Flower processes and ``flwr`` commands of this coordinator."""
-    env = {k: v for k, v in os.environ.items() if k not in FLOWER_PRIVATE_API_SWITCHES}
+    """Environment for Flower processes and ``flwr`` commands of this coordinator.
+
+    This interpreter's folder comes first on ``PATH``: the SuperLink and its children find this
+    environment's Flower scripts also when the virtual environment is not activated.
+    """
+    env = child_env({k: v for k, v in os.environ.items() if k not in FLOWER_PRIVATE_API_SWITCHES})
     env["FLWR_HOME"] = str(CoordinatorPaths(federation.state_dir).flwr_home)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
@@ -238,12 +241,6 @@ def executor_command(federation: FederationConfig, *, insecure: bool, superlink_
     if insecure:
         return [*command, "--insecure"]
     return [*command, "--root-certificates", str(ProvisionPaths(federation.output_dir).coordinator_ca)]
-
-
-def _executable(name: str) -> str:
-    """A Flower console script from this interpreter's environment, else from PATH."""
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else shutil.which(name) or name
 
 
 def wait_until_ready(

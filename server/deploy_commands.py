@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from flowerbed.server.federation_config import FederationConfig, append_site, load_federation
+if TYPE_CHECKING:
+    from flowerbed.server.federation_config import FederationConfig
 
 console = Console(highlight=False)
+
+#: ``flowerbed report``'s writer (run folders -> files written), given by the CLI root for ``run collect``.
+ReportWriter = Callable[[Sequence[Path]], list[Path]]
+_report_writer: ReportWriter | None = None
 
 FederationOption = Annotated[
     Path,
@@ -31,6 +37,7 @@ FederationOption = Annotated[
 def _federation(path: Path | None) -> FederationConfig:
     """The federation file of a ``run`` command; from here on SIGTERM stops the command like Ctrl-C."""
     from flowerbed.process_control import sigterm_as_interrupt
+    from flowerbed.server.federation_config import load_federation
 
     sigterm_as_interrupt()
     default = os.environ.get("FLOWERBED_FEDERATION", "federation.toml")
@@ -53,8 +60,17 @@ def provision_command(
     server_days: Annotated[
         int | None, typer.Option("--server-days", min=1, help="Coordinator certificate validity (days).")
     ] = None,
+    wheel: Annotated[
+        Path | None,
+        typer.Option(
+            "--wheel",
+            help="Put flowerbed's wheel in every kit (hospitals install it without a package index): a .whl file, "
+            "or flowerbed's source folder to build it from.",
+        ),
+    ] = None,
 ) -> None:
     """Make the federation's CA, the coordinator's TLS certificate and one start-up kit per hospital."""
+    from flowerbed.server.federation_config import append_site, load_federation
     from flowerbed.server.provisioning import provision
 
     sites = list(site) if site else None
@@ -63,7 +79,9 @@ def provision_command(
             console.print(f"added site [bold]{add_site}[/] to {federation_file}")
         sites = [*(sites or []), add_site]
     federation = load_federation(federation_file)
-    report = provision(federation, sites=sites, force=force, ca_days=ca_days, server_days=server_days)
+    if wheel is not None and wheel.is_dir():
+        console.print(f"building flowerbed's wheel from {wheel} (pip wheel --no-deps) ...")
+    report = provision(federation, sites=sites, force=force, ca_days=ca_days, server_days=server_days, wheel=wheel)
     root = federation.output_dir
     for path in report.created:
         console.print(f"  created {path.relative_to(root)}")
@@ -71,6 +89,8 @@ def provision_command(
         console.print(f"  kept {len(report.kept)} existing keys and certificates (use --force to replace them)")
     for name, kit in report.kits.items():
         console.print(f"kit for [bold]{name}[/]: {kit}  (send this folder to the hospital's IT)")
+    if report.wheel is not None:
+        console.print(f"every kit carries {report.wheel.name}: its README says how to install it")
     console.print(f"coordinator files: {root / 'coordinator'}; keep {root / 'ca' / 'ca.key'} offline")
 
 
@@ -83,6 +103,7 @@ def coordinator_start_command(
 ) -> None:
     """Start the coordinator (Flower SuperLink with TLS, node authentication, persistent state)."""
     from flowerbed.server.coordinator import Coordinator
+    from flowerbed.server.federation_config import load_federation
 
     coordinator = Coordinator(load_federation(federation_file), insecure=insecure)
     raise typer.Exit(coordinator.run(timeout=timeout, log=console.print))
@@ -118,20 +139,39 @@ def run_status_command(
     if output_format == "json":
         print(json.dumps(status, indent=2))
         return
+    render_status(status)
+
+
+def render_status(status: dict) -> None:
+    """``run status``'s human form: state and reason first, then rounds, sites, metrics and epsilon."""
+    from rich.markup import escape
+
     rounds = f"{status['rounds_done']}/{status['rounds'] or '?'}"
     console.print(f"run [bold]{status['name']}[/] (Flower run {status['flower_run_id']}): {status['status']}")
+    console.print(f"  {escape(status['reason'])}")
     console.print(f"  rounds done: {rounds}{'  (finished)' if status['finished'] else ''}")
-    console.print(f"  last round's sites: {', '.join(status['participants']) or '-'}")
-    for node, reason in (status["excluded"] or {}).items():
-        console.print(f"  [red]did not take part[/] {node}: {reason}")
+    for label, reasons in (
+        ("privacy budget spent", status["budget_exhausted"]),
+        ("left the run", status["left_out"]),
+        ("did not take part", status["excluded"]),
+    ):
+        for site, reason in (reasons or {}).items():
+            console.print(f"  [red]{label}[/] {escape(site)}: {escape(str(reason))}")
+    for number, sites in (status["retrained"] or {}).items():
+        console.print(
+            f"  [yellow]round {number} trained twice[/] at {escape(', '.join(sites))}: the run was interrupted after "
+            "its training went out, then resumed; each of these sites' ledgers charged both"
+        )
+    console.print(f"  last round's sites: {escape(', '.join(status['participants'])) or '-'}")
     for site, reason in (status["refused"] or {}).items():
-        console.print(f"  [red]refused[/] {site}: {reason}")
+        console.print(f"  [red]refused[/] {escape(site)}: {escape(str(reason))}")
     for kind, values in status["metrics"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, int | float))
         console.print(f"  {kind}: {shown}")
     if status["epsilon"]:
         eps = ", ".join(f"{site} {value:.3f}" for site, value in status["epsilon"].items())
-        console.print(f"  epsilon per site: {eps} (max {status['epsilon_max']})")
+        console.print(f"  epsilon per site: {escape(eps)} (max {max(status['epsilon'].values()):.3f})")
+        console.print(f"    ({escape(status['epsilon_scope'])}; `flowerbed node budget` at each node shows this run's)")
     console.print(f"  folder: {status['run_dir']}")
 
 
@@ -149,11 +189,21 @@ def run_logs_command(
 def run_stop_command(
     run: Annotated[str | None, typer.Argument(help="Flower run id or run folder name (default: latest).")] = None,
     federation: FederationOption = None,  # type: ignore[assignment]
+    now: Annotated[
+        bool,
+        typer.Option(
+            "--now", help="Stop at once, also mid-round: resume then trains that round again (charged twice)."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=0, help="Seconds to wait for the round in progress (default: 2 round timeouts)."),
+    ] = None,
 ) -> None:
-    """Stop a run; finished rounds stay checkpointed (`flowerbed run resume` continues)."""
+    """Stop a run after its round in progress; finished rounds stay checkpointed (`flowerbed run resume` continues)."""
     from flowerbed.server.run_control import stop_run
 
-    record = stop_run(_federation(federation), run)
+    record = stop_run(_federation(federation), run, now=now, timeout=timeout, log=console.print)
     console.print(f"stopped run {record.name}")
 
 
@@ -174,10 +224,12 @@ def run_collect_command(
     run: Annotated[str | None, typer.Option("--run", help="Flower run id or folder name (default: latest).")] = None,
     federation: FederationOption = None,  # type: ignore[assignment]
 ) -> None:
-    """Copy a run folder (final model, metrics, summary, plots) off the coordinator."""
+    """Copy a run folder (final model, metrics, summary, report: plots) off the coordinator."""
     from flowerbed.server.run_control import collect_run
 
-    path = collect_run(_federation(federation), run, destination)
+    path, report = collect_run(_federation(federation), run, destination, report=_report_writer)
+    if report:
+        console.print(f"report: {', '.join(p.name for p in report)}")
     console.print(f"run folder copied to {path}")
 
 
@@ -193,8 +245,10 @@ run_app.command("resume")(run_resume_command)
 run_app.command("collect")(run_collect_command)
 
 
-def register_deploy(app: typer.Typer) -> None:
-    """Add ``provision``, ``coordinator`` and ``run`` to the root app."""
+def register_deploy(app: typer.Typer, report: ReportWriter | None = None) -> None:
+    """Add ``provision``, ``coordinator`` and ``run`` to the root app; ``report`` draws ``run collect``'s report."""
+    global _report_writer
+    _report_writer = report
     app.command("provision")(provision_command)
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(run_app, name="run")

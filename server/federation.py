@@ -20,13 +20,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flowerbed.exception import RunError
+from flowerbed.exception import FlowerbedError, RunError
 from flowerbed.experiment import Experiment
 from flowerbed.protocol import (
+    CLINICAL_RECORD,
+    EPSILON_SCOPE,
+    EVALUATE_CLINICAL_KEY,
     EVALUATE_SPLIT_KEY,
     EXPERIMENT_KEY,
     PERSISTENT_REFUSALS,
     RUN_ID_KEY,
+    SITES_KEY,
     ErrorCode,
     error_name,
 )
@@ -40,6 +44,7 @@ from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
 from flowerbed.server.round_policy import select_round_participants
 from flowerbed.server.secure_train_phase import secure_train_round
 from flowerbed.strategies.registry import build_strategy
+from flowerbed.tasks import clinical
 from flowerbed.weights import arrays_to_numpy, numpy_to_arrays
 
 STOP_FILE = "STOP"
@@ -134,8 +139,10 @@ class Federation:
         self.site_max_examples = dict(site_max_examples or {})  # the operator's cap per site (federation file)
         self.pinned_examples: dict[str, float] = {}  # site -> the weight it claimed first, for the whole run
         self.history: list[dict[str, Any]] = []
+        self._interrupted: list[str] = []  # on resume: sites that got the interrupted round's training
         self.timings: list[dict[str, Any]] = []
         self.final_weights: dict[str, np.ndarray] = initial_weights
+        self._extra_records: dict[str, dict[str, np.ndarray]] = {}  # the strategy's ArrayRecords beside the weights
         self._base_config = {
             EXPERIMENT_KEY: json.dumps(experiment.to_dict()),
             RUN_ID_KEY: run_dir.name,
@@ -170,9 +177,22 @@ class Federation:
     def discover(self) -> None:
         """Wait for the nodes, then ask each which site it is (sampling works on site names)."""
         deadline = time.monotonic() + self.timeout
+        next_note = time.monotonic() + 2.0  # while nodes are missing: a line after 2 s, then every 30 s
         while len(node_ids := list(self.grid.get_node_ids())) < self.expected_nodes:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
+                if node_ids:
+                    self.reporter.note(
+                        f"{len(node_ids)} of {self.expected_nodes} nodes connected after {self.timeout:g} s "
+                        "(train.round_timeout); going on with them"
+                    )
                 break
+            if now >= next_note:
+                next_note = now + 30.0
+                self.reporter.note(
+                    f"waiting for nodes: {len(node_ids)} of {self.expected_nodes} connected; "
+                    f"{deadline - now:.0f} s left (train.round_timeout)"
+                )
             time.sleep(0.2)
         if not node_ids:
             raise RunError(f"no node connected within {self.timeout:g} s (train.round_timeout)")
@@ -194,6 +214,7 @@ class Federation:
                     "give each node a distinct site name in its node config"
                 )
             self.site_nodes[site] = node_id
+        self._base_config[SITES_KEY] = len(self.site_nodes)
         if len(self.site_nodes) < self.min_nodes:
             raise RunError(
                 f"only {len(self.site_nodes)} of {self.expected_nodes} nodes are usable "
@@ -244,7 +265,9 @@ class Federation:
         """Why a site's training reply is rejected: validity, its weight's bounds, its update's norm."""
         train = self.experiment.train
         cap = min(train.max_examples, self.site_max_examples.get(site, train.max_examples))
-        problem = validate_train_reply(reply, reference, max_examples=cap, max_update_norm=train.max_update_norm)
+        problem = validate_train_reply(
+            reply, reference, max_examples=cap, max_update_norm=train.max_update_norm, extra=self._extra_records
+        )
         if problem:
             return problem
         claimed = float(_metric_record(reply)["num-examples"])
@@ -264,7 +287,10 @@ class Federation:
         subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
         messages = strategy.configure_train(server_round, arrays, self.config(), subset)
         replies = self.exchange_train(server_round, messages)
-        outcome = self._sort_replies(sites, replies, arrays_to_numpy(arrays))
+        reference = arrays_to_numpy(arrays)
+        reply_records = getattr(strategy, "reply_records", None)  # what a strategy's replies carry besides weights
+        self._extra_records = reply_records(reference) if callable(reply_records) else {}
+        outcome = self._sort_replies(sites, replies, reference)
         if len(outcome.accepted) < self.min_nodes:
             return None, {}, outcome
         new_arrays, metrics = strategy.aggregate_train(server_round, [m for _, m in outcome.accepted])
@@ -278,11 +304,19 @@ class Federation:
         return numpy_to_arrays({k: values[k].astype(ref.dtype, copy=False) for k, ref in self.initial_weights.items()})
 
     def evaluate_round(
-        self, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: list[str], split: str = "test"
+        self,
+        strategy: Strategy,
+        server_round: int,
+        arrays: ArrayRecord,
+        sites: list[str],
+        split: str = "test",
+        clinical: bool = False,
     ) -> tuple[dict[str, Any], RoundOutcome]:
-        """Federated evaluation on ``sites``' own test (or validation) splits."""
+        """Federated evaluation on ``sites``' own test (or validation) splits (``clinical``: with statistics)."""
         subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
         config = self.config(split if split != "test" else None)
+        if clinical:
+            config[EVALUATE_CLINICAL_KEY] = True
         messages = list(strategy.configure_evaluate(server_round, arrays, config, subset))
         if not messages:
             return {}, RoundOutcome()
@@ -303,6 +337,9 @@ class Federation:
             self.best_weights = state.best
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
             first_round = state.round + 1
+            sent = run_folder.read_round_sent(self.run_dir)
+            if sent.get("round") == first_round:  # its training went out, its checkpoint was never written
+                self._interrupted = list(sent.get("sites") or [])
             run_folder.write_metrics(self.run_dir, self.history)
             run_folder.write_timings(self.run_dir, self.timings)
         else:
@@ -311,6 +348,12 @@ class Federation:
             first_round = 1
             run_folder.write_experiment(self.run_dir, self.experiment)
         self.reporter.run_started(self.experiment, self.run_dir, first_round)
+        if self._interrupted:
+            self.reporter.note(
+                f"round {first_round} was interrupted after its training went to {', '.join(self._interrupted)}; "
+                "it is trained again now: a site that had trained it is charged for it twice in its ledger, and "
+                "the epsilon it reports counts both"
+            )
         self.discover()
         arrays = numpy_to_arrays(weights)
         stopped = None
@@ -333,6 +376,7 @@ class Federation:
             if not on_time:
                 self.reporter.note(f"round {server_round}: no sampled site is available (scenario); round skipped")
                 continue
+            run_folder.note_round_sent(self.run_dir, server_round, on_time)
             new_arrays, train_metrics, train_outcome = self.train_round(strategy, server_round, arrays, on_time)
             for site in decision.dropped:
                 train_outcome.refused[site] = "dropped out (simulated scenario)"
@@ -347,6 +391,10 @@ class Federation:
                 break
             arrays = new_arrays
             record = self._round_record(server_round, started, train_metrics, train_outcome, sites)
+            if server_round == first_round and self._interrupted:
+                twice = sorted(set(self._interrupted) & set(record["participants"]))
+                if twice:  # sites whose training of this round went out before the interruption, and again now
+                    record["retrained"] = twice
             if self.experiment.evaluate.federated:
                 participants = [s for s, _ in train_outcome.accepted]
                 eval_metrics, eval_outcome = self.evaluate_round(strategy, server_round, arrays, participants)
@@ -447,6 +495,33 @@ class Federation:
             "validation_value": best[1],
         }
 
+    def _clinical(self, outcome: RoundOutcome) -> dict[str, Any]:
+        """The clinical figures from the nodes' statistics (docs/evaluation.md); malformed ones are left out, named."""
+        from flowerbed.tasks.data.catalog import resolve_contract
+
+        replies: dict[str, clinical.Statistics] = {}
+        rejected: dict[str, str] = {}
+        for site, reply in outcome.accepted:
+            record = reply.content.get(CLINICAL_RECORD)
+            text = record.get("statistics") if isinstance(record, ConfigRecord) else None
+            if text is None:
+                rejected[site] = "the reply carries no clinical statistics"
+                continue
+            try:
+                replies[site] = clinical.parse_statistics(text, f"site {site}")
+            except ValueError as exc:
+                rejected[site] = str(exc)
+        settings = self.experiment.evaluate.clinical
+        try:
+            contract = resolve_contract(self.experiment.data)
+        except FlowerbedError:
+            contract = None
+        summary = clinical.clinical_summary(replies, clinical.declared_groups(settings.subgroups, contract))
+        summary["rejected"] = rejected
+        for site, reason in rejected.items():
+            self.reporter.note(f"clinical statistics of site {site} left out: {reason}")
+        return summary
+
     def finish(self, strategy: Strategy, arrays: ArrayRecord, stopped: str | None) -> dict[str, Any]:
         """Final evaluation on every site (of the reported model), the summary, and the final model."""
         self.final_weights = arrays_to_numpy(arrays)
@@ -458,10 +533,16 @@ class Federation:
         final_sites: dict[str, dict[str, Any]] = {}
         final_federated: dict[str, Any] = {}
         live = sorted(s for s in self.site_nodes if s not in self.excluded)
+        final_clinical: dict[str, Any] = {}
         if self.experiment.evaluate.federated and live:
-            final_federated, outcome = self.evaluate_round(strategy, self.experiment.rounds, arrays, live)
+            asked = self.experiment.evaluate.clinical.enabled
+            final_federated, outcome = self.evaluate_round(
+                strategy, self.experiment.rounds, arrays, live, clinical=asked
+            )
             for site, reply in outcome.accepted:
                 final_sites[site] = _metrics_dict(_metric_record(reply))
+            if asked:
+                final_clinical = self._clinical(outcome)
         epsilon: dict[str, float] = {}
         refusals: dict[str, str] = {}
         for record in self.history:
@@ -482,11 +563,18 @@ class Federation:
                 "federated": final_federated,
                 "sites": final_sites,
                 "central": self.central_evaluator(weights) if self.central_evaluator else {},
+                "clinical": final_clinical,
             },
-            "epsilon": {"per_site": epsilon, "max": max(epsilon.values()) if epsilon else None},
+            "epsilon": {
+                "per_site": epsilon,
+                "max": max(epsilon.values()) if epsilon else None,
+                "scope": EPSILON_SCOPE,
+            },
             "refused": refusals,
             "excluded": self.excluded,
             "left_out": self.left_out,
             "budget_exhausted": self.exhausted,
+            # rounds trained twice (interrupted after their training went out, before their checkpoint)
+            "retrained": {str(r["round"]): r["retrained"] for r in self.history if r.get("retrained")},
         }
         return summary

@@ -14,6 +14,8 @@
         node.crt                           the CA's certificate for node.key naming the site: the
                                            node's identity in secure aggregation
         contract.json                      the federation's data contract (when the file names one)
+        flowerbed-<version>-py3-none-any.whl  flowerbed itself, to install without a package index
+                                           (``--wheel``: a wheel, or a source folder to build one)
         README.md                          what the hospital's IT does with the kit
 
 Flower's SuperNode authenticates with an elliptic-curve key on a NIST curve in OpenSSH format
@@ -27,6 +29,11 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +57,7 @@ class ProvisionReport:
     created: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)
     kits: dict[str, Path] = field(default_factory=dict)
+    wheel: Path | None = None
 
 
 def _now() -> dt.datetime:
@@ -273,6 +281,7 @@ def provision(
     force: bool = False,
     ca_days: int | None = None,
     server_days: int | None = None,
+    wheel: Path | None = None,
 ) -> ProvisionReport:
     """Create whatever the federation still lacks: CA, coordinator certificate, kits.
 
@@ -288,6 +297,10 @@ def provision(
         replaced: to start a new CA, move the old ``ca/`` folder away first.
     ca_days, server_days : int | None (default: None)
         Override the file's ``validity`` section.
+    wheel : Path | None (default: None)
+        flowerbed's wheel for every kit (a hospital installs it without a package index): a
+        ``.whl`` file, or a flowerbed source folder to build it from (``pip wheel --no-deps``,
+        into ``<output>/dist``).
 
     Raises
     ------
@@ -309,9 +322,52 @@ def provision(
     _ensure_operator_token(paths, report)
     if sites is None:
         _ensure_server_certificate(federation, paths, report, ca_key, ca_cert, force, server_days)
+    if wheel is not None:
+        report.wheel = flowerbed_wheel(wheel, paths.root / "dist")
     for site in sites if sites is not None else federation.site_names():
         _ensure_kit(federation, paths, site, report, force, ca_key, ca_cert)
     return report
+
+
+def flowerbed_wheel(source: Path, folder: Path) -> Path:
+    """flowerbed's wheel: ``source`` itself (a ``.whl``), or built from a source folder into ``folder``.
+
+    Raises
+    ------
+    ConfigError
+        When ``source`` is neither flowerbed's wheel nor its source folder, or the build fails.
+    """
+    source = source.expanduser().resolve()
+    if source.is_dir():
+        project = source / "pyproject.toml"
+        name = tomllib.loads(project.read_text()).get("project", {}).get("name") if project.is_file() else None
+        if name != "flowerbed":
+            raise ConfigError(f"--wheel {source}", ["not a flowerbed source folder (no pyproject.toml of flowerbed)"])
+        folder.mkdir(parents=True, exist_ok=True)
+        before = set(folder.glob("flowerbed-*.whl"))
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder)]
+        result = subprocess.run([*command, str(source)], capture_output=True, text=True, check=False)
+        built = sorted(set(folder.glob("flowerbed-*.whl")) - before) or sorted(folder.glob("flowerbed-*.whl"))
+        if result.returncode != 0 or not built:
+            raise ConfigError(
+                f"--wheel {source}",
+                [
+                    f"pip wheel failed ({(result.stderr or result.stdout).strip()[-300:]}); build it yourself with "
+                    "`pip wheel --no-deps FLOWERBED_SOURCE -w dist` and give --wheel dist/flowerbed-*.whl"
+                ],
+            )
+        source = max(built, key=lambda p: p.stat().st_mtime)
+    if not (source.name.startswith("flowerbed-") and source.suffix == ".whl" and zipfile.is_zipfile(source)):
+        raise ConfigError(f"--wheel {source}", ["not flowerbed's wheel (flowerbed-<version>-py3-none-any.whl)"])
+    with zipfile.ZipFile(source) as archive:
+        if "flowerbed/server/app.py" not in archive.namelist():
+            raise ConfigError(f"--wheel {source}", ["this wheel does not hold flowerbed's server and node code"])
+    return source
+
+
+def kit_wheels(kit: Path) -> list[Path]:
+    """The flowerbed wheels in a kit folder (the newest last)."""
+    return sorted(kit.glob("flowerbed-*.whl"), key=lambda p: p.stat().st_mtime)
 
 
 def _ensure_ca(
@@ -417,7 +473,14 @@ def _ensure_kit(
         write_public(kit / "contract.json", named_contract(federation.contract, federation.base_dir).to_json().encode())
         kit_toml += 'contract = "contract.json"\n'
     write_public(kit / KIT_FILE, kit_toml.encode())
-    write_public(kit / "README.md", kit_readme(federation, site).encode())
+    if report.wheel is not None:
+        for old in kit_wheels(kit):
+            old.unlink()
+        shutil.copy2(report.wheel, kit / report.wheel.name)
+        os.chmod(kit / report.wheel.name, 0o644)
+        report.created.append(kit / report.wheel.name)
+    wheels = kit_wheels(kit)
+    write_public(kit / "README.md", kit_readme(federation, site, wheels[-1].name if wheels else None).encode())
     report.kits[site] = kit
 
 
@@ -454,8 +517,41 @@ def _ensure_node_certificate(
     report.created.append(path)
 
 
-def kit_readme(federation: FederationConfig, site: str) -> str:
-    """The start-up kit's README for the hospital's IT staff."""
+def install_steps(wheel: str | None) -> str:
+    """The kit README's install step: flowerbed from the kit's wheel, with a package index or without one."""
+    from flowerbed import __version__
+
+    name = wheel or f"flowerbed-{__version__}-py3-none-any.whl"
+    get = (
+        f"flowerbed is not on a public package index;\n   this kit carries it: `{name}`."
+        if wheel
+        else f"flowerbed is not on a public package index:\n   ask the coordinator's operator for `{name}` "
+        "(`flowerbed provision --wheel` puts it in every kit)."
+    )
+    return f"""2. Install flowerbed on that machine (Python 3.11+). {get}
+   In a virtual environment of its own:
+
+       python3 -m venv /opt/flowerbed/venv
+       /opt/flowerbed/venv/bin/pip install /opt/flowerbed/kit/{name}
+
+   pip takes flowerbed's dependencies (torch, Flower, Opacus, ...) from PyPI or your package
+   mirror. Without any package index: on a machine with internet access and the same operating
+   system, processor type and Python version, run
+
+       pip download /path/to/{name} -d wheelhouse
+
+   copy `wheelhouse/` to the node's machine and install from it alone:
+
+       /opt/flowerbed/venv/bin/pip install --no-index --find-links wheelhouse flowerbed
+
+   The commands below run from the environment without activating it, as a service manager
+   runs them: `/opt/flowerbed/venv/bin/flowerbed ...`."""
+
+
+def kit_readme(federation: FederationConfig, site: str, wheel: str | None = None) -> str:
+    """The start-up kit's README for the hospital's IT staff (``wheel``: the flowerbed wheel in the kit)."""
+    contact = next((s.contact for s in federation.sites if s.name == site), "") or "the coordinator's operator"
+    wheel_line = f"\n- `{wheel}`: flowerbed itself, to install (step 2)." if wheel else ""
     return f"""# Start-up kit: {site} in federation "{federation.name}"
 
 This folder lets this hospital's computer join the federation. It contains no patient data and
@@ -470,14 +566,14 @@ sends none: only model updates leave the hospital, and only for tasks this node 
 - `ca.pem`: the federation's certificate authority; the node talks only to a coordinator that
   this authority vouches for, and accepts in a secure-aggregation round only nodes it certified.
 - `kit.toml`: site name, federation name and the coordinator's address
-  ({federation.coordinator.address}).
+  ({federation.coordinator.address}).{wheel_line}
 
 ## Steps
 
-1. Install flowerbed on the machine that can read the hospital's data (Python 3.11+):
-   `pip install flowerbed`. Open outgoing TCP to {federation.coordinator.address}; nothing incoming.
-2. Copy this folder to that machine, e.g. `/opt/flowerbed/kit`, and check that `node.key` is
-   readable only by the account that runs the node: `chmod 600 node.key`.
+1. Copy this folder to the machine that can read the hospital's data, e.g. `/opt/flowerbed/kit`,
+   and check that `node.key` is readable only by the account that runs the node:
+   `chmod 600 node.key`. Open outgoing TCP to {federation.coordinator.address}; nothing incoming.
+{install_steps(wheel)}
 3. Check your data without any network access:
    `flowerbed node check --kit /opt/flowerbed/kit --data /path/to/data.csv`
 4. Join the federation:
@@ -486,8 +582,10 @@ sends none: only model updates leave the hospital, and only for tasks this node 
    The node runs flowerbed's built-in tasks. A task written by a researcher runs only after you
    approve its source: `flowerbed node approve package.module:attr`.
 5. Run it as a service (systemd, Windows service) that restarts on failure.
+6. See the privacy budget, what each run spent and what is left:
+   `flowerbed node budget --kit /opt/flowerbed/kit`
 
 If `node.key` leaks, tell the coordinator's operator: they issue a new kit and the old key stops
-working. Contact: {next((s.contact for s in federation.sites if s.name == site), "") or "the coordinator's operator"}.
+working. Contact: {contact}.
 See docs/deployment.md in the flowerbed documentation for details.
 """

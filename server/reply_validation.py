@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
@@ -33,17 +35,23 @@ def validate_train_reply(
     *,
     max_examples: float = float("inf"),
     max_update_norm: float | None = None,
+    extra: Mapping[str, dict[str, np.ndarray]] | None = None,
 ) -> str | None:
     """Why a training reply must be rejected, or None if it is sound.
 
-    Checks: exactly one ArrayRecord whose keys, shapes and dtypes match the global model, finite
-    values, a positive ``num-examples`` of at most ``max_examples`` in the MetricRecord, and an
-    update (new weights minus ``reference``) whose L2 norm is at most ``max_update_norm``.
+    Checks: one ArrayRecord whose keys, shapes and dtypes match the global model, finite values, a
+    positive ``num-examples`` of at most ``max_examples`` in the MetricRecord, and an update (new
+    weights minus ``reference``) whose L2 norm is at most ``max_update_norm``. ``extra`` names the
+    other ArrayRecords the strategy expects (SCAFFOLD's control-variate change), each checked for
+    its keys, shapes, dtypes and finite values.
     """
-    array_records = [r for r in message.content.values() if isinstance(r, ArrayRecord)]
+    extra = extra or {}
+    named = {name: r for name, r in message.content.items() if isinstance(r, ArrayRecord)}
     metric_records = [r for r in message.content.values() if isinstance(r, MetricRecord)]
-    if len(array_records) != 1:
-        return f"expected one ArrayRecord, got {len(array_records)}"
+    if len(named) != 1 + len(extra) or any(name not in named for name in extra):
+        wanted = " plus " + ", ".join(sorted(extra)) if extra else ""
+        return f"expected one ArrayRecord{wanted}, got {sorted(named)}"
+    array_records = [r for name, r in named.items() if name not in extra]
     if len(metric_records) != 1:
         return f"expected one MetricRecord, got {len(metric_records)}"
     examples = metric_records[0].get("num-examples")
@@ -69,6 +77,23 @@ def validate_train_reply(
                 return f"{key}: contains NaN or infinite values"
     if max_update_norm is not None and not norm <= max_update_norm:
         return f"update norm {norm:.3g} exceeds train.max_update_norm = {max_update_norm:g}"
+    for name, expected_arrays in extra.items():
+        problem = _record_problem(named[name], expected_arrays, name)
+        if problem:
+            return problem
+    return None
+
+
+def _record_problem(record: ArrayRecord, expected: dict[str, np.ndarray], name: str) -> str | None:
+    """Why an extra ArrayRecord does not fit (keys, shapes, dtypes, finite values), or None."""
+    if record.keys() != expected.keys():
+        return f"{name}: arrays do not match the model's parameters"
+    for key, ref in expected.items():
+        array = array_view(record[key])
+        if array.shape != ref.shape or array.dtype != ref.dtype:
+            return f"{name}: {key} has shape {array.shape} and dtype {array.dtype}, expected {ref.shape} {ref.dtype}"
+        if not _all_finite(array):
+            return f"{name}: {key} contains NaN or infinite values"
     return None
 
 

@@ -12,7 +12,9 @@ installed flowerbed of the coordinator and of each hospital. The run config carr
 - ``run-dir``: the run folder, chosen here (``<state>/runs/<name>-<UTC time>``) so that every
   command can find it,
 - ``resume``: ``true`` to continue ``run-dir`` from its last checkpoint,
-- ``expected-nodes``: how many hospitals to wait for.
+- ``expected-nodes``: how many hospitals to wait for,
+- ``site-max-examples``: the federation file's ``max_examples`` per site (JSON), the most weight
+  each site's replies may claim.
 
 ``<state>/runs.json`` maps Flower run ids to run folders; a run is named by its Flower run id, its
 folder name, or nothing (the latest).
@@ -27,6 +29,7 @@ import sys
 import tarfile
 import time
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,10 @@ from typing import Any
 import tomli_w
 
 import flowerbed
+from flowerbed.config_utils import find_file
 from flowerbed.exception import RunError
 from flowerbed.experiment import experiment_data, parse_experiment
+from flowerbed.protocol import EPSILON_SCOPE
 from flowerbed.server.coordinator import (
     CONNECTION,
     INSECURE_WARNING,
@@ -72,6 +77,7 @@ experiment = ""
 run-dir = ""
 resume = false
 expected-nodes = 0
+site-max-examples = ""
 """
 
 
@@ -197,10 +203,12 @@ def resolve_experiment_text(
 ) -> tuple[str, str, int]:
     """The experiment as TOML text with overrides applied and ``output`` set to the run's parent.
 
-    Returns the text, the experiment's name and its number of clients (the default number of
-    nodes to wait for). Validation errors name the file and the key, before anything is sent.
+    A relative path is looked up in the working directory, then in flowerbed itself (its bundled
+    ``simulations/experiments/*.toml``). Returns the text, the experiment's name and its number of
+    clients (the default number of nodes to wait for). Validation errors name the file and the key,
+    before anything is sent.
     """
-    path = Path(experiment_path)
+    path = find_file(experiment_path)
     data = experiment_data(path, overrides)
     data["output"] = str(run_dir.parent)
     experiment = parse_experiment(data, str(path))
@@ -252,8 +260,17 @@ def start_run(
     submissions = federation.state_dir / "submissions"
     submissions.mkdir(parents=True, exist_ok=True)
     run_config = submissions / f"{run_dir.name}.toml"
+    caps = {site.name: site.max_examples for site in federation.sites if site.max_examples is not None}
     run_config.write_text(
-        tomli_w.dumps({"experiment": text, "run-dir": str(run_dir), "resume": False, "expected-nodes": nodes})
+        tomli_w.dumps(
+            {
+                "experiment": text,
+                "run-dir": str(run_dir),
+                "resume": False,
+                "expected-nodes": nodes,
+                "site-max-examples": json.dumps(caps, sort_keys=True) if caps else "",
+            }
+        )
     )
     run_id = _submit(federation, run_config, stream=False)
     record = RunRecord(
@@ -270,7 +287,9 @@ def start_run(
 
 
 def resume_run(federation: FederationConfig, ref: str | None = None, *, stream: bool = False) -> RunRecord:
-    """Continue a run folder from its last checkpoint as a new Flower run (e.g. after a restart).
+    """Continue a run folder from its last checkpoint as a new Flower run (e.g. after a stop or a restart).
+
+    A stop request left in the run folder (``STOP``) is withdrawn first.
 
     Raises
     ------
@@ -287,6 +306,7 @@ def resume_run(federation: FederationConfig, ref: str | None = None, *, stream: 
     resume_config = Path(record.run_config).with_name(f"{record.name}.resume.toml")
     resume_config.write_text(tomli_w.dumps(config))
     _stop_quietly(federation, record)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     run_id = _submit(federation, resume_config, stream=False)
     runs = read_runs(federation)
     for run in runs:
@@ -310,13 +330,101 @@ def latest_flower_run_id(record: RunRecord) -> int:
     return record.resumes[-1] if record.resumes else record.flower_run_id
 
 
-def stop_run(federation: FederationConfig, ref: str | None = None) -> RunRecord:
-    """Stop a run; its run folder keeps every finished round's checkpoint (resume continues it)."""
+# ---------------------------------------------------------------------------------------------
+# the run folder, read without the training stack (``run status`` answers at once)
+
+STOP_FILE = "STOP"  # the round loop's stop request (``flowerbed.server.federation.STOP_FILE``)
+ROUND_SENT = "round-sent.json"  # the last round whose training went out (``flowerbed.server.run_folder``)
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file (a torn last line is left out)."""
+    try:
+        lines = path.read_text().split("\n")[:-1]
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def checkpointed_round(run_dir: Path) -> int:
+    """The round of the run folder's newest complete checkpoint (0: none)."""
+    try:
+        return int((run_dir / "checkpoints" / "LATEST").read_text().strip().removeprefix("round-"))
+    except (OSError, ValueError):
+        return 0
+
+
+def round_in_progress(run_dir: Path) -> int | None:
+    """The round whose training went out to the sites and whose checkpoint is not written yet, if any."""
+    sent = _json_file(run_dir / ROUND_SENT).get("round")
+    if isinstance(sent, int) and sent > checkpointed_round(run_dir) and not (run_dir / "summary.json").is_file():
+        return sent
+    return None
+
+
+def _round_timeout(run_dir: Path) -> float:
+    train = _json_file(run_dir / "experiment.json").get("train") or {}
+    return float(train.get("round_timeout") or 600.0)
+
+
+def stop_run(
+    federation: FederationConfig,
+    ref: str | None = None,
+    *,
+    now: bool = False,
+    timeout: float | None = None,
+    log: Callable[[str], None] = print,
+) -> RunRecord:
+    """Stop a run once its round in progress is checkpointed (``now``: at once); resume continues it.
+
+    A round whose training went out to the sites and that is cut short is trained again by
+    ``run resume``, and every site that had trained it is charged for it twice in its ledger. So
+    while a round is in progress this asks the round loop to stop before its next round (the
+    run folder's ``STOP`` file) and waits up to ``timeout`` seconds (default: twice the
+    experiment's ``train.round_timeout``, plus a minute) for the round's checkpoint; then it
+    stops the Flower run. ``now`` stops it at once, and says which round will be trained again.
+    """
     _check_coordinator(federation)
     record = find_run(federation, ref)
-    _json_reply(
-        _flwr(federation, "stop", str(latest_flower_run_id(record)), CONNECTION, "--format", "json"), "flwr stop"
-    )
+    run_dir = Path(record.run_dir)
+    run_id = latest_flower_run_id(record)
+    pending = round_in_progress(run_dir)
+    if pending is not None and not now:
+        (run_dir / STOP_FILE).write_text("stop before the next round (flowerbed run stop)\n")
+        limit = timeout if timeout is not None else 2 * _round_timeout(run_dir) + 60
+        log(
+            f"run {record.name}: round {pending} is in progress; it stops after that round's checkpoint "
+            f"(waiting up to {limit:.0f} s; --now stops it at once)"
+        )
+        deadline, asked = time.monotonic() + limit, time.monotonic()
+        while round_in_progress(run_dir) == pending and time.monotonic() < deadline:
+            if time.monotonic() - asked >= 10:  # a run that failed or was stopped elsewhere never checkpoints
+                asked = time.monotonic()
+                if str(flower_status(federation, run_id).get("status", "")).startswith("finished"):
+                    break
+            time.sleep(0.5)
+        pending = round_in_progress(run_dir)
+    if (run_dir / "summary.json").is_file():
+        return record  # it ended on its own, before its next round
+    result = _flwr(federation, "stop", str(run_id), CONNECTION, "--format", "json")
+    try:
+        _json_reply(result, "flwr stop")
+    except RunError:
+        if not str(flower_status(federation, run_id).get("status", "")).startswith("finished"):
+            raise
+    if pending is not None:
+        log(
+            f"run {record.name}: stopped during round {pending}, after its training went out: `flowerbed run "
+            f"resume` trains round {pending} again, and each site that had trained it is charged for it twice"
+        )
     return record
 
 
@@ -332,6 +440,47 @@ def flower_status(federation: FederationConfig, run_id: int) -> dict[str, Any]:
     return runs[0] if runs else {}
 
 
+def progress_reason(status: dict[str, Any]) -> str:
+    """One sentence on where the run stands and, when it made no progress or stopped, why.
+
+    Built from the run folder alone (``summary.json``'s ``stopped``, ``refused``,
+    ``budget_exhausted``, ``left_out`` and ``excluded``, and ``metrics.jsonl``) and Flower's status.
+    """
+    summary, flower = status["summary"], status["status"]
+    done = status["rounds_done"]
+    if summary:
+        stopped = summary.get("stopped")
+        if not summary.get("rounds_completed"):
+            gone = [
+                f"{what}{', '.join(sites)}"
+                for what, sites in (
+                    ("privacy budget spent at ", summary.get("budget_exhausted")),
+                    ("left the run: ", summary.get("left_out")),
+                    ("did not take part: ", summary.get("excluded")),
+                )
+                if sites
+            ]
+            return f"no progress: no round completed ({'; '.join(gone) or stopped or 'no reason recorded'})"
+        if stopped:
+            return f"stopped after round {done}: {stopped}"
+        return f"finished: {summary.get('rounds_completed')} of {summary.get('rounds_planned')} rounds"
+    if status["stopping"]:
+        return f"stopping: it stops after round {status['in_progress'] or done + 1} (`flowerbed run stop`)"
+    if flower.startswith("finished"):
+        pending = status["in_progress"]
+        cut = f"; round {pending} was cut short after its training went out" if pending else ""
+        details = f" ({status['status_details']})" if status["status_details"] else ""
+        resume = "`flowerbed run resume` continues it" if done else "nothing to resume: start it again"
+        return f"ended without a summary after round {done}{details}{cut}; {resume}"
+    if not status["folder"]:
+        if flower.startswith("running"):
+            return "starting: the coordinator's ServerApp has not written the run folder yet"
+        return "submitted: waiting for the coordinator's ServerApp to start"
+    if status["in_progress"]:
+        return f"running: round {status['in_progress']} in progress"
+    return f"running: {done} rounds done" if done else "running: waiting for the nodes and the first round"
+
+
 def run_status(federation: FederationConfig, ref: str | None = None, *, ask_flower: bool = True) -> dict[str, Any]:
     """A run's progress from its run folder (rounds, sites, metrics, epsilon per site) and Flower.
 
@@ -341,20 +490,22 @@ def run_status(federation: FederationConfig, ref: str | None = None, *, ask_flow
         ``name``, ``run_dir``, ``flower_run_id``, ``status``, ``rounds_done``, ``rounds``,
         ``participants`` and ``refused`` of the last round, ``sites`` (every site that took
         part in any round), ``metrics`` (last round: ``train``, ``evaluate``, ``central``),
-        ``epsilon`` (site -> latest epsilon), ``epsilon_max``, ``excluded`` (nodes that refused the
-        run at its start, with their reason), ``final`` (final metrics) and ``finished``.
+        ``epsilon`` (site -> the epsilon it last reported: cumulative at its ledger, see
+        ``epsilon_scope``), ``epsilon_max``, ``excluded`` (nodes that refused the run at its start,
+        with their reason), ``budget_exhausted`` and ``left_out`` (sites that left the run, and
+        why), ``stopped`` (why the round loop stopped early), ``retrained`` (round -> sites that
+        trained it twice: interrupted after its training went out, then resumed), ``in_progress``,
+        ``stopping``, ``reason`` (one sentence: where the run stands, and why it made no progress
+        or stopped), ``final`` (final metrics) and ``finished``.
     """
-    from flowerbed.server.run_folder import read_metrics, read_summary
-
     record = find_run(federation, ref)
     run_dir = Path(record.run_dir)
-    records = read_metrics(run_dir) if run_dir.is_dir() else []
-    rounds = None
-    if (run_dir / "experiment.json").is_file():
-        rounds = json.loads((run_dir / "experiment.json").read_text()).get("rounds")
+    records = _json_lines(run_dir / "metrics.jsonl")
+    rounds = _json_file(run_dir / "experiment.json").get("rounds")
     last = records[-1] if records else {}
     sites: list[str] = []
     epsilon: dict[str, float] = {}
+    retrained: dict[str, list[str]] = {}
     for rec in records:
         for site in rec.get("participants") or []:
             if site not in sites:
@@ -362,9 +513,11 @@ def run_status(federation: FederationConfig, ref: str | None = None, *, ask_flow
         for site, values in (rec.get("sites") or {}).items():
             if isinstance(values, dict) and values.get("epsilon") is not None:
                 epsilon[site] = float(values["epsilon"])
+        if rec.get("retrained"):
+            retrained[str(rec["round"])] = list(rec["retrained"])
     flower = flower_status(federation, latest_flower_run_id(record)) if ask_flower else {}
-    summary = read_summary(run_dir) if run_dir.is_dir() else {}
-    return {
+    summary = _json_file(run_dir / "summary.json")
+    status: dict[str, Any] = {
         "name": record.name,
         "run_dir": str(run_dir),
         "flower_run_id": latest_flower_run_id(record),
@@ -378,10 +531,22 @@ def run_status(federation: FederationConfig, ref: str | None = None, *, ask_flow
         "metrics": {k: last.get(k) for k in ("train", "evaluate", "central") if last.get(k) is not None},
         "epsilon": epsilon,
         "epsilon_max": last.get("epsilon_max"),
+        "epsilon_scope": EPSILON_SCOPE,
         "excluded": summary.get("excluded", {}),
+        "budget_exhausted": summary.get("budget_exhausted", {}),
+        "left_out": summary.get("left_out", {}),
+        "stopped": summary.get("stopped"),
+        "retrained": retrained,
+        "in_progress": round_in_progress(run_dir),
+        "stopping": (run_dir / STOP_FILE).is_file() and not summary,
+        "folder": run_dir.is_dir(),
         "final": summary.get("final", {}),
         "finished": bool(summary),
+        "summary": summary,
     }
+    status["reason"] = progress_reason(status)
+    del status["summary"]
+    return status
 
 
 def stream_logs(federation: FederationConfig, ref: str | None = None, *, follow: bool = False) -> int:
@@ -394,27 +559,41 @@ def stream_logs(federation: FederationConfig, ref: str | None = None, *, follow:
     return subprocess.call(command, env=operator_env(federation), cwd=federation.state_dir)
 
 
-def collect_run(federation: FederationConfig, ref: str | None, destination: str | Path) -> Path:
-    """Copy a run folder (final model, metrics, summary, plots, checkpoints) out of the coordinator.
+ReportWriter = Callable[[Sequence[Path]], list[Path]]
 
-    ``destination`` ending in ``.tar.gz`` gets an archive; otherwise a folder of that name.
+
+def collect_run(
+    federation: FederationConfig,
+    ref: str | None,
+    destination: str | Path,
+    *,
+    report: ReportWriter | None = None,
+) -> tuple[Path, list[Path]]:
+    """Copy a run folder (final model, metrics, summary, report, checkpoints) out of the coordinator.
+
+    ``report`` (``flowerbed report``'s writer) first draws the run's report into its folder, so the
+    copy carries it; a run with no completed round has none. ``destination`` ending in
+    ``.tar.gz`` gets an archive; otherwise a folder of that name. Returns the copy and the report's
+    files in the run folder.
 
     Raises
     ------
     RunError
-        When the run folder does not exist yet.
+        When the run folder does not exist yet, or the destination folder already does.
     """
     record = find_run(federation, ref)
     run_dir = Path(record.run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: the run has not written its folder yet (see `flowerbed run status`)")
     destination = Path(destination).expanduser()
-    if destination.name.endswith(".tar.gz"):
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(destination, "w:gz") as archive:
-            archive.add(run_dir, arcname=run_dir.name)
-        return destination
-    if destination.exists():
+    archive = destination.name.endswith(".tar.gz")
+    if not archive and destination.exists():
         raise RunError(f"{destination} already exists; choose a new folder or a .tar.gz name")
+    written = report([run_dir]) if report is not None and _json_lines(run_dir / "metrics.jsonl") else []
+    if archive:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(destination, "w:gz") as tar:
+            tar.add(run_dir, arcname=run_dir.name)
+        return destination, written
     shutil.copytree(run_dir, destination)
-    return destination
+    return destination, written

@@ -148,3 +148,25 @@ def save_final_model(
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(run_dir / "model.pt2"))
+
+
+ROUND_SENT = "round-sent.json"
+
+
+def note_round_sent(run_dir: Path, server_round: int, sites: list[str]) -> None:
+    """Record which sites a round's training goes to, before it goes out.
+
+    A round whose training went out but whose checkpoint was never written (a stop or a crash in
+    between) is trained again on resume; this record lets the resumed run say so.
+    """
+    (run_dir / ROUND_SENT).write_text(json.dumps({"round": server_round, "sites": sorted(sites)}))
+
+
+def read_round_sent(run_dir: Path) -> dict[str, Any]:
+    """The last round whose training went out (``round``, ``sites``), or ``{}``."""
+    path = run_dir / ROUND_SENT
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) and isinstance(value.get("round"), int) else {}

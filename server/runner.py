@@ -15,6 +15,7 @@ from flowerbed.seeds import derive_seed
 from flowerbed.server import run_folder
 from flowerbed.server.federation import CentralEvaluator, Federation, Reporter
 from flowerbed.server.model_selection import selection_for
+from flowerbed.server.tracking import failures_recorded, with_tracking
 from flowerbed.tasks import resolve_task
 from flowerbed.tasks.data.catalog import dataset_schema
 from flowerbed.weights import load_safetensors
@@ -92,6 +93,7 @@ def run_federation(
             "experiment (train.weighting)",
             [f"train.weighting = 'task' needs a weight_fn on task {task.name!r}; give the Task one or pick train-rows"],
         )
+    reporter = with_tracking(experiment, run_dir, reporter)  # MLflow, TensorBoard: the experiment's [tracking]
     model = initial_model(experiment)
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     federation = Federation(
@@ -107,7 +109,8 @@ def run_federation(
     )
     if (experiment.task.initial_weights or task.init_fn is not None) and not resume:
         run_folder.save_initial_weights(run_dir, weights)
-    summary = federation.run(resume=resume)
+    with failures_recorded(reporter):
+        summary = federation.run(resume=resume)
     if summary["rounds_completed"]:
         input_shape = dataset_schema(experiment.data, experiment.seed).input_shape
         run_folder.save_final_model(run_dir, federation.final_weights, model, input_shape)

@@ -45,11 +45,12 @@ def simulate(
     ] = False,
 ) -> None:
     """Run a simulated federation on this machine and leave a report folder."""
+    from flowerbed.config_utils import find_file
     from flowerbed.experiment import load_experiment
     from flowerbed.simulations.simulate import bundled_experiment
     from flowerbed.simulations.simulate import simulate as run_simulation
 
-    experiment = experiment or bundled_experiment("heart")
+    experiment = find_file(experiment) if experiment else bundled_experiment("heart")
     extra = list(overrides or [])
     if output is not None:
         extra.append(f"output={str(output)!r}")
@@ -139,6 +140,7 @@ def partition(
     """Show what every client of an experiment holds (sizes; label histograms for class labels); train nothing."""
     from rich.console import Console
 
+    from flowerbed.config_utils import find_file
     from flowerbed.experiment import load_experiment
     from flowerbed.simulations.research.partition_summary import (
         summarize_sites,
@@ -147,6 +149,7 @@ def partition(
     )
     from flowerbed.tasks.data.catalog import load_federation
 
+    experiment = find_file(experiment)  # relative: to the working directory, else flowerbed's bundled files
     make_importable(experiment.resolve().parent)  # a user dataset factory next to the experiment file
     config = load_experiment(experiment, overrides)
     summary = summarize_sites(load_federation(config.data, config.seed))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,8 @@ from flowerbed.client.node_round import SIM_NODE_DIR_ENV
 from flowerbed.client.secagg_handlers import IDENTITY_DIR, simulated_identity_paths
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import Experiment, parse_experiment
-from flowerbed.server.federation import SilentReporter
+from flowerbed.process_control import flower_logs_once
+from flowerbed.server.federation import STOP_FILE, SilentReporter
 from flowerbed.server.progress import ConsoleReporter
 from flowerbed.server.run_folder import new_run_dir, read_experiment, read_summary, write_summary
 from flowerbed.server.runner import run_federation
@@ -113,6 +115,24 @@ def bundled_experiment(name: str) -> Path:
     return Path(str(resources.files("flowerbed.simulations").joinpath("experiments", f"{name}.toml")))
 
 
+def backend_line(experiment: Experiment, num_nodes: int) -> str | None:
+    """What starts before the first round when it is slow (Ray: 20 s or more), said before it starts."""
+    backend = experiment.backend
+    where = f"the Ray cluster at {backend.ray_address}" if backend.ray_address else None
+    if backend.name == "flower":
+        cpus = os.cpu_count() or 1
+        return (
+            f"starting Flower's simulation engine (Ray) for {num_nodes} virtual nodes on {where or f'{cpus} CPUs'}: "
+            "Ray's start takes 20 s or more on a small machine (backend.name = 'inline' needs none) ..."
+        )
+    if backend.workers > 1 and backend.vectorize:
+        return (
+            f"starting Ray with {backend.workers} workers{f' on {where}' if where else ''} for {num_nodes} "
+            "virtual nodes: Ray's start takes 20 s or more on a small machine ..."
+        )
+    return None  # in this process: the first round starts at once
+
+
 def run_backend(experiment: Experiment, server_app: ServerApp, num_nodes: int) -> None:
     """Execute the apps on the experiment's backend (the seam between harness and engine)."""
     if experiment.backend.name == "flower":
@@ -143,21 +163,30 @@ def simulate(
     """
     build_strategy(experiment.strategy)  # a strategy that cannot run here fails now, not after the engine starts
     sites = load_federation(experiment.data, experiment.seed)
+    flower_logs_once()
     if not quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     else:
         logging.getLogger("flwr").setLevel(logging.ERROR)
+    made = run_dir is None
     if run_dir is None:
         run_dir = new_run_dir(experiment)
     reporter = SilentReporter() if quiet else ConsoleReporter(console)
     outcome: dict[str, Any] = {}
-    server_app = _server_app(experiment, run_dir, sites, resume, reporter, outcome)
-    if experiment.secagg.enabled:
-        make_node_identities(run_dir / NODES_DIR / IDENTITY_DIR, [s.name for s in sites])
-    with virtual_nodes_home(run_dir / NODES_DIR):
-        run_backend(experiment, server_app, len(sites))
-    if "error" in outcome:
-        raise outcome["error"]
+    try:
+        server_app = _server_app(experiment, run_dir, sites, resume, reporter, outcome)
+        if experiment.secagg.enabled:
+            make_node_identities(run_dir / NODES_DIR / IDENTITY_DIR, [s.name for s in sites])
+        if not quiet and (line := backend_line(experiment, len(sites))):
+            (console or Console(highlight=False)).print(line)
+        with virtual_nodes_home(run_dir / NODES_DIR):
+            run_backend(experiment, server_app, len(sites))
+        if "error" in outcome:
+            raise outcome["error"]
+    except BaseException:
+        if made:
+            remove_unfinished_run_dir(run_dir)
+        raise
     summary = outcome.get("summary") or read_summary(run_dir)
     if experiment.evaluate.local_baselines and summary:
         from flowerbed.simulations.research.baselines import local_only_baselines
@@ -175,10 +204,27 @@ def simulate(
             (console or Console(highlight=False)).print(
                 f"plots: {', '.join(p.name for p in written)} in {written[0].parent}"
             )
+    if experiment.tracking.mlflow:  # the plots and the final summary are made after the round loop's tracking
+        from flowerbed.server.tracking import log_report
+
+        log_report(run_dir)
     return run_dir
 
 
+def remove_unfinished_run_dir(run_dir: Path) -> bool:
+    """Remove the folder of a run that failed before completing a round (nothing to report or resume).
+
+    Such a folder would only break ``flowerbed report runs/<name>-*``; one with a checkpoint is kept
+    (``flowerbed resume`` continues it).
+    """
+    if (run_dir / "checkpoints" / "LATEST").is_file() or (run_dir / "summary.json").is_file():
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 def resume_simulation(run_dir: Path, *, quiet: bool = False, console: Console | None = None) -> Path:
-    """Continue a simulated run from its last complete round."""
+    """Continue a simulated run from its last complete round (an operator's stop request is withdrawn)."""
     experiment = parse_experiment(read_experiment(run_dir), str(run_dir / "experiment.json"))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     return simulate(experiment, quiet=quiet, run_dir=run_dir, resume=True, console=console)

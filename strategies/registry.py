@@ -12,6 +12,10 @@ from flwr.serverapp.strategy import Strategy
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import StrategyConfig
 from flowerbed.strategies.adaptive import PUBLISHED
+from flowerbed.strategies.scaffold import Scaffold
+
+#: flowerbed's own strategies (with a client-side part its nodes implement, or a published update).
+OWN = {**PUBLISHED, "SCAFFOLD": Scaffold}
 
 #: Strategies that aggregate by a weighted mean of the replies (secure aggregation can feed them a sum).
 WEIGHTED_MEAN = ("FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", *PUBLISHED)
@@ -46,7 +50,7 @@ MANAGED_ARGS = (
 
 def available_strategies() -> list[str]:
     """Names of Flower's message-API strategies that flowerbed can drive."""
-    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST] + list(PUBLISHED)
+    return [n for n in flower_strategies.__all__ if n in WEIGHTED_MEAN + ROBUST] + list(OWN)
 
 
 def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strategy:
@@ -66,7 +70,7 @@ def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strate
         )
     cls = _resolve(config.name, source)
     args: dict[str, Any] = dict(config.args)
-    params = _published_params(cls) if cls in PUBLISHED.values() else inspect.signature(cls.__init__).parameters
+    params = _published_params(cls) if cls in OWN.values() else inspect.signature(cls.__init__).parameters
     for key in MANAGED_ARGS:
         if key in params:
             args[key] = 1.0 if key.startswith("fraction") else 1
@@ -89,7 +93,7 @@ def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strate
 
 
 def _published_params(cls: type[Strategy]) -> dict[str, Any]:
-    """The arguments of a published adaptive strategy: its own and FedAvg's."""
+    """The arguments of one of flowerbed's own strategies: its own and FedAvg's."""
     own = dict(inspect.signature(cls.__init__).parameters)
     own.pop("fedavg", None)
     return {**dict(inspect.signature(flower_strategies.FedAvg.__init__).parameters), **own}
@@ -111,9 +115,7 @@ def _resolve(name: str, source: str) -> type[Strategy]:
                     f"{', '.join(available_strategies())}"
                 ],
             )
-        cls = PUBLISHED.get(name) or (
-            getattr(flower_strategies, name, None) if name in available_strategies() else None
-        )
+        cls = OWN.get(name) or (getattr(flower_strategies, name, None) if name in available_strategies() else None)
         if cls is None:
             raise ConfigError(
                 source,

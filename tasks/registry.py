@@ -5,17 +5,32 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from flowerbed.exception import TaskError
-from flowerbed.tasks.models import logistic_regression, mlp, small_cnn
-from flowerbed.tasks.task import Task, with_args
+from flowerbed.tasks.models import (
+    binary_logistic_regression,
+    binary_mlp,
+    fenda_mlp,
+    logistic_regression,
+    mlp,
+    small_cnn,
+)
+from flowerbed.tasks.task import Task, binary_accuracy_metrics, binary_cross_entropy, with_args
 
 BUILTIN_MODELS: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "tabular-logreg": (logistic_regression, ("tabular",)),
+    "binary-logreg": (binary_logistic_regression, ("tabular",)),
+    "binary-mlp": (binary_mlp, ("tabular",)),
+    "fenda-mlp": (fenda_mlp, ("tabular",)),
     "tabular-mlp": (mlp, ("tabular",)),
     "image-cnn": (small_cnn, ("image",)),
 }
+
+
+#: Built-in tasks with one logit per row (binary cross-entropy).
+BINARY = ("binary-logreg", "binary-mlp", "fenda-mlp")
 
 
 def is_builtin(name: str) -> bool:
@@ -36,7 +51,10 @@ def resolve_task(name: str, args: dict[str, Any] | None = None) -> Task:
             model_fn(_probe_schema(kinds[0]), **args)
         except TypeError as exc:
             raise TaskError(f"task.args for {name!r} are invalid: {exc}") from None
-        return Task(name=name, model_fn=with_args(model_fn, args), kinds=kinds, loss_per_row=True)
+        task = Task(name=name, model_fn=with_args(model_fn, args), kinds=kinds, loss_per_row=True)
+        if name in BINARY:  # one logit: sigmoid and binary cross-entropy (FLamby's Fed-Heart-Disease)
+            return replace(task, loss_fn=binary_cross_entropy, metrics_fn=binary_accuracy_metrics)
+        return task
     if ":" not in name:
         known = ", ".join(sorted(BUILTIN_MODELS))
         raise TaskError(f"task.name = {name!r} is unknown: use one of {known} or 'package.module:attr'")

@@ -63,6 +63,15 @@ class SiteData:
     source: str = ""
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    # Raw values (before preprocessing, NaN where missing) of the columns reports group patients by,
+    # one array per column name, aligned with the rows of each split; None: the data has none.
+    groups_train: dict[str, np.ndarray] | None = None
+    groups_test: dict[str, np.ndarray] | None = None
+    groups_val: dict[str, np.ndarray] | None = None
+
+    def split_groups(self, name: Literal["test", "validation"]) -> dict[str, np.ndarray]:
+        """The subgroup columns' raw values for the rows of the test or the validation split."""
+        return dict((self.groups_val if name == "validation" else self.groups_test) or {})
 
     @property
     def num_val(self) -> int:
@@ -91,6 +100,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy of the arg-max prediction."""
     return {"accuracy": float((logits.argmax(dim=1) == labels).float().mean())}
+
+
+def binary_cross_entropy(logit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of one logit per row (a sigmoid output) against labels 0/1."""
+    return nn.functional.binary_cross_entropy_with_logits(logit[:, 0], labels.to(logit.dtype))
+
+
+def binary_accuracy_metrics(logit: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy of ``sigmoid(logit) > 0.5`` (one logit per row)."""
+    return {"accuracy": float(((logit[:, 0] > 0).long() == labels).float().mean())}
 
 
 @dataclass(frozen=True)

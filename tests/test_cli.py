@@ -80,3 +80,29 @@ def test_help_imports_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_flowers_log_lines_show_once():
+    """Opacus's import gives the root logger a handler; Flower's lines (its deprecation banner) then showed twice."""
+    probe = (
+        "import logging, opacus\nfrom flwr.common.logger import log\n"
+        "from flowerbed.process_control import flower_logs_once\n"
+        "log(logging.WARNING, 'before the fix')\nflower_logs_once()\nlog(logging.WARNING, 'DEPRECATED FEATURE')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("before the fix") == 2, "the probe reproduces the doubled line"
+    assert output.count("DEPRECATED FEATURE") == 1
+
+
+def test_a_slow_engine_start_is_announced_before_it_starts(heart_experiment):
+    from flowerbed.experiment import Experiment
+    from flowerbed.simulations.simulate import backend_line
+
+    assert Experiment().backend.name == "inline", "simulations run in this process unless they ask for Ray"
+    assert backend_line(heart_experiment(), 4) is None, "in this process the first round starts at once"
+    ray = backend_line(heart_experiment("backend.name='flower'"), 4)
+    assert ray.startswith("starting Flower's simulation engine (Ray) for 4 virtual nodes")
+    workers = backend_line(heart_experiment("backend.workers=2"), 4)
+    assert workers.startswith("starting Ray with 2 workers for 4 virtual nodes")

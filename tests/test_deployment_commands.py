@@ -131,25 +131,86 @@ def test_experiment_is_validated_before_submission(tmp_path: Path) -> None:
         resolve_experiment_text(HEART_TOML, ["rounds=0"], tmp_path / "runs" / "x")
 
 
-def test_runs_are_found_and_collected(federation, tmp_path: Path) -> None:
+ROUND = {
+    "round": 1,
+    "sampled": ["cleveland", "hungary"],
+    "participants": ["cleveland", "hungary"],
+    "refused": {},
+    "train": {"train-loss": 0.6},
+    "evaluate": {"accuracy": 0.7, "loss": 0.55},
+    "central": {},
+    "sites": {"cleveland": {"train-loss": 0.6}, "hungary": {"train-loss": 0.5}},
+    "epsilon_max": None,
+}
+
+
+def test_runs_are_found_and_collected_with_their_report(federation, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flowerbed.cli import _register, app
+
     with pytest.raises(RunError, match="no runs were started"):
         find_run(federation)
     run_dir = federation.state_dir / "runs" / "heart-1"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps(ROUND) + "\n")
     federation.state_dir.mkdir(exist_ok=True)
     _write_runs(federation, [RunRecord(11, "heart-1", str(run_dir), "t", "c", resumes=[12])])
     assert find_run(federation).name == "heart-1"
     assert find_run(federation, "12").name == "heart-1"
     with pytest.raises(RunError, match="recent runs: heart-1"):
         find_run(federation, "13")
-    copy = collect_run(federation, None, tmp_path / "copy")
-    assert (copy / "metrics.jsonl").is_file()
+
+    def report(run_dirs):  # stands in for `flowerbed report`'s writer
+        (run_dirs[0] / "plots").mkdir(exist_ok=True)
+        (run_dirs[0] / "plots" / "global.png").write_bytes(b"png")
+        return [run_dirs[0] / "plots" / "global.png"]
+
+    copy, written = collect_run(federation, None, tmp_path / "copy", report=report)
+    assert (copy / "metrics.jsonl").is_file() and (copy / "plots" / "global.png").is_file()
+    assert written == [run_dir / "plots" / "global.png"]
     with pytest.raises(RunError, match="already exists"):
         collect_run(federation, None, tmp_path / "copy")
-    archive = collect_run(federation, "heart-1", tmp_path / "out" / "heart.tar.gz")
+    archive, _ = collect_run(federation, "heart-1", tmp_path / "out" / "heart.tar.gz", report=report)
     with tarfile.open(archive) as tar:
-        assert "heart-1/metrics.jsonl" in tar.getnames()
+        assert {"heart-1/metrics.jsonl", "heart-1/plots/global.png"} <= set(tar.getnames())
+
+    # the command draws the report with `flowerbed report`'s own writer before it copies
+    (run_dir / "plots" / "global.png").unlink()
+    _register()
+    federation_file = federation.base_dir / "federation.toml"
+    result = CliRunner().invoke(app, ["run", "collect", str(tmp_path / "cli"), "-f", str(federation_file)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "plots" / "global.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report: " in result.output and "global.png" in result.output
+
+
+def test_flower_processes_are_found_beside_the_interpreter(federation, tmp_path: Path, monkeypatch) -> None:
+    """A service manager runs /opt/venv/bin/flowerbed without activating the environment."""
+    import sys
+
+    from flowerbed.client.node import node_env
+    from flowerbed.process_control import interpreter_folder
+    from flowerbed.server.coordinator import flower_env
+    from flowerbed.server.run_control import flwr_command, operator_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no virtual environment, no pyenv shims
+    folder = str(interpreter_folder())
+    assert folder == str(Path(sys.executable).parent)
+    provision(federation)
+    kit = load_kit(federation.output_dir / "kits" / "hungary")
+    settings = NodeSettings("hungary", kit.coordinator, tmp_path / "d.csv", tmp_path / "state", kit=kit)
+    for env in (flower_env(federation), operator_env(federation), node_env(settings)):
+        assert env["PATH"].split(":") == [folder, "/usr/bin", "/bin"]
+    assert supernode_command(settings)[0] == str(Path(folder) / "flower-supernode")
+    assert Path(supernode_command(settings)[0]).is_file()
+    for command in (
+        superlink_command(federation),
+        coordinator_executor_command(federation, insecure=False, superlink_pid=1),
+        executor_command(settings, 1),
+        flwr_command("ls"),
+    ):
+        assert command[0] == sys.executable
 
 
 def test_supernode_idle_poll_is_capped() -> None:
@@ -162,3 +223,158 @@ def test_supernode_idle_poll_is_capped() -> None:
     fast.sleep(3)  # Flower's idle wait
     assert time.monotonic() - started < 1.0
     assert fast.time is time.time and fast.monotonic is time.monotonic
+
+
+def _fake_flower(monkeypatch, calls: list[tuple[str, ...]], status: str = "running") -> None:
+    """``flwr`` as the operator, without a coordinator: record each call and answer as Flower does."""
+    import subprocess
+
+    from flowerbed.server import run_control
+
+    def flwr(federation, *args, timeout=120.0):
+        calls.append(args)
+        reply = {"success": True, "runs": [{"status": status}], "run-id": 99}
+        return subprocess.CompletedProcess(args, 0, json.dumps(reply), "")
+
+    monkeypatch.setattr(run_control, "_flwr", flwr)
+    monkeypatch.setattr(run_control, "_check_coordinator", lambda federation: None)
+
+
+def test_a_stop_waits_for_the_round_in_progress_and_resume_withdraws_it(federation, monkeypatch) -> None:
+    """A round cut short after its training went out would be trained (and charged) twice on resume."""
+    import threading
+
+    from flowerbed.server import run_control
+    from flowerbed.server.federation import STOP_FILE
+    from flowerbed.server.run_folder import ROUND_SENT
+
+    assert (run_control.STOP_FILE, run_control.ROUND_SENT) == (STOP_FILE, ROUND_SENT)
+    calls: list[tuple[str, ...]] = []
+    _fake_flower(monkeypatch, calls)
+    run_dir = federation.state_dir / "runs" / "heart-1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "LATEST").write_text("round-0002")
+    (run_dir / ROUND_SENT).write_text(json.dumps({"round": 3, "sites": ["cleveland", "hungary"]}))
+    config = federation.state_dir / "heart-1.toml"
+    config.write_text('experiment = ""\nresume = false\n')
+    _write_runs(federation, [RunRecord(11, "heart-1", str(run_dir), "t", str(config))])
+    assert run_control.round_in_progress(run_dir) == 3
+
+    def checkpoint() -> None:  # the round loop writes round 3's checkpoint a little later
+        (run_dir / "checkpoints" / "LATEST").write_text("round-0003")
+
+    threading.Timer(0.6, checkpoint).start()
+    said: list[str] = []
+    run_control.stop_run(federation, timeout=30, log=said.append)
+    assert (run_dir / STOP_FILE).is_file(), "the round loop is asked to stop before its next round"
+    assert run_control.round_in_progress(run_dir) is None
+    assert [c[0] for c in calls] == ["stop"] and "round 3 is in progress" in said[0]
+    assert not any("trained again" in line for line in said)
+
+    (run_dir / ROUND_SENT).write_text(json.dumps({"round": 4, "sites": ["cleveland"]}))
+    said.clear()
+    run_control.stop_run(federation, now=True, log=said.append)
+    assert "trains round 4 again" in said[-1] and "charged for it twice" in said[-1]
+
+    calls.clear()
+    run_control.resume_run(federation)
+    assert not (run_dir / STOP_FILE).exists(), "a resume withdraws the stop request"
+    assert calls[-1][0] == "run" and find_run(federation).resumes == [99]
+
+
+def test_run_status_says_why_a_run_made_no_progress(federation, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from flowerbed.cli import _register, app
+    from flowerbed.protocol import EPSILON_SCOPE
+    from flowerbed.server.run_control import run_status
+
+    calls: list[tuple[str, ...]] = []
+    _fake_flower(monkeypatch, calls, status="finished:completed")
+    refusal = "privacy budget exhausted: spent 8 of 8 on dataset 0db62496a1b2 (site cleveland, delta 1e-05)"
+    runs = federation.state_dir / "runs"
+    spent, resumed = runs / "heart-1", runs / "heart-2"
+    spent.mkdir(parents=True)
+    (spent / "summary.json").write_text(
+        json.dumps(
+            {
+                "rounds_planned": 2,
+                "rounds_completed": 0,
+                "stopped": "round 1: 0 usable replies, fewer than the minimum 1 (train.min_nodes)",
+                "refused": {"cleveland": f"round 1: {refusal}", "hungary": f"round 1: {refusal}"},
+                "budget_exhausted": {"cleveland": f"round 1: {refusal}", "hungary": f"round 1: {refusal}"},
+                "left_out": {},
+                "excluded": {},
+            }
+        )
+    )
+    resumed.mkdir()
+    records = [
+        {**ROUND, "sites": {"cleveland": {"epsilon": 1.5}, "hungary": {"epsilon": 1.2}}},
+        {**ROUND, "round": 2, "retrained": ["hungary"], "sites": {"cleveland": {"epsilon": 2.5}}},
+    ]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _write_runs(
+        federation, [RunRecord(11, "heart-1", str(spent), "t", "c"), RunRecord(12, "heart-2", str(resumed), "t", "c")]
+    )
+
+    status = run_status(federation, "heart-1")
+    assert status["reason"] == "no progress: no round completed (privacy budget spent at cleveland, hungary)"
+    assert status["budget_exhausted"]["hungary"].endswith(refusal) and status["finished"]
+    status = run_status(federation, "heart-2")
+    assert status["reason"].startswith("ended without a summary after round 2")
+    assert status["retrained"] == {"2": ["hungary"]}
+    assert status["epsilon"] == {"cleveland": 2.5, "hungary": 1.2} and status["epsilon_scope"] == EPSILON_SCOPE
+
+    _register()
+    federation_file = str(federation.base_dir / "federation.toml")
+    shown = CliRunner().invoke(app, ["run", "status", "heart-1", "-f", federation_file])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())  # the console wraps long lines
+    assert "no progress: no round completed" in text and f"privacy budget spent cleveland: round 1: {refusal}" in text
+    text = " ".join(CliRunner().invoke(app, ["run", "status", "heart-2", "-f", federation_file]).output.split())
+    assert "round 2 trained twice at hungary" in text and "cumulative at each node's ledger" in text
+
+
+def test_flwr_run_finds_the_packaged_experiment_and_may_override_every_key(tmp_path: Path, monkeypatch) -> None:
+    """``flwr run .`` with the checkout's pyproject: the relative default resolves wherever the ServerApp runs."""
+    from flwr.common.config import flatten_dict, fuse_dicts
+
+    from flowerbed.server.app import RUN_CONFIG_KEYS, expected_nodes, experiment_from_run_config
+    from flowerbed.server.run_control import APP_PYPROJECT
+
+    from .conftest import ROOT
+
+    default = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    bundle = flatten_dict(tomllib.loads(APP_PYPROJECT.format(version="0"))["tool"]["flwr"]["app"]["config"])
+    assert set(default) == set(bundle) == set(RUN_CONFIG_KEYS)
+    overrides = {"expected-nodes": 3, "resume": True, "run-dir": "/x", "site-max-examples": '{"a": 10}'}
+    fuse_dicts(
+        default, overrides
+    )  # what the SuperLink does; an undeclared key is "[code: 15] Invalid run configuration"
+    with pytest.raises(ValueError, match="not present"):
+        fuse_dicts(default, {"expected_nodes": 3})
+
+    monkeypatch.chdir(tmp_path)  # a ServerApp's working directory is not the checkout
+    experiment = experiment_from_run_config(default)
+    assert experiment.name == "heart"
+    assert expected_nodes(default, experiment) == experiment.data.partition.num_clients == 4
+    assert expected_nodes({**default, "expected-nodes": 3}, experiment) == 3
+    with pytest.raises(ConfigError, match="expected-nodes = -1"):
+        expected_nodes({"expected-nodes": -1}, experiment)
+    with pytest.raises(ConfigError, match="'experiments/heart.toml': no such file in"):
+        experiment_from_run_config({"experiment": "experiments/heart.toml"})
+
+
+def test_run_start_sends_the_federation_files_caps(tmp_path: Path, monkeypatch) -> None:
+    from flowerbed.server import run_control
+
+    path = write_federation(tmp_path, ["cleveland", "hungary"], 19093)
+    path.write_text(path.read_text().replace('name = "hungary"', 'name = "hungary"\nmax_examples = 250'))
+    federation = load_federation(path)
+    calls: list[tuple[str, ...]] = []
+    _fake_flower(monkeypatch, calls)
+    record = run_control.start_run(federation, HEART_TOML, overrides=["rounds=2"])
+    submitted = tomllib.loads(Path(record.run_config).read_text())
+    assert json.loads(submitted["site-max-examples"]) == {"hungary": 250}
+    assert submitted["expected-nodes"] == 2 and calls[0][0] == "run"

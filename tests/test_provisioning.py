@@ -156,3 +156,52 @@ def test_kit_with_readable_key_is_refused(fed_file: Path) -> None:
         load_kit(key.parent)
     with pytest.raises(NodeError, match="not a start-up kit"):
         load_kit(fed.output_dir)
+
+
+def test_kits_carry_flowerbed_to_install_without_a_package_index(fed_file: Path, tmp_path: Path) -> None:
+    import shutil
+    import zipfile
+
+    from typer.testing import CliRunner
+
+    from flowerbed.cli import _register, app
+
+    from .conftest import ROOT
+
+    fed = load_federation(fed_file)
+    readme = (provision(fed).kits["cleveland"] / "README.md").read_text()
+    assert "pip install flowerbed`" not in readme, "there is no such package on an index"
+    assert "ask the coordinator's operator for `flowerbed-" in readme
+
+    build_folder = ROOT / "build"
+    had_build = build_folder.exists()
+    try:  # the wheel of this checkout, as `flowerbed provision --wheel FLOWERBED_SOURCE` builds it
+        _register()
+        result = CliRunner().invoke(app, ["provision", str(fed_file), "--wheel", str(ROOT)])
+    finally:
+        if not had_build:
+            shutil.rmtree(build_folder, ignore_errors=True)
+    assert result.exit_code == 0, result.output
+    (built,) = (fed.output_dir / "dist").glob("flowerbed-*.whl")
+    with zipfile.ZipFile(built) as wheel:
+        names = set(wheel.namelist())
+    # the ServerApp's packaged default experiment and the node's code travel in the wheel
+    assert {"flowerbed/simulations/experiments/heart.toml", "flowerbed/client/app.py"} <= names
+    for site in ("cleveland", "hungary"):
+        kit = ProvisionPaths(fed.output_dir).kit(site)
+        assert (kit / built.name).read_bytes() == built.read_bytes()
+        readme = (kit / "README.md").read_text()
+        assert f"carries it: `{built.name}`" in readme
+        assert f"pip install /opt/flowerbed/kit/{built.name}" in readme
+        assert f"pip download /path/to/{built.name} -d wheelhouse" in readme
+        assert "pip install --no-index --find-links wheelhouse flowerbed" in readme
+
+    # a re-provision keeps the kit's wheel and says so; a file that is not flowerbed's wheel is refused
+    assert built.name in (provision(fed, sites=["hungary"]).kits["hungary"] / "README.md").read_text()
+    fake = tmp_path / "flowerbed-9.9-py3-none-any.whl"
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr("other/__init__.py", "")
+    with pytest.raises(ConfigError, match="does not hold flowerbed"):
+        provision(fed, wheel=fake)
+    with pytest.raises(ConfigError, match="not a flowerbed source folder"):
+        provision(fed, wheel=tmp_path)

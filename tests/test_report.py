@@ -67,9 +67,9 @@ def _png_shape(path: Path) -> tuple[int, ...]:
 def test_one_run_gives_global_site_and_epsilon_plots(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "heart-1", "heart", 5, ["cleveland", "hungary", "va"], dp=True)
     written = write_report([run])
-    assert [p.name for p in written] == ["global.png", "sites.png", "epsilon.png"]
+    assert [p.name for p in written] == ["global.png", "sites.png", "epsilon.png", "report.html"]
     assert all(p.parent == run / "plots" for p in written)
-    for path in written:
+    for path in written[:-1]:
         height, width, _ = _png_shape(path)
         assert height > 200 and width > 300
 
@@ -108,7 +108,7 @@ def test_panels_carry_the_recorded_values(tmp_path: Path) -> None:
 def test_no_dp_means_no_epsilon_plot(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "plain", "plain", 3, ["a", "b"], dp=False)
     assert epsilon_panels([load_run(run)]) == {}
-    assert [p.name for p in write_report([run], tmp_path / "out")] == ["global.png", "sites.png"]
+    assert [p.name for p in write_report([run], tmp_path / "out")] == ["global.png", "sites.png", "report.html"]
 
 
 def test_several_runs_overlay_one_line_per_run(tmp_path: Path) -> None:

@@ -33,7 +33,11 @@ def simulate_command(output: Path, extra: list[str]) -> list[str]:
     return command
 
 
-@pytest.mark.parametrize("extra", [[], STEPS], ids=["epochs", "local-steps"])
+# SCAFFOLD: the coordinator's control variate is in the checkpoint, each site's at its node (per round).
+SCAFFOLD = ["strategy.name='SCAFFOLD'", "train.clients_per_round=3"]
+
+
+@pytest.mark.parametrize("extra", [[], STEPS, SCAFFOLD], ids=["epochs", "local-steps", "scaffold"])
 def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, extra: list[str]):
     out = tmp_path / "killed"
     process = subprocess.Popen(simulate_command(out, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from flowerbed.client.app import app as client_app
 from flowerbed.exception import ConfigError
+from flowerbed.flower_internals import enter_task_identity
 from flowerbed.protocol import EVALUATE_SPLIT_KEY, EXPERIMENT_KEY, ErrorCode
 from flowerbed.server.checkpoint import load_checkpoint
 from flowerbed.server.model_selection import Selection, best_round, stop_reason
@@ -89,6 +90,7 @@ def test_selection_needs_validation_rows_and_a_dp_run_selects_on_what_it_release
 
 
 def _evaluate(experiment, split) -> Message:
+    enter_task_identity(1, 1)  # messages made outside a Flower process need a run and task id
     config = ConfigRecord({EXPERIMENT_KEY: json.dumps(experiment.to_dict()), EVALUATE_SPLIT_KEY: split})
     arrays = model_to_arrays(initial_model(experiment))
     content = RecordDict({"arrays": arrays, "config": config})
@@ -112,7 +114,11 @@ def test_a_node_answers_the_split_asked_for_and_refuses_what_it_does_not_hold(he
 def test_local_baselines_follow_the_same_validation_rule(heart_experiment):
     from flowerbed.simulations.research.baselines import local_only_baselines
 
-    stopping = ("data.validation_fraction=0.2", "train.early_stopping.patience=1", "train.early_stopping.min_delta=100.0")
+    stopping = (
+        "data.validation_fraction=0.2",
+        "train.early_stopping.patience=1",
+        "train.early_stopping.min_delta=100.0",
+    )
     experiment = heart_experiment("rounds=4", *stopping)
     sites = load_federation(experiment.data, experiment.seed)
     stopped = local_only_baselines(experiment, sites)  # round 1 is each local model's best; round 2 stops it

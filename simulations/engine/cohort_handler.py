@@ -26,6 +26,7 @@ from flowerbed.client.node_round import (
     Kind,
     Metrics,
     Refusal,
+    Scored,
     admit,
     release_evaluate,
     release_train,
@@ -34,7 +35,14 @@ from flowerbed.client.node_round import (
 from flowerbed.client.training import TrainResult
 from flowerbed.exception import FlowerbedError
 from flowerbed.privacy.dp_sgd import make_private_compatible
-from flowerbed.protocol import EVALUATE_SPLIT_KEY, EXPERIMENT_KEY, PROXIMAL_MU_KEY, SITE_RECORD
+from flowerbed.protocol import (
+    CLINICAL_RECORD,
+    EVALUATE_SPLIT_KEY,
+    EXPERIMENT_KEY,
+    PROXIMAL_MU_KEY,
+    SCAFFOLD_CONTROL,
+    SITE_RECORD,
+)
 from flowerbed.simulations.cohort.vectorized import (
     Unsupported,
     check_functional,
@@ -44,7 +52,7 @@ from flowerbed.simulations.cohort.vectorized import (
 )
 from flowerbed.simulations.cohort.vectorized_dp import PrivateCohortPlan, train_cohort_private
 from flowerbed.simulations.engine.inline_arrays import in_memory_record, stacked_numpy
-from flowerbed.simulations.engine.inline_records import metric_record, reply_content, site_record
+from flowerbed.simulations.engine.inline_records import config_record, metric_record, reply_content, site_record
 from flowerbed.tasks import is_builtin, resolve_device
 from flowerbed.weights import arrays_to_numpy
 
@@ -98,8 +106,8 @@ class CohortHandler:
         if kind not in _KINDS or message.has_error():
             return None
         content = message.content
-        if "arrays" not in content or "config" not in content:
-            return None
+        if "arrays" not in content or "config" not in content or SCAFFOLD_CONTROL in content:
+            return None  # SCAFFOLD rounds go through the ClientApp, one node at a time
         config = content["config"]
         if EXPERIMENT_KEY not in config:
             return None
@@ -117,6 +125,8 @@ class CohortHandler:
             raise Unsupported(f"task {experiment.task.name!r} is not a built-in model")
         if kind == "train" and experiment.secagg.enabled:
             raise Unsupported("secure-aggregation rounds go through the ClientApp")
+        if experiment.personalization.method != "none":
+            raise Unsupported("personalized rounds keep layers at each node: the ClientApp answers them")
         try:
             device = resolve_device(experiment.task.device)
         except FlowerbedError:
@@ -196,7 +206,7 @@ class CohortHandler:
     @staticmethod
     def _evaluate(
         model: torch.nn.Module, weights: dict[str, torch.Tensor], admitted: Sequence[Admitted], device: torch.device
-    ) -> list[Metrics]:
+    ) -> list[Scored]:
         """Each node's ``score`` on its test (or validation) split, from one forward pass of the cohort."""
         rows = [a.evaluation_rows() for a in admitted]
         logits = cohort_logits(model, weights, [torch.as_tensor(x, device=device) for x, _ in rows])
@@ -212,11 +222,19 @@ def _train_key(admitted: Admitted) -> object:
     return "federation" if train is admitted.request.experiment.train else train.model_dump_json()
 
 
-def _reply(message: Message, site: str, metrics: Metrics, trained: dict[str, np.ndarray] | None, row: int) -> Message:
-    """The reply the ClientApp builds: weights (row ``row`` of ``trained``) for training, metrics, the site."""
+def _reply(
+    message: Message, site: str, metrics: Metrics | Scored, trained: dict[str, np.ndarray] | None, row: int
+) -> Message:
+    """The reply the ClientApp builds: weights (row ``row`` of ``trained``) for training, metrics, the site.
+
+    An evaluation's reply also carries its released clinical statistics, when asked for.
+    """
     records: dict[str, Any] = {}
     if trained is not None:
         records["arrays"] = in_memory_record({name: tensor[row] for name, tensor in trained.items()})
-    records["metrics"] = metric_record(metrics)
+    scored = metrics if isinstance(metrics, Scored) else Scored(metrics)
+    records["metrics"] = metric_record(scored.metrics)
     records[SITE_RECORD] = site_record(site)
+    if scored.clinical is not None:
+        records[CLINICAL_RECORD] = config_record({"statistics": scored.clinical})
     return Message(reply_content(records), reply_to=message)

@@ -54,6 +54,7 @@ def comparison_summary(summary: dict[str, Any], baselines: dict[str, Any]) -> di
     greater = bool(baselines.get("greater_is_better", True))
     final = summary.get("final", {})
     fed_sites = {s: metric_value(m, metric) for s, m in (final.get("sites") or {}).items()}
+    personal = {s: metric_value(m, f"personal-{metric}") for s, m in (final.get("sites") or {}).items()}
     central = final.get("central") or {}
     fed_pooled = metric_value(central, metric)
     local: dict[str, dict[str, float | None]] = baselines["sites"]
@@ -85,6 +86,8 @@ def comparison_summary(summary: dict[str, Any], baselines: dict[str, Any]) -> di
         "metric": metric,
         "greater_is_better": greater,
         "federated": {"sites": fed_sites, "pooled": fed_pooled},
+        # each site's own personalized model on its own test split (personalization), where there is one
+        "personalized": {s: v for s, v in personal.items() if v is not None},
         "local_only": local,
         "local_only_mean_pooled": mean,
         "federated_beats_local_mean": beats,
@@ -96,7 +99,7 @@ def comparison_summary(summary: dict[str, Any], baselines: dict[str, Any]) -> di
 
 
 def print_comparison(comparison: dict[str, Any], console: Console) -> None:
-    """A table: rows are test sets, columns the federated model and each local-only model; then the verdict."""
+    """Rows: test sets; columns: the federated model, personalized ones, each local-only model; then the verdict."""
     metric = comparison.get("metric", "accuracy")
     greater = comparison.get("greater_is_better", True)
     local = comparison["local_only"]
@@ -106,12 +109,17 @@ def print_comparison(comparison: dict[str, Any], console: Console) -> None:
     table.add_column("federated", justify="right", style="bold")
     for site in local:
         table.add_column(f"{site} only", justify="right")
+    personalized = comparison.get("personalized") or {}
+    if personalized:
+        table.add_column("personalized", justify="right")
     fed = comparison["federated"]
     for site in local:
         row = [site, _fmt(fed["sites"].get(site))]
+        row += [_fmt(personalized.get(site))] if personalized else []
         row += [_fmt(local[s].get("own")) if s == site else "" for s in local]
         table.add_row(*row)
-    table.add_row("pooled (all sites)", _fmt(fed["pooled"]), *[_fmt(local[s].get("pooled")) for s in local])
+    pooled_row = ["pooled (all sites)", _fmt(fed["pooled"]), *(["-"] if personalized else [])]
+    table.add_row(*pooled_row, *[_fmt(local[s].get("pooled")) for s in local])
     console.print(table)
     console.print(comparison["verdict"])
     best = comparison.get("best")

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Series", "plot_panels", "pyplot"]
+__all__ = ["Series", "axis_label", "plot_panels", "pyplot", "quantile_band"]
 
 Series = tuple[Sequence[float], Sequence[float]]
 """``(rounds, values)`` of one line."""
@@ -30,6 +30,48 @@ def pyplot() -> Any:
     return plt
 
 
+#: Units of the figures reports draw, by metric name (anything else is labelled by its name).
+UNITS = {
+    "accuracy": "accuracy (fraction of patients, 0-1)",
+    "loss": "loss (the task's loss per patient)",
+    "train-loss": "training loss (the task's loss per patient)",
+    "epsilon": "epsilon (cumulative, at the budget's delta)",
+    "participants": "sites that replied",
+}
+
+
+def axis_label(panel: str) -> str:
+    """The y-axis label of a panel: its metric with its unit (``"central accuracy"`` -> accuracy, 0-1)."""
+    for name in sorted(UNITS, key=len, reverse=True):
+        if panel == name or panel.endswith(f" {name}") or panel.startswith(f"{name} "):
+            return UNITS[name]
+    return panel.split(" ")[-1]
+
+
+def quantile_band(lines: Mapping[str, Series], low: float = 0.1, high: float = 0.9) -> dict[str, list[float]]:
+    """Per round across lines: ``rounds``, ``median``, the ``low`` and ``high`` quantiles, ``count`` of values."""
+    by_round: dict[float, list[float]] = {}
+    for rounds, values in lines.values():
+        for r, v in zip(rounds, values, strict=True):
+            by_round.setdefault(float(r), []).append(float(v))
+    xs = sorted(by_round)
+    out: dict[str, list[float]] = {"rounds": xs, "median": [], "low": [], "high": [], "count": []}
+    for x in xs:
+        values = sorted(by_round[x])
+        out["median"].append(_quantile(values, 0.5))
+        out["low"].append(_quantile(values, low))
+        out["high"].append(_quantile(values, high))
+        out["count"].append(float(len(values)))
+    return out
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    position = q * (len(values) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(values) - 1)
+    return values[below] + (values[above] - values[below]) * (position - below)
+
+
 def plot_panels(
     panels: Mapping[str, Mapping[str, Series]],
     path: str | Path,
@@ -37,6 +79,7 @@ def plot_panels(
     title: str | None = None,
     highlight: str | None = None,
     ncols: int = 3,
+    references: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Draw one panel per metric and save the figure as a PNG.
 
@@ -52,11 +95,15 @@ def plot_panels(
         A line label drawn thick and black in every panel (e.g. ``"max"`` over per-site lines).
     ncols : int (default: 3)
         Panels per row.
+    references : Mapping[str, Mapping[str, float]] or None (default: None)
+        Per panel, horizontal dashed lines (label to value), e.g. local-only models' figures.
 
     Returns
     -------
     Path
-        ``path``. Past 12 lines in a panel the legend gives way to a note with the count.
+        ``path``. Past 12 lines in a panel they are drawn as their median per round with a band
+        from the 10th to the 90th percentile (and the highlighted line on top). Every axis is
+        labelled (``axis_label``).
     """
     plt = pyplot()
     path = Path(path)
@@ -68,15 +115,21 @@ def plot_panels(
     for ax, name in zip(axes.flat, names, strict=False):
         lines = panels.get(name, {})
         many = len(lines) > _MAX_LEGEND
+        if many:
+            band = quantile_band({k: v for k, v in lines.items() if k != highlight})
+            ax.fill_between(band["rounds"], band["low"], band["high"], alpha=0.25, label="10th-90th percentile")
+            ax.plot(band["rounds"], band["median"], linewidth=1.6, label=f"median of {len(lines)} lines")
         for label, (rounds, values) in lines.items():
             if label == highlight:
                 ax.plot(rounds, values, color="black", linewidth=2.2, label=label, zorder=3)
-            elif many:
-                ax.plot(rounds, values, marker="o", markersize=2, linewidth=0.8, alpha=0.55)
-            else:
+            elif not many:
                 ax.plot(rounds, values, marker="o", markersize=3, linewidth=1.4, label=label)
+        for label, value in ((references or {}).get(name) or {}).items():
+            ax.axhline(value, linestyle="--", linewidth=1.0, alpha=0.8, color="grey")
+            ax.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("round")
+        ax.set_ylabel(axis_label(name), fontsize=8)
         ax.grid(alpha=0.3)
         if _all_integers(r for rounds, _ in lines.values() for r in rounds):
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -84,12 +137,7 @@ def plot_panels(
             ax.yaxis.get_major_locator().set_params(integer=True)
         if not lines:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        elif many:
-            note = f"{len(lines)} lines" + (f"; {highlight} in black" if highlight in lines else "")
-            ax.text(0.02, 0.97, note, ha="left", va="top", fontsize=7, transform=ax.transAxes)
-            if highlight in lines:
-                ax.legend(fontsize=7)
-        elif len(lines) > 1:
+        elif many or len(lines) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)

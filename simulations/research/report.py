@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,9 @@ def global_panels(runs: Sequence[RunRecord], labels: Sequence[str] | None = None
 
     ``labels`` name the runs' lines (default: experiment names, else folder names). Panels come
     grouped by metric (whatever the task's ``metrics_fn`` records, such as accuracy or a C-index,
-    in name order; then losses), each as train, federated, central. A
+    in name order; then losses), each as train, federated, central; where the federated and the
+    central curves are the same (the sites' test splits are the pooled test set), one panel,
+    ``federated = central <metric>``. A
     ``participants`` panel is added when the number of replying sites changes between rounds
     (dropouts, refusals, late joiners).
     """
@@ -108,8 +110,14 @@ def global_panels(runs: Sequence[RunRecord], labels: Sequence[str] | None = None
                 series = _series(run.rounds, lambda r, k=key, m=metric: (r.get(k) or {}).get(m))
                 found.setdefault((metric, key), {})[label] = series
     order = list(SOURCES)
+    for metric in {m for m, _ in found}:
+        if found.get((metric, "central")) and _same_lines(found.get((metric, "evaluate")), found[(metric, "central")]):
+            del found[(metric, "central")]  # the same curve: the federated figure is the pooled test set's
+            found[(metric, "evaluate=central")] = found.pop((metric, "evaluate"))
+    sources = {**SOURCES, "evaluate=central": "federated = central"}
+    order.append("evaluate=central")
     panels = {
-        _panel_title(SOURCES[key], metric): found[(metric, key)]
+        _panel_title(sources[key], metric): found[(metric, key)]
         for metric, key in sorted(found, key=lambda mk: ("loss" in mk[0], mk[0], order.index(mk[1])))
     }
     counts = {
@@ -183,6 +191,10 @@ def final_metrics(run: RunRecord) -> dict[str, float]:
 def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
     """Draw the PNGs of one run, or overlays of several; return the files written.
 
+    One run also gets its clinical figures (``roc.png``, ``calibration.png``, ``confusion.png``,
+    ``subgroups.png``, ``comparison.png``, where the run has them) and ``report.html``, one page
+    with every image inlined; the local-only models' figures are drawn as dashed lines.
+
     Parameters
     ----------
     run_dirs : Sequence[str or Path]
@@ -200,7 +212,8 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
     panels = global_panels(runs)
     ncols = 2 if len(panels) <= 6 else 3
-    written = [plot_panels(panels, out / "global.png", title=title, ncols=ncols)]
+    references = local_only_references(runs[0], panels) if len(runs) == 1 else {}
+    written = [plot_panels(panels, out / "global.png", title=title, ncols=ncols, references=references)]
     if len(runs) == 1:
         sites = site_panels(runs[0])
         if sites:
@@ -208,7 +221,40 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     eps = epsilon_panels(runs)
     if eps:
         written.append(plot_panels(eps, out / "epsilon.png", title=f"{title}: epsilon", highlight="max", ncols=1))
+    if len(runs) == 1:
+        from flowerbed.simulations.research.clinical_report import clinical_figures, write_html
+
+        written += clinical_figures(runs[0].summary, out)
+        written.append(write_html(runs[0].summary, title, written, out / "report.html"))
     return written
+
+
+def local_only_references(run: RunRecord, panels: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Dashed lines for the local-only models (``summary.json``'s ``comparison``) on the pooled-test panel."""
+    comparison = run.summary.get("comparison") or {}
+    metric = comparison.get("metric")
+    target = next((p for p in (f"federated = central {metric}", f"central {metric}") if p in panels), None)
+    if not metric or target is None:
+        return {}
+    lines = {
+        f"{site} only": float(v["pooled"])
+        for site, v in (comparison.get("local_only") or {}).items()
+        if _number((v or {}).get("pooled")) is not None
+    }
+    mean = _number(comparison.get("local_only_mean_pooled"))
+    if mean is not None:
+        lines["local-only mean"] = mean
+    return {target: lines}
+
+
+def _same_lines(a: dict[str, Series] | None, b: dict[str, Series]) -> bool:
+    """Whether two panels' lines are the same curves (to float rounding: a weighted mean of site figures)."""
+    if a is None or set(a) != set(b):
+        return False
+    return all(
+        list(a[k][0]) == list(b[k][0]) and all(abs(x - y) <= 1e-6 for x, y in zip(a[k][1], b[k][1], strict=True))
+        for k in a
+    )
 
 
 def _panel_title(source: str, metric: str) -> str:

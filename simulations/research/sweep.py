@@ -11,9 +11,28 @@ A sweep file (TOML)::
     "strategy.name" = ["FedAvg", "FedAdam"]
     "data.partition.alpha" = [0.1, 1.0]
 
+Settings that go together (a strategy with its own learning rates) are named cases, each a
+table of overrides; every case runs with every grid combination, and ``average_over`` gives the
+mean and standard deviation over the grid keys it names (seeds, say)::
+
+    average_over = ["seed"]
+
+    [cases.FedAvg]
+    "train.lr" = 0.001
+
+    [cases.FedAdam]
+    "strategy.name" = "FedAdamPaper"
+    "strategy.args" = { eta = 0.01, beta_2 = 0.999, tau = 1e-8 }
+    "train.lr" = 0.01
+
+    [grid]
+    seed = [42, 43, 44, 45, 46]
+
 Every combination is validated (experiment schema, dataset and partition) before the first run
 starts. The sweep folder holds ``runs/`` (one run folder per combination), ``summary.csv``,
-``summary.md`` and ``overlay.png``.
+``summary.md``, ``overlay.png`` and, with ``average_over``, ``averaged.csv`` and ``averaged.md``.
+Besides the last round's aggregates, every row has ``sites.<metric>``: the unweighted mean over
+the sites of the final model's metric on each site's own test split (FLamby's "client average").
 """
 
 from __future__ import annotations
@@ -42,7 +61,8 @@ __all__ = [
     "to_markdown",
 ]
 
-_SWEEP_KEYS = {"base", "name", "output", "set", "grid"}
+_SWEEP_KEYS = {"base", "name", "output", "set", "grid", "cases", "average_over"}
+CASE = "case"
 _MAIN_METRICS = ("central.accuracy", "evaluate.accuracy", "central.loss", "evaluate.loss")
 
 
@@ -59,11 +79,13 @@ class Sweep:
     output : Path
         Parent of the sweep folder.
     keys : tuple[str, ...]
-        The grid's dotted keys, in file order.
+        ``"case"`` (when the file has cases), then the grid's dotted keys, in file order.
     combinations : tuple[tuple[Any, ...], ...]
         One value per key for every run, in ``itertools.product`` order.
     experiments : tuple[Experiment, ...]
         The resolved experiment of every combination (``output`` not yet set).
+    average_over : tuple[str, ...]
+        Grid keys the averaged table takes means over.
     """
 
     path: Path
@@ -72,6 +94,7 @@ class Sweep:
     keys: tuple[str, ...]
     combinations: tuple[tuple[Any, ...], ...]
     experiments: tuple[Experiment, ...]
+    average_over: tuple[str, ...] = ()
 
     def label(self, index: int) -> str:
         """A short legend label, e.g. ``FedAdam, alpha=0.1``."""
@@ -131,9 +154,13 @@ def load_sweep(path: str | Path, *, check_data: bool = True) -> Sweep:
     if not isinstance(doc.get("base"), str):
         problems.append("base: required, the experiment file this sweep varies (a path)")
     grid = _flatten(doc.get("grid"), "grid", problems)
-    if not grid:
-        problems.append('grid: required, a table of dotted keys to lists, e.g. "seed" = [0, 1]')
+    cases = _cases(doc.get("cases"), problems)
+    if not grid and not cases:
+        problems.append('grid: required (or cases), a table of dotted keys to lists, e.g. "seed" = [0, 1]')
     fixed = _flatten(doc.get("set"), "set", problems)
+    average_over = doc.get("average_over", [])
+    if not isinstance(average_over, list) or any(k not in grid for k in average_over):
+        problems.append(f'average_over = {average_over!r}: must be a list of grid keys (e.g. ["seed"])')
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             problems.append(f"grid.{key} = {values!r}: must be a non-empty list of values")
@@ -148,17 +175,20 @@ def load_sweep(path: str | Path, *, check_data: bool = True) -> Sweep:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(base_path), [f"not valid TOML: {exc}"]) from None
     name = str(doc.get("name") or path.stem)
-    keys = tuple(grid)
-    combinations = tuple(itertools.product(*(grid[k] for k in keys)))
+    keys = ((CASE,) if cases else ()) + tuple(grid)
+    axes = ([list(cases)] if cases else []) + [grid[k] for k in grid]
+    combinations = tuple(itertools.product(*axes))
     experiments = []
     for index, combo in enumerate(combinations):
         where = f"{base_path} with " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo, strict=True))
         data = copy.deepcopy(base)
-        for key, value in [*fixed.items(), *zip(keys, combo, strict=True)]:
+        chosen = dict(zip(keys, combo, strict=True))
+        case = cases.get(chosen.pop(CASE, None), {})
+        for key, value in [*fixed.items(), *case.items(), *chosen.items()]:
             apply_override(data, f"{key}={_toml_literal(value, where)}", where)
         apply_override(data, f"name={_toml_literal(f'{name}-{index:02d}', where)}", where)
         experiment = parse_experiment(data, where)
-        _check_grid_applies(experiment, keys, where)
+        _check_grid_applies(experiment, (*keys, *case), where)
         experiments.append(experiment)
     if check_data:
         _check_data(experiments, keys, combinations, base_path)
@@ -169,7 +199,18 @@ def load_sweep(path: str | Path, *, check_data: bool = True) -> Sweep:
         keys=keys,
         combinations=combinations,
         experiments=tuple(experiments),
+        average_over=tuple(average_over),
     )
+
+
+def _cases(table: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``[cases.NAME]`` tables of overrides, flattened to dotted keys."""
+    if table is None:
+        return {}
+    if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
+        problems.append('cases: must hold one table of overrides per case, e.g. [cases.FedAvg] "train.lr" = 0.001')
+        return {}
+    return {str(name): _flatten(values, f"cases.{name}", problems) for name, values in table.items()}
 
 
 def run_sweep(
@@ -224,11 +265,13 @@ def run_sweep(
             say(f"[{index + 1}/{total}] failed: {reason}")
         else:
             seconds = time.perf_counter() - start
-            metrics = final_metrics(load_run(run_dir))
+            metrics = {**final_metrics(load_run(run_dir)), **site_means(run_dir)}
             rows.append(SweepRow(index, values, label, run_dir, seconds, metrics))
             say(f"[{index + 1}/{total}] done in {seconds:.1f} s: {run_dir}")
         _write_tables(sweep.keys, folder, rows)  # an interrupted sweep keeps what it finished
     csv_path, markdown_path = _write_tables(sweep.keys, folder, rows)
+    if sweep.average_over:
+        _write_averages(sweep.keys, sweep.average_over, folder, rows)
     done = [r for r in rows if r.run_dir is not None]
     plot_path = _overlay(folder / "overlay.png", done, sweep.name) if done else None
     return SweepResult(folder, rows, csv_path, markdown_path, plot_path)
@@ -255,6 +298,57 @@ def _write_tables(keys: tuple[str, ...], folder: Path, rows: list[SweepRow]) -> 
     markdown_path = folder / "summary.md"
     markdown_path.write_text(to_markdown(keys, rows))
     return csv_path, markdown_path
+
+
+def site_means(run_dir: Path) -> dict[str, float]:
+    """``sites.<metric>``: the unweighted mean over the sites of the final model's metric on their own test splits."""
+    summary_path = run_dir / "summary.json"
+    sites = json.loads(summary_path.read_text()).get("final", {}).get("sites", {}) if summary_path.is_file() else {}
+    names = {m for values in sites.values() for m in values if m != "num-examples"}
+    out = {}
+    for metric in sorted(names):
+        values = [v.get(metric) for v in sites.values()]
+        if all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            out[f"sites.{metric}"] = float(sum(values) / len(values))
+    return out
+
+
+def averaged(keys: tuple[str, ...], over: tuple[str, ...], rows: list[SweepRow]) -> tuple[list[str], list[list[str]]]:
+    """Mean ± standard deviation (sample, n - 1) of every metric over the ``over`` keys, per other combination."""
+    kept = [k for k in keys if k not in over]
+    groups: dict[tuple[str, ...], list[SweepRow]] = {}
+    for row in rows:
+        if row.run_dir is not None:
+            groups.setdefault(tuple(_cell(row.values[k]) for k in kept), []).append(row)
+    metrics = sorted({m for row in rows for m in row.metrics if m != "rounds"})
+    metrics = [m for m in metrics if m.startswith("sites.")] + [m for m in metrics if not m.startswith("sites.")]
+    header = [*kept, *metrics, "runs"]
+    body = []
+    for group, members in groups.items():
+        cells = list(group)
+        for metric in metrics:
+            values = [r.metrics[metric] for r in members if metric in r.metrics]
+            if not values:
+                cells.append("")
+                continue
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            cells.append(f"{mean:.3f} ± {sd:.3f}")
+        cells.append(str(len(members)))
+        body.append(cells)
+    return header, body
+
+
+def _write_averages(keys: tuple[str, ...], over: tuple[str, ...], folder: Path, rows: list[SweepRow]) -> None:
+    header, body = averaged(keys, over, rows)
+    with open(folder / "averaged.csv", "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(body)
+    rule = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    (folder / "averaged.md").write_text("\n".join(lines) + "\n")
 
 
 def _overlay(path: Path, rows: list[SweepRow], name: str) -> Path:

@@ -20,13 +20,14 @@ import numpy as np
 
 from flowerbed.exception import ConfigError, DataError
 from flowerbed.experiment import DataConfig
+from flowerbed.tasks.data import fed_heart
 from flowerbed.tasks.data import heart as heart_disease
 from flowerbed.tasks.data.contract import DataContract, load_contract, parse_contract
 from flowerbed.tasks.data.intake import DialectOptions, Table, read_table
 from flowerbed.tasks.data.tabular import impute_and_scale, read_numeric_csv, stratified_split
 from flowerbed.tasks.task import DataSchema, SiteData
 
-BUILTIN = ("heart-disease", "digits", "breast-cancer", "csv", "images")
+BUILTIN = ("heart-disease", "fed-heart-disease", "digits", "breast-cancer", "csv", "images")
 #: Built-in data contracts by name; a dataset of the same name reads its files against it.
 CONTRACTS: dict[str, DataContract] = {"heart-disease": heart_disease.CONTRACT}
 #: Datasets a node reads from a table (a CSV-like export).
@@ -213,7 +214,11 @@ def _contract_site(table: Table, data: DataConfig, name: str, rows: np.ndarray) 
     scaled, notes = impute_and_scale(plain, train) if plain.shape[1] else (plain, [])
     features = np.concatenate([scaled, onehot], axis=1).astype(np.float32)
     schema = table.contract.schema(data.num_classes)
-    return SiteData(name, features[train], y[train], features[test], y[test], schema, notes, str(table.path))
+    raw = {c.name: table.values[rows, table.columns.index(c.name)] for c in table.contract.features}  # subgroups
+    site = SiteData(name, features[train], y[train], features[test], y[test], schema, notes, str(table.path))
+    site.groups_train = {k: v[train] for k, v in raw.items()}
+    site.groups_test = {k: v[test] for k, v in raw.items()}
+    return site
 
 
 def _check_labels(y: np.ndarray, num_classes: int, source: str) -> np.ndarray:
@@ -244,6 +249,14 @@ def _user_factory(data: DataConfig, seed: int) -> list[SiteData]:
 def _load(data: DataConfig, seed: int) -> list[SiteData]:
     if data.dataset == "heart-disease":
         return _heart(data, seed)
+    if data.dataset == fed_heart.NAME:
+        if data.partition.kind != "natural":
+            raise ConfigError(
+                "experiment",
+                [f"data.dataset = {fed_heart.NAME!r} is FLamby's four hospitals as they are: use data.partition.kind "
+                 "= 'natural' (or heart-disease for other splits)"],
+            )  # fmt: skip
+        return fed_heart.load_federation()
     if data.dataset in ("digits", "breast-cancer"):
         x, y, schema, _ = _pooled_builtin(data.dataset)
         return _partitioned(x, y, schema, data, seed)
@@ -368,6 +381,8 @@ def dataset_schema(data: DataConfig, seed: int = 0) -> DataSchema:
     """Schema of a dataset, without reading a node's data where the dataset is built in."""
     if data.dataset == "heart-disease":
         return heart_disease.SCHEMA
+    if data.dataset == fed_heart.NAME:
+        return fed_heart.SCHEMA
     if data.dataset == "digits":
         return DataSchema("image", (1, 8, 8), 10)
     if data.dataset == "breast-cancer":

@@ -13,7 +13,9 @@ Preprocessing, per site and fitted on that site's own training split only:
 - Label: ``num > 0`` (any disease).
 - Split: a stratified 75/25 train/test split per site, seeded by ``data.split_seed``.
 
-Every such step is recorded in ``SiteData.notes`` so a node can say what it did to the data.
+Every such step is recorded in ``SiteData.notes`` so a node can say what it did to the data. The
+raw feature columns (before imputation and scaling) stay with each split as ``groups_train`` and
+``groups_test``: the node evaluates subgroups (sex, age bands) by them.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ def preprocess(raw: np.ndarray, site: str, *, split_seed: int, test_fraction: fl
             notes.append(f"{name}: {missing} missing values encoded as an all-zero one-hot")
         onehots.append(np.stack([(column == v) for v in values], axis=1).astype(np.float64))
     features = np.concatenate([scaled, *onehots], axis=1).astype(np.float32)
+    raw_columns = {name: raw[:, col[name]] for name in COLUMNS if name != "num"}  # subgroups: before preprocessing
     return SiteData(
         name=site,
         x_train=features[train_idx],
@@ -180,6 +183,8 @@ def preprocess(raw: np.ndarray, site: str, *, split_seed: int, test_fraction: fl
         schema=SCHEMA,
         notes=notes,
         source=source,
+        groups_train={name: values[train_idx] for name, values in raw_columns.items()},
+        groups_test={name: values[test_idx] for name, values in raw_columns.items()},
     )
 
 

@@ -38,6 +38,8 @@ def hold_out_validation(site: SiteData, fraction: float, seed: int) -> SiteData:
         y_train=site.y_train[keep],
         x_val=site.x_train[val],
         y_val=site.y_train[val],
+        groups_train=None if site.groups_train is None else {k: v[keep] for k, v in site.groups_train.items()},
+        groups_val=None if site.groups_train is None else {k: v[val] for k, v in site.groups_train.items()},
     )
 
 

@@ -1,0 +1,99 @@
+"""A run says what happened: a round trained twice, a failure that leaves nothing, the budget that is left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flowerbed.client.node_round import SIM_NODE_CONFIG_ENV
+from flowerbed.privacy.ledger import PrivacyLedger
+from flowerbed.server import checkpoint
+from flowerbed.server.run_folder import read_metrics, read_summary
+
+
+class Interrupted(Exception):
+    """The coordinator dies after a round's training went out, before its checkpoint."""
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, server_round: int) -> None:
+    save = checkpoint.save_checkpoint
+
+    def save_or_die(run_dir, state):
+        if state.round == server_round:
+            raise Interrupted
+        return save(run_dir, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_or_die)
+
+
+def test_a_resumed_run_says_which_round_it_trained_twice(heart_experiment, monkeypatch) -> None:
+    """The nodes' ledgers charge the interrupted round twice; the run says so, and reports what they charged."""
+    from flowerbed.simulations.simulate import resume_simulation, simulate
+
+    monkeypatch.setenv(SIM_NODE_CONFIG_ENV, json.dumps({"*": {"dp-test-seed": 0}}))
+    experiment = heart_experiment(
+        "privacy.enabled=true", "privacy.noise_multiplier=1.0", "train.local_epochs=1", "evaluate.central=false"
+    )
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        simulate(experiment, quiet=True)
+    (run_dir,) = Path(experiment.output).iterdir()
+    monkeypatch.undo()
+    monkeypatch.setenv(SIM_NODE_CONFIG_ENV, json.dumps({"*": {"dp-test-seed": 0}}))
+    resume_simulation(run_dir, quiet=True)
+
+    records, summary = read_metrics(run_dir), read_summary(run_dir)
+    sites = ["cleveland", "hungarian", "switzerland", "va"]
+    assert [r.get("retrained") for r in records] == [None, sites, None]
+    assert summary["retrained"] == {"2": sites}
+    ledger = PrivacyLedger(run_dir / "nodes" / "ledger.sqlite")
+    for dataset in ledger.datasets():
+        trained = [r.round for r in ledger.releases(dataset)]
+        assert trained == [1, 2, 2, 3], "round 2 was charged twice at every site"
+        site = ledger.releases(dataset)[0].site
+        assert summary["epsilon"]["per_site"][site] == pytest.approx(ledger.epsilon(dataset, 1e-5), rel=1e-12)
+    assert summary["epsilon"]["scope"].startswith("cumulative at each node's ledger")
+
+
+def test_a_run_that_fails_before_its_first_round_leaves_no_folder(heart_experiment, monkeypatch) -> None:
+    from flowerbed.simulations.simulate import simulate
+
+    experiment = heart_experiment("rounds=1", "evaluate.central=false")
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        simulate(experiment, quiet=True)
+    assert not Path(experiment.output).exists() or not any(Path(experiment.output).iterdir())
+
+
+def test_node_budget_shows_budget_spent_and_left_per_dataset(tmp_path: Path) -> None:
+    import typer
+
+    from flowerbed.client.commands import register
+    from flowerbed.privacy.planner import DPPlan
+
+    app = typer.Typer()
+    register(app)
+    state = tmp_path / "kit" / "state"
+    state.mkdir(parents=True)
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    plan = DPPlan(noise_multiplier=1.0, sample_rate=0.1, steps_per_round=10, rounds=2, max_grad_norm=1.0, delta=1e-5)
+    for run in ("run-a", "run-b"):
+        ledger.charge(dataset="d" * 64, run_id=run, round=1, plan=plan, site="va")
+    spent = ledger.epsilon("d" * 64, 1e-5)
+    # the node config `flowerbed node start` writes in its state folder
+    (state / "node-config.toml").write_text(f'"ledger" = "{tmp_path / "ledger.sqlite"}"\n"budget-epsilon" = 8.0\n')
+
+    result = CliRunner().invoke(app, ["node", "budget", "--kit", str(tmp_path / "kit"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (dataset,) = json.loads(result.output)
+    assert dataset["budget"] == 8.0 and dataset["epsilon"] == pytest.approx(spent)
+    assert dataset["left"] == pytest.approx(8.0 - spent)
+    table = CliRunner().invoke(app, ["node", "budget", "--state", str(state)], terminal_width=100)
+    assert table.exit_code == 0 and "left" in table.output and f"{8.0 - spent:.3f}" in table.output
+    bare = CliRunner().invoke(app, ["node", "budget", "--ledger", str(tmp_path / "ledger.sqlite")])
+    assert "not set" in bare.output and "no budget set" in " ".join(bare.output.split())
+    missing = CliRunner().invoke(app, ["node", "budget", "--state", str(tmp_path)])
+    assert missing.exit_code != 0 and "node-config.toml" in str(missing.exception)

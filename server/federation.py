@@ -366,7 +366,8 @@ class Federation:
             if len(sites) < self.min_nodes:
                 stopped = (
                     f"round {server_round}: {len(sites)} sites left to train, fewer than the minimum "
-                    f"{self.min_nodes}; privacy budgets spent: {self.exhausted}; left out: {self.left_out}"
+                    f"{self.min_nodes} (train.min_nodes); privacy budget spent: {', '.join(self.exhausted) or '-'}; "
+                    f"left out: {', '.join(self.left_out) or '-'}"
                 )
                 break
             decision = select_round_participants(
@@ -384,9 +385,13 @@ class Federation:
                 train_outcome.refused[site] = f"straggler: {decision.delays[site]:g} s >= round timeout (simulated)"
             self._exclude_exhausted(server_round, train_outcome)
             if new_arrays is None:
+                refused = ", ".join(
+                    f"{site} ({error_name(train_outcome.codes[site]) if site in train_outcome.codes else why})"
+                    for site, why in sorted(train_outcome.refused.items())
+                )
                 stopped = (
                     f"round {server_round}: {len(train_outcome.accepted)} usable replies, fewer than the "
-                    f"minimum {self.min_nodes} (train.min_nodes); refused: {train_outcome.refused}"
+                    f"minimum {self.min_nodes} (train.min_nodes); refused: {refused or '-'}"
                 )
                 break
             arrays = new_arrays

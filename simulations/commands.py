@@ -77,14 +77,29 @@ def report(
         typer.Option("--out", help="Output folder (default: RUN_DIR/plots, or <parent>/overlay)."),
     ] = None,
 ) -> None:
-    """Redraw a run's plots (PNG), or overlay several runs, and print their final metrics."""
+    """Redraw a run's plots (PNG), or overlay several runs, and print their final metrics.
+
+    A run folder without a completed round (every site refused, a failure before round 1) has
+    nothing to draw: it is left out with its reason, so ``flowerbed report runs/<name>-*`` works.
+    """
     from rich.console import Console
     from rich.table import Table
 
+    from flowerbed.exception import RunError
     from flowerbed.simulations.research.report import final_metrics, load_run, write_report
 
-    written = write_report(run_dirs, out)
     console = Console()
+    drawable = []
+    for path in run_dirs:
+        why = without_rounds(path)
+        if why is None:
+            drawable.append(path)
+        else:
+            console.print(f"left out {path}: {why}", soft_wrap=True, highlight=False)
+    if not drawable:
+        raise RunError("none of these run folders has a completed round to report")
+    run_dirs = drawable
+    written = write_report(run_dirs, out)
     table = Table("run", "metric", "last round", title="final metrics")
     for path in run_dirs:
         run = load_run(path)
@@ -93,6 +108,22 @@ def report(
     console.print(table)
     for path in written:
         console.print(f"wrote {path}")
+
+
+def without_rounds(path: Path) -> str | None:
+    """Why a flowerbed run folder has no round to draw (``None``: it has one, or it is not a run folder)."""
+    import json
+
+    if not (path / "experiment.json").is_file() and not (path / "summary.json").is_file():
+        return None  # not a run folder: the report says what it expected
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        return None
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    return f"no round completed ({summary.get('stopped') or 'the run did not finish a round'})"
 
 
 def sweep(

@@ -196,7 +196,7 @@ def simulate(
         write_summary(run_dir, summary)
         if not quiet:
             print_comparison(summary["comparison"], console or Console(highlight=False))
-    if experiment.evaluate.plots:
+    if experiment.evaluate.plots and (summary or {}).get("rounds_completed", 1):  # no round, nothing to draw
         from flowerbed.simulations.research.report import write_report
 
         written = write_report([run_dir])

@@ -97,3 +97,24 @@ def test_node_budget_shows_budget_spent_and_left_per_dataset(tmp_path: Path) -> 
     assert "not set" in bare.output and "no budget set" in " ".join(bare.output.split())
     missing = CliRunner().invoke(app, ["node", "budget", "--state", str(tmp_path)])
     assert missing.exit_code != 0 and "node-config.toml" in str(missing.exception)
+
+
+def test_a_run_every_site_refused_says_why_writes_no_model_and_reports_around_it(heart_experiment, monkeypatch) -> None:
+    from flowerbed.cli import _register, app
+    from flowerbed.simulations.simulate import simulate
+
+    base = ("rounds=1", "evaluate.central=false", "train.local_epochs=1", "evaluate.plots=true")
+    done = simulate(heart_experiment(*base), quiet=True)
+    monkeypatch.setenv(SIM_NODE_CONFIG_ENV, json.dumps({"*": {"dp-test-seed": 0, "budget-epsilon": 0.05}}))
+    refused = simulate(heart_experiment(*base, "privacy.enabled=true", "privacy.noise_multiplier=1.0"), quiet=True)
+    summary = read_summary(refused)
+    sites = ["cleveland", "hungarian", "switzerland", "va"]
+    assert summary["rounds_completed"] == 0 and sorted(summary["budget_exhausted"]) == sites
+    assert summary["stopped"].startswith("round 1: 0 usable replies") and "va (BUDGET_EXHAUSTED)" in summary["stopped"]
+    assert not (refused / "model.safetensors").exists() and not (refused / "model.pt2").exists()
+
+    _register()  # `flowerbed report runs/heart-*` draws the run that has rounds and says why it leaves out the other
+    result = CliRunner().invoke(app, ["report", str(done), str(refused)])
+    assert result.exit_code == 0, result.output
+    assert "no round completed" in " ".join(result.output.split())
+    assert (done / "plots" / "global.png").is_file() and not (refused / "plots").exists()

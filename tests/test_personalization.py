@@ -18,7 +18,12 @@ from flowerbed.server.runner import initial_model
 from flowerbed.simulations.simulate import simulate
 from flowerbed.weights import arrays_to_numpy, model_to_arrays
 
-PERSONAL = {"fedper": {"3.weight", "3.bias"}, "fedrep": {"3.weight", "3.bias"}, "ditto": set()}
+PERSONAL = {
+    "fedper": {"3.weight", "3.bias"},
+    "fedrep": {"3.weight", "3.bias"},
+    "fedbn": {"2.weight", "2.bias"},  # the LayerNorm of binary-mlp with norm = true
+    "ditto": set(),
+}
 
 
 def _message(experiment, kind, server_round: int, arrays) -> Message:
@@ -29,11 +34,14 @@ def _message(experiment, kind, server_round: int, arrays) -> Message:
     return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=kind)
 
 
-@pytest.mark.parametrize("method", ["fedper", "fedrep", "ditto"])
+@pytest.mark.parametrize("method", ["fedper", "fedrep", "fedbn", "ditto"])
 def test_personal_layers_never_leave_the_node(heart_experiment, tmp_path, monkeypatch, method):
     monkeypatch.setenv("FLOWERBED_SIM_NODE_DIR", str(tmp_path / "nodes"))
+    norm = "true" if method == "fedbn" else "false"
     experiment = heart_experiment(
-        "task={name='binary-mlp', args={hidden=8}}", f"personalization.method='{method}'", "train.local_steps=5"
+        f"task={{name='binary-mlp', args={{hidden=8, norm={norm}}}}}",
+        f"personalization.method='{method}'",
+        "train.local_steps=5",
     )
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     sent = model_to_arrays(initial_model(experiment))
@@ -60,12 +68,21 @@ def test_personal_layers_never_leave_the_node(heart_experiment, tmp_path, monkey
 def test_a_personalized_run_reports_each_sites_own_model(heart_experiment):
     run = simulate(
         heart_experiment(
-            "rounds=2", "task={name='fenda-mlp'}", "personalization.method='fedper'", "evaluate.central=false"
+            "rounds=2",
+            "task={name='fenda-mlp'}",
+            "personalization.method='fedper'",
+            "evaluate.local_baselines=true",
+            "evaluate.plots=true",
         ),
         quiet=True,
     )
-    sites = read_summary(run)["final"]["sites"]
+    summary = read_summary(run)
+    sites = summary["final"]["sites"]
     assert len(sites) == 4 and all("personal-accuracy" in values for values in sites.values())
+    personalized = summary["comparison"]["personalized"]
+    assert personalized == {site: values["personal-accuracy"] for site, values in sites.items()}
+    page = next(run.rglob("report.html")).read_text()
+    assert "personalized (the site&#x27;s own)" in page or "personalized (the site's own)" in page
 
 
 def test_settings_that_would_leak_or_mean_nothing_are_refused(heart_experiment):

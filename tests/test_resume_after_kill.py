@@ -34,7 +34,7 @@ def simulate_command(output: Path, extra: list[str]) -> list[str]:
 
 
 # SCAFFOLD: the coordinator's control variate is in the checkpoint, each site's at its node (per round).
-SCAFFOLD = ["strategy.name='SCAFFOLD'", "train.clients_per_round=3"]
+SCAFFOLD = ["strategy.name='SCAFFOLD'", "train.clients_per_round=3", "rounds=6"]
 
 
 @pytest.mark.parametrize("extra", [[], STEPS, SCAFFOLD], ids=["epochs", "local-steps", "scaffold"])
@@ -58,11 +58,12 @@ def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_p
             process.kill()
             process.wait()
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    rounds = int(next((e for e in reversed([*SETTINGS, *extra]) if e.startswith("rounds=")), "rounds=12")[7:])
     killed_at = latest_round(run_dir)
-    assert killed_at is not None and 3 <= killed_at < 12
+    assert killed_at is not None and 3 <= killed_at < rounds
 
     subprocess.run([sys.executable, "-m", "flowerbed.cli", "resume", str(run_dir), "-q"], check=True, timeout=300)
-    assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, 13))
+    assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, rounds + 1))
 
     # The uninterrupted reference runs the same command in a process of its own (same threads, same libraries).
     subprocess.run(simulate_command(tmp_path / "reference", extra), check=True, timeout=300, capture_output=True)

@@ -417,15 +417,20 @@ def _spread_table(figures: Mapping[str, Any]) -> str:
 def _comparison_table(comparison: Mapping[str, Any]) -> str:
     local = comparison.get("local_only") or {}
     fed = comparison.get("federated") or {}
-    headings = ["test set", "federated (global)", *(f"{s} only" for s in local)]
+    personal = comparison.get("personalized") or {}
+    extra = ["personalized (the site's own)"] if personal else []
+    headings = ["test set", "federated (global)", *extra, *(f"{s} only" for s in local)]
     rows = []
     for site in local:
         own = [_fmt(local[s].get("own")) if s == site else "" for s in local]
-        rows.append([site, _fmt((fed.get("sites") or {}).get(site)), *own])
-    rows.append(["pooled (all sites)", _fmt(fed.get("pooled")), *(_fmt(local[s].get("pooled")) for s in local)])
+        mine = [_fmt(personal.get(site))] if personal else []
+        rows.append([site, _fmt((fed.get("sites") or {}).get(site)), *mine, *own])
+    pooled = [_fmt(fed.get("pooled")), *(["-"] if personal else [])]
+    rows.append(["pooled (all sites)", *pooled, *(_fmt(local[s].get("pooled")) for s in local)])
     metric = comparison.get("metric", "accuracy")
+    title = "Global, personalized and local-only models" if personal else "Global model and local-only models"
     return (
-        f"<h2>Global model and local-only models ({html.escape(metric)})</h2>"
+        f"<h2>{title} ({html.escape(metric)})</h2>"
         + _table(headings, rows, 'class="comparison"')
         + f'<p class="note">{html.escape(str(comparison.get("verdict", "")))}</p>'
     )

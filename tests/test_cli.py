@@ -85,7 +85,7 @@ def test_help_imports_no_heavy_library():
 def test_flowers_log_lines_show_once():
     """Opacus's import gives the root logger a handler; Flower's lines (its deprecation banner) then showed twice."""
     probe = (
-        "import logging, opacus\nfrom flwr.common.logger import log\n"
+        "import logging\nlogging.basicConfig()  # what importing Opacus does\nfrom flwr.common.logger import log\n"
         "from flowerbed.process_control import flower_logs_once\n"
         "log(logging.WARNING, 'before the fix')\nflower_logs_once()\nlog(logging.WARNING, 'DEPRECATED FEATURE')\n"
     )

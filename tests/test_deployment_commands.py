@@ -378,3 +378,21 @@ def test_run_start_sends_the_federation_files_caps(tmp_path: Path, monkeypatch) 
     submitted = tomllib.loads(Path(record.run_config).read_text())
     assert json.loads(submitted["site-max-examples"]) == {"hungary": 250}
     assert submitted["expected-nodes"] == 2 and calls[0][0] == "run"
+
+
+def test_a_deployed_run_that_fails_before_its_first_round_leaves_no_folder(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from flowerbed.server.app import main
+
+    class NoNodes:  # a Grid to which no node ever connects
+        def get_node_ids(self):
+            return []
+
+    text, _, _ = resolve_experiment_text(HEART_TOML, ["train.round_timeout=0.3"], tmp_path / "runs" / "x")
+    run_dir = tmp_path / "runs" / "heart-1"
+    config = {"experiment": text, "run-dir": str(run_dir), "resume": False, "expected-nodes": 0}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    with pytest.raises(RunError, match="no node connected within 0.3 s"):
+        main(NoNodes(), context)  # the ServerApp's main, as Flower calls it
+    assert not run_dir.exists()

@@ -1,10 +1,11 @@
 """End to end without TLS: a real SuperLink and four SuperNodes on 127.0.0.1, one per hospital file.
 
 ``--insecure`` must be given explicitly to the coordinator and to every node, and each prints a
-warning when it starts. The heart experiment runs three rounds with secure aggregation (its five
-message exchanges per round cross the real SuperLink) and leaves its final checkpoint. Secure
-aggregation has no unauthenticated rounds: every node gets its identity (node key, certificate,
-federation CA) from a kit that provisioning made, passed with ``--kit``.
+warning when it starts. Every command runs with a ``PATH`` that lacks this environment's folder:
+Flower's programs are found beside the interpreter. The heart experiment runs three rounds with
+secure aggregation (its five message exchanges per round cross the real SuperLink) and leaves its
+final checkpoint. Secure aggregation has no unauthenticated rounds: every node gets its identity
+(node key, certificate, federation CA) from a kit that provisioning made, passed with ``--kit``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def test_insecure_federation_of_four_hospitals(tmp_path: Path) -> None:
     (tmp_path / "identities").mkdir()
     kits = provision(load_federation(write_federation(tmp_path / "identities", list(SITES), port))).kits
     with Deployment(tmp_path) as d:
+        d.env["PATH"] = "/usr/bin:/bin"  # as a service runs /opt/venv/bin/flowerbed: the environment not activated
         d.start_coordinator(federation, "--insecure")
         assert "WARNING: the coordinator runs with --insecure" in d.log("coordinator").read_text()
         for site in SITES:

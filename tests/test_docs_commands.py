@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import click
+import click.testing
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -23,6 +24,7 @@ from flowerbed.cli import _register, app
 from .conftest import HEART_DATA, ROOT
 
 _register()
+ROOT_COMMAND = typer.main.get_command(app)  # built once: typer builds it again on every invoke
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"bash", "sh", "shell", "console", ""}
 FENCE = re.compile(r"^\s*```(\w*)\s*$")
@@ -70,7 +72,7 @@ COMMANDS = doc_commands()
 
 def resolve(argv: list[str]) -> tuple[click.Command, list[str], list[str]]:
     """The command ``argv`` names, its path of subcommands, and the rest of the words."""
-    command: click.Command = typer.main.get_command(app)
+    command: click.Command = ROOT_COMMAND
     path: list[str] = []
     rest = list(argv)
     while isinstance(command, click.Group) and rest and rest[0] in command.commands:
@@ -89,7 +91,7 @@ def test_the_docs_hold_commands() -> None:
 def test_every_documented_command_exists_as_written(where: str, argv: list[str]) -> None:
     command, path, rest = resolve(argv)
     assert not isinstance(command, click.Group), f"{where}: `flowerbed {' '.join(argv)}` names no command"
-    result = CliRunner().invoke(app, [*path, "--help"])
+    result = click.testing.CliRunner().invoke(ROOT_COMMAND, [*path, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output, f"{where}: {result.output}"
     options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
     used = {word.split("=")[0] for word in rest if word.startswith("-") and word != "-"}

@@ -13,6 +13,8 @@ from flowerbed.privacy.ledger import PrivacyLedger
 from flowerbed.server import checkpoint
 from flowerbed.server.run_folder import read_metrics, read_summary
 
+from .conftest import HEART_TOML
+
 
 class Interrupted(Exception):
     """The coordinator dies after a round's training went out, before its checkpoint."""
@@ -118,3 +120,13 @@ def test_a_run_every_site_refused_says_why_writes_no_model_and_reports_around_it
     assert result.exit_code == 0, result.output
     assert "no round completed" in " ".join(result.output.split())
     assert (done / "plots" / "global.png").is_file() and not (refused / "plots").exists()
+
+    from flowerbed.simulations.research.sweep import run_sweep
+
+    sweep = Path(done).parent / "refused.toml"  # in a sweep, such a run is a failed row with its reason
+    sweep.write_text(
+        f'base = "{HEART_TOML}"\nset = {{ rounds = 1, evaluate = {{ central = false, local_baselines = false }}, '
+        "privacy = { enabled = true, noise_multiplier = 1.0 } }\n[grid]\nseed = [0]\n"
+    )
+    (row,) = run_sweep(sweep, folder=Path(done).parent / "sweep").rows
+    assert row.run_dir is None and row.error.startswith("no round completed: round 1: 0 usable replies")

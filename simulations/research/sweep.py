@@ -265,9 +265,18 @@ def run_sweep(
             say(f"[{index + 1}/{total}] failed: {reason}")
         else:
             seconds = time.perf_counter() - start
-            metrics = {**final_metrics(load_run(run_dir)), **site_means(run_dir)}
-            rows.append(SweepRow(index, values, label, run_dir, seconds, metrics))
-            say(f"[{index + 1}/{total}] done in {seconds:.1f} s: {run_dir}")
+            try:
+                summary = json.loads((run_dir / "summary.json").read_text())
+            except (OSError, ValueError):
+                summary = {}
+            if not summary.get("rounds_completed", 1):  # every site refused, or the loop stopped before round 1
+                reason = f"no round completed: {summary.get('stopped') or 'no reason recorded'}"
+                rows.append(SweepRow(index, values, label, None, seconds, error=reason))
+                say(f"[{index + 1}/{total}] failed: {reason}")
+            else:
+                metrics = {**final_metrics(load_run(run_dir)), **site_means(run_dir)}
+                rows.append(SweepRow(index, values, label, run_dir, seconds, metrics))
+                say(f"[{index + 1}/{total}] done in {seconds:.1f} s: {run_dir}")
         _write_tables(sweep.keys, folder, rows)  # an interrupted sweep keeps what it finished
     csv_path, markdown_path = _write_tables(sweep.keys, folder, rows)
     if sweep.average_over:

@@ -94,4 +94,6 @@ def test_settings_that_would_leak_or_mean_nothing_are_refused(heart_experiment):
         heart_experiment("rounds=1", "personalization.method='fedper'", "personalization.personal_layers=['0']"),
         quiet=True,
     )
-    assert "must name some but not all" in read_summary(run)["stopped"]
+    summary = read_summary(run)
+    assert summary["rounds_completed"] == 0
+    assert all("must name some but not all" in reason for reason in summary["refused"].values()), summary["refused"]

@@ -21,9 +21,17 @@ from .conftest import HEART_TOML
 SETTINGS = ["rounds=12", "backend.name='inline'", "evaluate.local_baselines=false", "evaluate.central=false"]
 
 
-# Local work in steps: each site's iterator keeps its place across rounds, a sampled subset each
-# round, one site with its own batch size: the resumed run must take exactly the same batches.
-STEPS = ["train.local_steps=7", "train.clients_per_round=3", "train.sites.switzerland.batch_size=8"]
+# Local work in steps under SCAFFOLD: each site's iterator keeps its place across rounds, a sampled
+# subset each round, one site with its own batch size, the coordinator's control variate in the
+# checkpoint and each site's at its node (per round): the resumed run must take exactly the same
+# batches and corrections.
+STEPS_SCAFFOLD = [
+    "train.local_steps=7",
+    "train.clients_per_round=3",
+    "train.sites.switzerland.batch_size=8",
+    "strategy.name='SCAFFOLD'",
+    "rounds=6",
+]
 
 
 def simulate_command(output: Path, extra: list[str]) -> list[str]:
@@ -33,11 +41,7 @@ def simulate_command(output: Path, extra: list[str]) -> list[str]:
     return command
 
 
-# SCAFFOLD: the coordinator's control variate is in the checkpoint, each site's at its node (per round).
-SCAFFOLD = ["strategy.name='SCAFFOLD'", "train.clients_per_round=3", "rounds=6"]
-
-
-@pytest.mark.parametrize("extra", [[], STEPS, SCAFFOLD], ids=["epochs", "local-steps", "scaffold"])
+@pytest.mark.parametrize("extra", [[], STEPS_SCAFFOLD], ids=["epochs", "local-steps-scaffold"])
 def test_sigkill_after_round_k_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, extra: list[str]):
     out = tmp_path / "killed"
     process = subprocess.Popen(simulate_command(out, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

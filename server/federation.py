@@ -228,10 +228,14 @@ class Federation:
 
     # -- one round --------------------------------------------------------------------------------
 
+    def live_sites(self) -> list[str]:
+        """The discovered sites still in the run (not excluded, out of budget or left out), sorted."""
+        gone = self.excluded.keys() | self.exhausted.keys() | self.left_out.keys()
+        return sorted(s for s in self.site_nodes if s not in gone)
+
     def sample_sites(self, server_round: int) -> list[str]:
         """The sites that train this round: seeded by the run's seed and the round, sorted."""
-        gone = self.excluded.keys() | self.exhausted.keys() | self.left_out.keys()
-        pool = sorted(s for s in self.site_nodes if s not in gone)
+        pool = self.live_sites()
         k = min(self.experiment.train.clients_per_round or len(pool), len(pool))
         rng = random.Random(derive_seed(self.experiment.seed, "sample", server_round))
         return sorted(rng.sample(pool, k))
@@ -439,9 +443,7 @@ class Federation:
     def _validate(self, strategy: Strategy, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
         """Validate the new global model on every live site's validation rows; keep it if it is the best."""
         assert self.selection is not None
-        gone = self.excluded.keys() | self.exhausted.keys() | self.left_out.keys()
-        live = sorted(s for s in self.site_nodes if s not in gone)
-        metrics, outcome = self.evaluate_round(strategy, server_round, arrays, live, split="validation")
+        metrics, outcome = self.evaluate_round(strategy, server_round, arrays, self.live_sites(), split="validation")
         record["validation"] = metrics
         for site, reply in outcome.accepted:
             site_metrics = _metrics_dict(_metric_record(reply))

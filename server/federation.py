@@ -39,6 +39,7 @@ from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
 from flowerbed.server.exchange import send_and_receive
 from flowerbed.server.model_selection import Selection, best_round, stop_reason
+from flowerbed.server.reply_block import ReplyBlock, averages_blocks, block_problems
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
 from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
 from flowerbed.server.round_policy import select_round_participants
@@ -244,9 +245,15 @@ class Federation:
         """Send training messages and collect replies (secure aggregation replaces this exchange)."""
         return send_and_receive(self.grid, messages, self.timeout)
 
-    def _sort_replies(self, sites: list[str], replies: list[Message], reference: dict | None) -> RoundOutcome:
+    def _sort_replies(
+        self, sites: list[str], replies: list[Message], reference: dict | None, blocks: Iterable[ReplyBlock] = ()
+    ) -> RoundOutcome:
         outcome = RoundOutcome()
         answered = set()
+        for block in blocks:
+            answered.update(block.sites)
+            if reference is not None:
+                self._sort_block(block, reference, outcome)
         for reply in replies:
             site = reply_site(reply, self._node_site(reply.metadata.src_node_id))
             answered.add(site)
@@ -265,12 +272,39 @@ class Federation:
         outcome.accepted.sort(key=lambda pair: pair[0])
         return outcome
 
+    def _site_cap(self, site: str) -> float:
+        """The most ``num-examples`` a site may claim: the experiment's cap, or the operator's for that site."""
+        cap = self.experiment.train.max_examples
+        return min(cap, self.site_max_examples.get(site, cap))
+
+    def _sort_block(self, block: ReplyBlock, reference: dict, outcome: RoundOutcome) -> None:
+        """Check a block's rows as ``_train_reply_problem`` checks replies; keep the sound rows."""
+        caps = np.array([self._site_cap(site) for site in block.sites], dtype=np.float64)
+        problems = block_problems(block, reference, caps=caps, max_update_norm=self.experiment.train.max_update_norm)
+        weights = block.weights
+        for i, site in enumerate(block.sites):
+            if i in problems:
+                continue
+            pinned = self.pinned_examples.setdefault(site, float(weights[i]))
+            if float(weights[i]) != pinned:
+                problems[i] = (
+                    f"num-examples = {weights[i]:g}, but this site reported {pinned:g} first; "
+                    "a site's weight is fixed per run"
+                )
+        for i, problem in problems.items():
+            outcome.refused[block.sites[i]] = f"reply rejected: {problem}"
+        keep = np.array([i for i in range(len(block)) if i not in problems], dtype=np.int64)
+        if len(keep):
+            outcome.blocks.append((block if len(keep) == len(block) else block.take(keep)).sorted_by_site())
+
     def _train_reply_problem(self, site: str, reply: Message, reference: dict) -> str | None:
         """Why a site's training reply is rejected: validity, its weight's bounds, its update's norm."""
-        train = self.experiment.train
-        cap = min(train.max_examples, self.site_max_examples.get(site, train.max_examples))
         problem = validate_train_reply(
-            reply, reference, max_examples=cap, max_update_norm=train.max_update_norm, extra=self._extra_records
+            reply,
+            reference,
+            max_examples=self._site_cap(site),
+            max_update_norm=self.experiment.train.max_update_norm,
+            extra=self._extra_records,
         )
         if problem:
             return problem
@@ -290,14 +324,18 @@ class Federation:
             return secure_train_round(self, strategy, server_round, arrays, sites)
         subset = NodeSubset(self.grid, [self.site_nodes[s] for s in sites])
         messages = strategy.configure_train(server_round, arrays, self.config(), subset)
-        replies = self.exchange_train(server_round, messages)
         reference = arrays_to_numpy(arrays)
         reply_records = getattr(strategy, "reply_records", None)  # what a strategy's replies carry besides weights
         self._extra_records = reply_records(reference) if callable(reply_records) else {}
-        outcome = self._sort_replies(sites, replies, reference)
-        if len(outcome.accepted) < self.min_nodes:
+        columnar = getattr(self.grid, "exchange_columnar", None)  # the inline backend's cohorts, as columns
+        if callable(columnar) and not self._extra_records and averages_blocks(strategy):
+            replies, blocks = columnar(messages)
+        else:
+            replies, blocks = self.exchange_train(server_round, messages), []
+        outcome = self._sort_replies(sites, replies, reference, blocks)
+        if outcome.count < self.min_nodes:
             return None, {}, outcome
-        new_arrays, metrics = strategy.aggregate_train(server_round, [m for _, m in outcome.accepted])
+        new_arrays, metrics = strategy.aggregate_train(server_round, outcome.for_strategy())
         if new_arrays is not None:
             new_arrays = self.as_model_dtypes(new_arrays)
         return new_arrays, _metrics_dict(metrics), outcome
@@ -394,7 +432,7 @@ class Federation:
                     for site, why in sorted(train_outcome.refused.items())
                 )
                 stopped = (
-                    f"round {server_round}: {len(train_outcome.accepted)} usable replies, fewer than the "
+                    f"round {server_round}: {train_outcome.count} usable replies, fewer than the "
                     f"minimum {self.min_nodes} (train.min_nodes); refused: {refused or '-'}"
                 )
                 break
@@ -405,7 +443,7 @@ class Federation:
                 if twice:  # sites whose training of this round went out before the interruption, and again now
                     record["retrained"] = twice
             if self.experiment.evaluate.federated:
-                participants = [s for s, _ in train_outcome.accepted]
+                participants = train_outcome.participants()
                 eval_metrics, eval_outcome = self.evaluate_round(strategy, server_round, arrays, participants)
                 record["evaluate"] = eval_metrics
                 for site, reply in eval_outcome.accepted:
@@ -469,15 +507,16 @@ class Federation:
     def _round_record(
         self, server_round: int, started: float, train_metrics: dict, outcome: RoundOutcome, sampled: list[str]
     ) -> dict[str, Any]:
+        released = [(site, _metrics_dict(_metric_record(reply))) for site, reply in outcome.accepted]
+        released += [pair for block in outcome.blocks for pair in block.row_metrics()]
         sites: dict[str, dict[str, Any]] = {}
-        for site, reply in outcome.accepted:
-            values = _metrics_dict(_metric_record(reply))
+        for site, values in sorted(released, key=lambda pair: pair[0]):
             sites[site] = {f"train-{k}" if k == "num-examples" else k: v for k, v in values.items()}
         epsilons = [v["epsilon"] for v in sites.values() if "epsilon" in v]
         return {
             "round": server_round,
             "sampled": sampled,
-            "participants": [s for s, _ in outcome.accepted],
+            "participants": outcome.participants(),
             "refused": outcome.refused,
             "refused_codes": {site: error_name(code) for site, code in sorted(outcome.codes.items())},
             # epsilon is per site (never averaged): drop the strategy's mean of it

@@ -127,3 +127,9 @@ def _resolve(name: str, source: str) -> type[Strategy]:
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise ConfigError(source, [f"strategy.name = {name!r} is not a flwr.serverapp.strategy.Strategy"])
     return cls
+
+
+def weighted_mean_classes() -> frozenset[type[Strategy]]:
+    """The classes (exactly, not subclasses) of the built-in strategies in ``WEIGHTED_MEAN``."""
+    found = (OWN.get(name) or getattr(flower_strategies, name, None) for name in WEIGHTED_MEAN)
+    return frozenset(cls for cls in found if cls is not None)

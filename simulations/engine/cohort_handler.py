@@ -43,6 +43,7 @@ from flowerbed.protocol import (
     SCAFFOLD_CONTROL,
     SITE_RECORD,
 )
+from flowerbed.server.reply_block import ReplyBlock
 from flowerbed.simulations.cohort.vectorized import (
     Unsupported,
     check_functional,
@@ -78,7 +79,21 @@ class CohortHandler:
 
     def __call__(self, pairs: list[Pair]) -> list[Message]:
         """One reply per (message, context) pair, in order."""
+        replies, _ = self._answer(pairs, blocks=None)
+        return replies
+
+    def columnar(self, pairs: list[Pair]) -> tuple[list[Message], list[ReplyBlock]]:
+        """The replies, with the vectorized training replies as columns (``ReplyBlock``) instead of messages.
+
+        Refusals, and everything the ClientApp answers, stay messages.
+        """
+        blocks: list[ReplyBlock] = []
+        replies, in_blocks = self._answer(pairs, blocks=blocks)
+        return [r for r, b in zip(replies, in_blocks, strict=True) if not b], blocks
+
+    def _answer(self, pairs: list[Pair], blocks: list[ReplyBlock] | None) -> tuple[list[Message], list[bool]]:
         replies: list[Message | None] = [None] * len(pairs)
+        in_blocks = [False] * len(pairs)
         if self.vectorize:
             groups: dict[tuple, list[int]] = {}
             for i, (message, _) in enumerate(pairs):
@@ -87,18 +102,21 @@ class CohortHandler:
                     groups.setdefault(key, []).append(i)
             for key, members in groups.items():
                 try:
-                    answered = self._answer_group(_KINDS[key[0]], [pairs[i] for i in members])
+                    answered = self._answer_group(_KINDS[key[0]], [pairs[i] for i in members], blocks)
                 except Unsupported:
                     continue
                 for i, reply in zip(members, answered, strict=True):
-                    replies[i] = reply
+                    if reply is _IN_BLOCK:
+                        in_blocks[i] = True
+                    else:
+                        replies[i] = reply  # type: ignore[assignment]
         for i, pair in enumerate(pairs):
-            if replies[i] is None:
+            if in_blocks[i] or replies[i] is not None:
+                self.stats["vectorized"] += 1
+            else:
                 replies[i] = self.client_app(*pair)
                 self.stats["sequential"] += 1
-            else:
-                self.stats["vectorized"] += 1
-        return replies  # type: ignore[return-value]
+        return replies, in_blocks  # type: ignore[return-value]
 
     @staticmethod
     def _group_key(message: Message) -> tuple | None:
@@ -115,7 +133,9 @@ class CohortHandler:
         split = config.get(EVALUATE_SPLIT_KEY, "test")
         return kind, id(content["arrays"]), str(config[EXPERIMENT_KEY]), server_round, mu, split
 
-    def _answer_group(self, kind: Kind, pairs: list[Pair]) -> list[Message | None]:
+    def _answer_group(
+        self, kind: Kind, pairs: list[Pair], blocks: list[ReplyBlock] | None
+    ) -> list[Message | object | None]:
         try:
             requests = [node_request(message, context, kind) for message, context in pairs]
         except FlowerbedError:
@@ -131,7 +151,8 @@ class CohortHandler:
             device = resolve_device(experiment.task.device)
         except FlowerbedError:
             raise Unsupported("the device does not resolve here") from None
-        replies: list[Message | None] = [None] * len(pairs)
+        replies: list[Message | object | None] = [None] * len(pairs)
+        made: list[ReplyBlock] = []
         by_schema: dict[Any, list[tuple[int, Admitted]]] = {}
         for i, outcome in enumerate(admit(requests)):
             if isinstance(outcome, Refusal):
@@ -156,6 +177,17 @@ class CohortHandler:
             if kind == "train":
                 trained, results = self._train(model, weights, admitted, device)
                 released = release_train(admitted, results)
+                if blocks is not None:
+                    block = _block(admitted, released, trained)
+                    if block is not None:
+                        if len(block):
+                            made.append(block)
+                        for row, (i, _) in enumerate(members):
+                            outcome = released[row]
+                            replies[i] = (
+                                refusal_reply(pairs[i][0], outcome) if isinstance(outcome, Refusal) else _IN_BLOCK
+                            )
+                        continue
             else:
                 trained, released = None, release_evaluate(admitted, self._evaluate(model, weights, admitted, device))
             for row, ((i, a), outcome) in enumerate(zip(members, released, strict=True)):
@@ -163,6 +195,8 @@ class CohortHandler:
                     replies[i] = refusal_reply(pairs[i][0], outcome)
                 else:
                     replies[i] = _reply(pairs[i][0], a.site.name, outcome, trained, row)
+        if blocks is not None:  # only once the whole group is answered (``Unsupported`` sends it all elsewhere)
+            blocks.extend(made)
         return replies
 
     @staticmethod
@@ -214,6 +248,25 @@ class CohortHandler:
             score(a, out, torch.as_tensor(y, device=device))
             for a, (_, y), out in zip(admitted, rows, logits, strict=True)
         ]
+
+
+_IN_BLOCK = object()  # a reply that travels as a row of a ReplyBlock
+
+
+def _block(
+    admitted: Sequence[Admitted], released: Sequence[Metrics | Refusal], trained: dict[str, np.ndarray]
+) -> ReplyBlock | None:
+    """The released rows as one ``ReplyBlock`` (``None`` if their metrics differ in keys: then messages)."""
+    rows = [j for j, outcome in enumerate(released) if not isinstance(outcome, Refusal)]
+    if not rows:
+        return ReplyBlock([], {}, {})
+    metrics = [released[j] for j in rows]
+    keys = list(metrics[0])  # type: ignore[arg-type]
+    if any(list(m) != keys for m in metrics):  # type: ignore[arg-type]
+        return None
+    arrays = trained if len(rows) == len(released) else {name: t[rows] for name, t in trained.items()}
+    columns = {key: [m[key] for m in metrics] for key in keys}  # type: ignore[index]
+    return ReplyBlock([admitted[j].site.name for j in rows], arrays, columns)
 
 
 def _train_key(admitted: Admitted) -> object:

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from flowerbed.flower_internals import enter_task_identity, in_process_run, set_message_id
+from flowerbed.server.reply_block import ReplyBlock
 
 MessageHandler = Callable[[list[tuple[Message, Context]]], list[Message]]
 
@@ -85,6 +86,20 @@ class InlineGrid(Grid):
         for (message, _), reply in zip(pending, replies, strict=True):
             self._replies[message.metadata.message_id] = reply
         return [message.metadata.message_id for message, _ in pending]
+
+    def exchange_columnar(self, messages: Iterable[Message]) -> tuple[list[Message], list[ReplyBlock]]:
+        """Handle the messages now; return the replies, with vectorized training replies as columns.
+
+        A handler without a columnar form (or none at all) returns every reply as a message.
+        """
+        columnar = getattr(self.batch_handler, "columnar", None)
+        if columnar is None:
+            return self.send_and_receive(messages), []
+        pending: list[tuple[Message, Context]] = []
+        for message in messages:
+            set_message_id(message, str(uuid4()))
+            pending.append((message, self.contexts[message.metadata.dst_node_id]))
+        return columnar(pending) if pending else ([], [])
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """The replies to ``message_ids``."""

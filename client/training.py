@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,18 +10,48 @@ import torch
 from torch import nn
 
 from flowerbed.experiment import TrainConfig
-from flowerbed.seeds import derive_seed
 from flowerbed.tasks.task import Task
+
+_U64 = np.uint64
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, element-wise on uint64 (wrapping arithmetic)."""
+    z = z + _U64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def epoch_permutations(seeds: np.ndarray, epochs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Row ``i``: the rows of a site with ``sizes[i]`` rows in epoch ``epochs[i]`` of iterator ``seeds[i]``.
+
+    Each row's place is the order of a 64-bit hash of (seed, epoch, row), so any number of sites
+    and epochs are shuffled at once and a site's order depends only on its own seed, epoch and
+    size. The first ``sizes[i]`` entries of row ``i`` are a permutation of ``range(sizes[i])``;
+    the rest is padding (the largest row indices).
+    """
+    seeds = np.asarray(seeds, dtype=np.int64).astype(_U64)
+    epochs = np.asarray(epochs, dtype=np.int64).astype(_U64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    width = int(sizes.max()) if sizes.size else 0
+    rows = np.arange(width, dtype=_U64)
+    with np.errstate(over="ignore"):
+        key = _mix64(seeds ^ _mix64(epochs ^ _U64(0x5851F42D4C957F2D)))
+        hashed = _mix64(key[:, None] ^ _mix64(rows)[None, :])
+    hashed[rows[None, :].astype(np.int64) >= sizes[:, None]] = np.iinfo(_U64).max
+    return np.argsort(hashed, axis=1, kind="stable")
 
 
 @dataclass(frozen=True)
 class StepSchedule:
     """``count`` optimizer steps that continue a site's own iterator over its rows (``train.local_steps``).
 
-    The iterator walks an endless sequence of epochs, each a fresh permutation of the rows seeded
-    by ``derive_seed(seed, "epoch", e)`` and cut into batches of ``batch_size`` with the last
-    partial batch kept. A round takes steps ``first .. first + count - 1`` of it, so the next round
-    goes on where this one stopped, and a round that is run again takes the same batches.
+    The iterator walks an endless sequence of epochs, each a fresh permutation of the rows
+    (``epoch_permutations`` of the schedule's seed and the epoch) cut into batches of
+    ``batch_size`` with the last partial batch kept. A round takes steps
+    ``first .. first + count - 1`` of it, so the next round goes on where this one stopped, and a
+    round that is run again takes the same batches.
     """
 
     first: int
@@ -31,14 +61,43 @@ class StepSchedule:
 
     def batches(self, n: int) -> Iterator[torch.Tensor]:
         """Row indices of each step's batch."""
-        per_epoch = -(-n // self.batch_size)
-        current, order = -1, torch.empty(0, dtype=torch.int64)
-        for step in range(self.first, self.first + self.count):
-            epoch, position = divmod(step, per_epoch)
-            if epoch != current:
-                generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-                current, order = epoch, torch.randperm(n, generator=generator)
-            yield order[position * self.batch_size : (position + 1) * self.batch_size]
+        index, counts = schedule_indices([self], [n])
+        for t in range(self.count):
+            yield torch.from_numpy(index[0, t, : counts[0, t]].copy())
+
+
+def schedule_indices(schedules: Sequence[StepSchedule], sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every site's batches at once: ``index[i, t, :counts[i, t]]`` are site ``i``'s rows at its step ``t``.
+
+    ``counts[i, t]`` is 0 past site ``i``'s own steps. The same batches as each schedule's
+    ``batches``, for any number of sites (each with its own size, seed, steps and batch size).
+    """
+    k = len(schedules)
+    n = np.asarray(sizes, dtype=np.int64).reshape(k)
+    first = np.array([s.first for s in schedules], dtype=np.int64)
+    count = np.array([s.count for s in schedules], dtype=np.int64)
+    size = np.array([s.batch_size for s in schedules], dtype=np.int64)
+    seeds = np.array([s.seed for s in schedules], dtype=np.int64)
+    total = int(count.max()) if k else 0
+    width = int(np.minimum(size, np.maximum(n, 1)).max()) if k else 1
+    if k == 0 or total == 0:
+        return np.zeros((k, max(total, 1), max(width, 1)), dtype=np.int64), np.zeros((k, max(total, 1)), dtype=np.int64)
+    per_epoch = -(-n // size)
+    steps = first[:, None] + np.arange(total)[None, :]
+    epoch = steps // per_epoch[:, None]
+    first_epoch = first // per_epoch
+    spans = (first + count - 1) // per_epoch - first_epoch + 1
+    span = int(spans.max())
+    sites = np.repeat(np.arange(k), span)
+    epochs = (first_epoch[:, None] + np.arange(span)[None, :]).reshape(-1)
+    orders = epoch_permutations(seeds[sites], epochs, n[sites]).reshape(k, span, -1)
+    start = (steps % per_epoch[:, None]) * size[:, None]
+    counts = np.clip(n[:, None] - start, 0, size[:, None])
+    counts[np.arange(total)[None, :] >= count[:, None]] = 0
+    position = np.minimum(start[:, :, None] + np.arange(width)[None, None, :], orders.shape[2] - 1)
+    local_epoch = np.minimum(epoch - first_epoch[:, None], span - 1)
+    index = orders[np.arange(k)[:, None, None], local_epoch[:, :, None], position]
+    return index, counts
 
 
 @dataclass(frozen=True)

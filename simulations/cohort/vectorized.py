@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from flowerbed.client.training import StepSchedule
+from flowerbed.client.training import StepSchedule, schedule_indices
 from flowerbed.experiment import TrainConfig
 from flowerbed.simulations.cohort.stacked_net import StackedNet, per_row_cross_entropy
 from flowerbed.tasks.task import cross_entropy
@@ -329,16 +329,9 @@ def _train_scheduled(
 ) -> CohortResult:
     """``train_cohort`` for clients that each take their schedule's steps (``train.local_steps``)."""
     device, k = cohort.x.device, cohort.size
-    plans = [list(s.batches(int(n))) for s, n in zip(schedules, cohort.n.tolist(), strict=True)]
-    total = max((len(p) for p in plans), default=0)
-    width = max((len(b) for p in plans for b in p), default=1)
-    index = torch.zeros((k, max(total, 1), width), dtype=torch.int64)
-    counts = torch.zeros((k, max(total, 1)), dtype=torch.int64)
-    for c, batches in enumerate(plans):
-        for t, batch in enumerate(batches):
-            index[c, t, : len(batch)] = batch
-            counts[c, t] = len(batch)
-    index, counts = index.to(device), counts.to(device)
+    index_np, counts_np = schedule_indices(schedules, cohort.n.tolist())
+    total = int(max((s.count for s in schedules), default=0))
+    index, counts = torch.from_numpy(index_np).to(device), torch.from_numpy(counts_np).to(device)
     net = stacked_net(model, loss_fn) if batched_kernels else None
     grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
     losses = torch.zeros(k, dtype=torch.float64, device=device)
@@ -359,7 +352,7 @@ def _train_scheduled(
             grads, loss = masked_grads(net, cur, x, y, sizes) if net is not None else grad_fn(cur, x, y)
             optimizer.step(grads, None if everyone else rows, t + 1)
             losses[rows] += loss.detach().double()
-    steps = [len(p) for p in plans]
+    steps = [int(v) for v in (counts_np > 0).sum(axis=1)]
     mean = [float(tot) / max(s, 1) for tot, s in zip(losses.tolist(), steps, strict=True)]
     return CohortResult(params=params, loss=mean, steps=steps)
 

@@ -68,11 +68,14 @@ class NodeState:
     def rounds_before(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> list[int]:
         """For each (site, round): how many earlier rounds of ``run_id`` that site trained."""
         wanted = list(rounds)
+        counts: dict[int, dict[str, int]] = {}  # one count per site for each round asked about
         with self._connect() as con:
-            done: dict[str, list[int]] = {}
-            for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run_id,)):
-                done.setdefault(site, []).append(int(number))
-        return [sum(1 for r in done.get(site, ()) if r < number) for site, number in wanted]
+            for number in {int(n) for _, n in wanted}:
+                rows = con.execute(
+                    "SELECT site, COUNT(*) FROM trained WHERE run_id = ? AND round < ? GROUP BY site", (run_id, number)
+                )
+                counts[number] = {site: int(c) for site, c in rows}
+        return [counts[int(number)].get(site, 0) for site, number in wanted]
 
     def record(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> None:
         """Note that each (site, round) was trained (durably; a round noted twice counts once)."""

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flowerbed.client.node_round import SIM_NODE_CONFIG_ENV
 from flowerbed.experiment import Experiment
-from flowerbed.protocol import EXPERIMENT_KEY, RUN_ID_KEY, error_name
+from flowerbed.protocol import EVALUATE_SPLIT_KEY, EXPERIMENT_KEY, RUN_ID_KEY, error_name
 from flowerbed.server.runner import initial_model
 from flowerbed.simulations.simulate import run_backend, virtual_nodes_home
 from flowerbed.tasks.data.catalog import load_federation
@@ -91,7 +91,7 @@ PLAIN = ("num-examples", "train-loss")
 PRIVATE = ("delta", "epsilon", "num-examples")
 
 
-def _rules(tmp_path: Path) -> list[tuple[str, list[str], dict, tuple[str, ...], dict[str, list[tuple]]]]:
+def _rules(tmp_path: Path) -> list[tuple[str, list[str], dict, tuple[str, ...], dict[str, list[tuple]], dict]]:
     empty_approvals = tmp_path / "approvals.json"
     empty_approvals.write_text('{"tasks": {}}')
     tiny = tmp_path / "tiny.csv"
@@ -118,6 +118,7 @@ def _rules(tmp_path: Path) -> list[tuple[str, list[str], dict, tuple[str, ...], 
                     ("va", "ok", PLAIN),
                 ]
             },
+            {},
         ),
         (
             "budget exhausted",
@@ -132,6 +133,7 @@ def _rules(tmp_path: Path) -> list[tuple[str, list[str], dict, tuple[str, ...], 
                     ("va", "ok", PRIVATE),
                 ]
             },
+            {},
         ),
         (
             "an unapproved user task",
@@ -146,6 +148,7 @@ def _rules(tmp_path: Path) -> list[tuple[str, list[str], dict, tuple[str, ...], 
                     ("va", "TASK_NOT_APPROVED"),
                 ]
             },
+            {},
         ),
         (
             "one training row and no test split",
@@ -165,19 +168,37 @@ def _rules(tmp_path: Path) -> list[tuple[str, list[str], dict, tuple[str, ...], 
                     ("site-3", "DATA"),
                 ],
             },
+            {},
+        ),
+        (
+            "validation rows held at each node, scored when the coordinator asks for them",
+            ["data.validation_fraction=0.25"],
+            {},
+            ("evaluate",),
+            {
+                "evaluate": [
+                    ("cleveland", "ok", ("accuracy", "loss", "num-examples")),
+                    ("hungarian", "ok", ("accuracy", "loss", "num-examples")),
+                    ("switzerland", "ok", ("accuracy", "loss", "num-examples")),
+                    ("va", "ok", ("accuracy", "loss", "num-examples")),
+                ],
+            },
+            {EVALUATE_SPLIT_KEY: "validation"},
         ),
     ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", range(4), ids=["policy-config-data", "budget", "approval", "one-row"])
+@pytest.mark.parametrize(
+    "rule", range(5), ids=["policy-config-data", "budget", "approval", "one-row", "validation-split"]
+)
 def test_every_path_applies_the_same_node_rules(rule, heart_experiment, tmp_path, monkeypatch):
-    name, overrides, node_configs, kinds, expected = _rules(tmp_path)[rule]
+    name, overrides, node_configs, kinds, expected, extra_config = _rules(tmp_path)[rule]
     monkeypatch.setenv(SIM_NODE_CONFIG_ENV, json.dumps(node_configs))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # Ray's workers import the user task from the checkout
     outcomes = {}
     for path, backend in PATHS.items():
         experiment = heart_experiment(*overrides, *backend)
-        outcomes[path] = probe(experiment, kinds, tmp_path / f"nodes-{path}")
+        outcomes[path] = probe(experiment, kinds, tmp_path / f"nodes-{path}", extra_config=extra_config)
     for path, seen in outcomes.items():
         assert seen == expected, f"{name}: the {path} path differs"

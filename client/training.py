@@ -195,9 +195,11 @@ def _batches(n: int, train: TrainConfig, seed: int, schedule: StepSchedule | Non
     if schedule is not None:
         yield from schedule.batches(n)
         return
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(train.local_epochs):
-        order = torch.randperm(n, generator=generator)
+    orders = epoch_permutations(
+        np.full(train.local_epochs, seed), np.arange(train.local_epochs), np.full(train.local_epochs, n)
+    )
+    for epoch in range(train.local_epochs):
+        order = torch.from_numpy(orders[epoch, :n].copy())
         for start in range(0, n, train.batch_size):
             yield order[start : start + train.batch_size]
 

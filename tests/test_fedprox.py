@@ -13,6 +13,7 @@ import pytest
 import torch
 from flwr.app import Message
 
+from flowerbed.client.training import epoch_permutations
 from flowerbed.exception import ConfigError
 from flowerbed.experiment import StrategyConfig
 from flowerbed.seeds import derive_seed
@@ -37,9 +38,8 @@ def _by_hand(experiment, site, mu: float) -> dict[str, np.ndarray]:
     w_global = {k: v.detach().clone() for k, v in model.named_parameters()}
     params = dict(model.named_parameters())
     x, y = torch.as_tensor(site.x_train), torch.as_tensor(site.y_train)
-    order = torch.randperm(
-        len(y), generator=torch.Generator().manual_seed(derive_seed(experiment.seed, "train", 1, site.name))
-    )
+    seed = derive_seed(experiment.seed, "train", 1, site.name)
+    order = torch.from_numpy(epoch_permutations([seed], [0], [len(y)])[0, : len(y)])  # the node's batch order
     for start in range(0, len(y), experiment.train.batch_size):
         batch = order[start : start + experiment.train.batch_size]
         loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])

@@ -22,11 +22,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from flowerbed.client.training import StepSchedule, schedule_indices
+from flowerbed.client.training import StepSchedule, epoch_permutations, schedule_indices
 from flowerbed.experiment import TrainConfig
 from flowerbed.simulations.cohort.stacked_net import StackedNet, per_row_cross_entropy
 from flowerbed.tasks.task import cross_entropy
@@ -195,13 +196,12 @@ def loss_function(model: nn.Module, loss_fn: LossFn) -> Callable[[Params, torch.
 
 def epoch_orders(n: Sequence[int], seeds: Sequence[int], epochs: int, device: torch.device) -> torch.Tensor:
     """Each client's batch order, ``[K, epochs, n_max]``, drawn exactly as ``train_local`` draws it."""
-    n_max = max(1, max(n, default=1))
-    orders = torch.zeros((len(n), epochs, n_max), dtype=torch.int64)
-    for i, (size, seed) in enumerate(zip(n, seeds, strict=True)):
-        generator = torch.Generator().manual_seed(int(seed))
-        for e in range(epochs):
-            orders[i, e, :size] = torch.randperm(size, generator=generator)
-    return orders.to(device)
+    k = len(n)
+    sizes = np.repeat(np.asarray(n, dtype=np.int64).reshape(k), epochs)
+    clients = np.repeat(np.asarray(seeds, dtype=np.int64).reshape(k), epochs)
+    epoch = np.tile(np.arange(epochs, dtype=np.int64), k)
+    orders = epoch_permutations(clients, epoch, np.maximum(sizes, 1)) if k else np.zeros((0, 1), dtype=np.int64)
+    return torch.from_numpy(orders.reshape(k, epochs, -1)).to(device)
 
 
 @dataclass

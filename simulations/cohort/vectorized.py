@@ -1,8 +1,8 @@
 """Vectorized cohorts: many clients of one model architecture train together on stacked weights.
 
 Every client keeps exactly the semantics of ``flowerbed.client.training.train_local``: a fresh
-optimizer, batches in the order of ``torch.randperm(n, generator=Generator().manual_seed(seed))``
-drawn per epoch, the task's loss (a mean over the batch), and the mean of the step losses. The
+optimizer, batches in the order of ``epoch_permutations(seed, epoch, n)`` (every client's order of
+an epoch drawn at once), the task's loss (a mean over the batch), and the mean of the step losses. The
 weights of ``K`` clients are stacked along a leading dimension and one step of all of them is one
 ``torch.func.vmap`` of ``grad_and_value`` over ``functional_call``.
 

@@ -207,10 +207,18 @@ def state_path(config: NodeConfig, run_id: str) -> Path:
     NodeError
         A deployed node without a state folder cannot keep its iterators between rounds.
     """
-    if config.state is not None:
-        return Path(config.state).expanduser() / "node-state.sqlite"
-    if config.simulated:
-        return ledger_path(config, run_id).with_name("node-state.sqlite")
+    sim_dir = (os.environ.get(SIM_NODE_DIR_ENV) or "") if config.simulated else ""
+    return _state_path(config.state, config.ledger, config.simulated, sim_dir, run_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _state_path(state: str | None, ledger: str | None, simulated: bool, sim_dir: str, run_id: str) -> Path:
+    """``state_path`` of a config's fields (a round asks once per node: the answer is kept)."""
+    if state is not None:
+        return Path(state).expanduser() / "node-state.sqlite"
+    if simulated:
+        ledger_file = _expanded(ledger) if ledger is not None else _simulated_ledger(sim_dir, run_id)
+        return ledger_file.with_name("node-state.sqlite")
     raise NodeError(
         "train.local_steps and SCAFFOLD need the node's state folder, where its data iterator and control "
         "variate resume: start the node with "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed for one purpose (``derive_seed(seed, "train", round, site)``)."""
     text = ":".join(str(p) for p in (seed, *parts))

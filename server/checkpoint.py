@@ -4,9 +4,11 @@ A checkpoint is a folder ``checkpoints/round-NNNN/`` with ``weights.safetensors`
 (the loop's state and the strategy's scalars), ``strategy.safetensors`` (the strategy's arrays)
 and, when the run selects on validation, ``best.safetensors`` (the best global model so far):
 no pickle, so resuming a run folder never executes what it holds. It is written under a temporary
-name, every file fsynced, then renamed; only
+name, every file and the folder fsynced, then renamed; only
 then does ``checkpoints/LATEST`` (itself replaced atomically) point at it. A crash at any moment
 leaves either the previous or the new checkpoint, never a half-written one.
+
+``CheckpointWriter`` does the same writes on a background thread, off the round's critical path.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -41,6 +46,40 @@ class Checkpoint:
     best: dict[str, np.ndarray] | None = None  # the best global model on validation so far
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint ready to write: the strategy's state taken, ``state.json`` encoded, arrays owned."""
+
+    round: int
+    weights: dict[str, np.ndarray]
+    strategy: dict[str, np.ndarray]  # the strategy's arrays (its scalars are in ``state``)
+    state: bytes  # ``state.json``
+    best: dict[str, np.ndarray] | None = None
+
+
+def _arrays(values: dict[str, np.ndarray], copy: bool) -> dict[str, np.ndarray]:
+    return {k: np.array(v, order="C", copy=True) if copy else v for k, v in values.items()}
+
+
+def snapshot(checkpoint: Checkpoint, *, copy: bool = True) -> Snapshot:
+    """Take ``checkpoint``'s state now (``copy``: of every array, so later changes to them do not reach it).
+
+    Raises
+    ------
+    RunError
+        If the strategy holds state that cannot be checkpointed.
+    """
+    meta, tensors = strategy_state(checkpoint.strategy)
+    state = {"round": checkpoint.round, "strategy": meta, **checkpoint.state}
+    return Snapshot(
+        round=checkpoint.round,
+        weights=_arrays(checkpoint.weights, copy),
+        strategy=_arrays(tensors, copy),
+        state=json.dumps(state, separators=(",", ":")).encode(),
+        best=_arrays(checkpoint.best, copy) if checkpoint.best is not None else None,
+    )
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -56,30 +95,157 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` atomically and point ``LATEST`` at it; keep the last ``KEEP``."""
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint | Snapshot) -> Path:
+    """Write ``checkpoint`` atomically and point ``LATEST`` at it; keep the last ``KEEP``.
+
+    It is durable when this returns: every file, the folder's rename and ``LATEST`` are fsynced.
+    """
+    frozen = checkpoint if isinstance(checkpoint, Snapshot) else snapshot(checkpoint, copy=False)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"round-{checkpoint.round:04d}"
+    name = f"round-{frozen.round:04d}"
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_safetensors(checkpoint.weights, tmp / "weights.safetensors")
-    meta, tensors = strategy_state(checkpoint.strategy)
-    save_safetensors(tensors, tmp / "strategy.safetensors")
-    if checkpoint.best is not None:
-        save_safetensors(checkpoint.best, tmp / "best.safetensors")
-    state = {"round": checkpoint.round, "strategy": meta, **checkpoint.state}
-    _write_bytes(tmp / "state.json", json.dumps(state, separators=(",", ":")).encode())
+    save_safetensors(frozen.weights, tmp / "weights.safetensors")
+    save_safetensors(frozen.strategy, tmp / "strategy.safetensors")
+    if frozen.best is not None:
+        save_safetensors(frozen.best, tmp / "best.safetensors")
+    _write_bytes(tmp / "state.json", frozen.state)
+    _fsync_dir(tmp)  # the folder's entries, before the folder is renamed into place
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(root)  # the rename, before LATEST may name it
     _write_bytes(root / ".LATEST.tmp", name.encode())
     os.replace(root / ".LATEST.tmp", root / "LATEST")
     _fsync_dir(root)
     for old in sorted(root.glob("round-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, in the order they were submitted.
+
+    ``submit`` takes a snapshot of the checkpoint (arrays copied, state encoded) and returns once
+    the checkpoint before it is durable: at most one checkpoint is being written while the caller
+    goes on, so memory stays bounded and each checkpoint waits for the one before.
+
+    Ordering guarantee: a checkpoint's ``then`` runs on the writer thread only after that
+    checkpoint is durable (``save_checkpoint`` returned: files, folder and ``LATEST`` fsynced),
+    and before the next checkpoint is written. So a line of ``metrics.jsonl`` appended in ``then``
+    never names a round whose checkpoint a crash could lose. The caller goes on meanwhile: while
+    round ``r``'s checkpoint is written, round ``r + 1``'s training may go out, so after a crash up
+    to two rounds past the latest durable checkpoint had their training sent (and charged), not
+    one. Before a round's training goes out, record every sent round past ``durable_round``.
+
+    A failure (in the write or in ``then``) stops the writer: no later checkpoint is written, and
+    ``submit``, ``check``, ``wait`` and ``close`` raise it in the caller, each time. ``close`` (or
+    leaving the ``with`` block) waits for everything submitted; a writer dropped without it may lose
+    its last checkpoint, as a crash would, never leave a half-written one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._job: tuple[Path, Snapshot, Callable[[], object] | None] | None = None  # submitted, not yet done
+        self._error: BaseException | None = None
+        self._durable: int | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def durable_round(self) -> int | None:
+        """The round of the last checkpoint this writer made durable (None: none yet)."""
+        with self._lock:
+            return self._durable
+
+    def submit(self, run_dir: Path, checkpoint: Checkpoint, then: Callable[[], object] | None = None) -> None:
+        """Write ``checkpoint`` in the background, then call ``then`` (on the writer thread).
+
+        Returns once the snapshot is taken and the previous checkpoint is durable.
+
+        Raises
+        ------
+        BaseException
+            An earlier write's (or ``then``'s) failure; ``RunError`` if the strategy cannot be
+            checkpointed; ``RuntimeError`` after ``close``.
+        """
+        self.check()
+        frozen = snapshot(checkpoint)  # while the previous one is still being written
+        with self._lock:
+            self._lock.wait_for(lambda: self._job is None)
+            self._raise_if_failed()
+            if self._closed:
+                raise RuntimeError("checkpoint writer is closed")
+            self._job = (Path(run_dir), frozen, then)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+
+    def check(self) -> None:
+        """Raise a failure the writer has had so far, without waiting."""
+        with self._lock:
+            self._raise_if_failed()
+
+    def wait(self) -> None:
+        """Block until everything submitted is durable (and its ``then`` has run); raise a failure."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._job is None)
+            self._raise_if_failed()
+
+    def close(self) -> None:
+        """Wait for everything submitted, stop the thread, and raise a failure (idempotent)."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._job is None)
+            self._closed = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self.check()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # the checkpoints of completed rounds still become durable; the body's error goes on
+            self.close()
+        except BaseException as failure:  # never hidden: noted on the error that propagates
+            if failure is not exc:
+                exc.add_note(f"the checkpoint writer had also failed: {failure!r}")
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._job is not None or self._closed)
+                if self._job is None:
+                    return
+                run_dir, frozen, then = self._job
+            error: BaseException | None = None
+            durable = False
+            try:
+                save_checkpoint(run_dir, frozen)
+                durable = True
+                if then is not None:
+                    then()
+            except BaseException as exc:  # handed to the caller by submit, check, wait and close
+                stage = "after it was durable" if durable else "while writing it"
+                exc.add_note(f"raised by the checkpoint writer at round {frozen.round}'s checkpoint, {stage}")
+                error = exc
+            with self._lock:
+                if durable:
+                    self._durable = frozen.round
+                self._error = self._error or error
+                self._job = None
+                self._lock.notify_all()
 
 
 def latest_round(run_dir: Path) -> int | None:

@@ -8,6 +8,7 @@ hook, which is why flowerbed runs the loop itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -140,7 +141,7 @@ class Federation:
         self.site_max_examples = dict(site_max_examples or {})  # the operator's cap per site (federation file)
         self.pinned_examples: dict[str, float] = {}  # site -> the weight it claimed first, for the whole run
         self.history: list[dict[str, Any]] = []
-        self._interrupted: list[str] = []  # on resume: sites that got the interrupted round's training
+        self._interrupted: dict[int, list[str]] = {}  # on resume: round -> sites it went to, never checkpointed
         self.timings: list[dict[str, Any]] = []
         self.final_weights: dict[str, np.ndarray] = initial_weights
         self._extra_records: dict[str, dict[str, np.ndarray]] = {}  # the strategy's ArrayRecords beside the weights
@@ -370,7 +371,23 @@ class Federation:
     # -- the run ---------------------------------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
-        """Run (or resume) every round, checkpointing after each; return the summary."""
+        """Run (or resume) every round, checkpointing after each; return the summary.
+
+        Each round's checkpoint is written by a background writer while the next round trains; its
+        metrics line follows once it is durable, and the run's end waits for the last one.
+        """
+        with ckpt.CheckpointWriter() as writer:
+            strategy, arrays, stopped = self._rounds(writer, resume)
+            return self.finish(strategy, arrays, stopped)  # overlaps the last checkpoint; leaving the block waits
+
+    def _round_durable(self, record: dict[str, Any], timing: dict[str, Any], elapsed: float) -> None:
+        """Once a round's checkpoint is durable (on the writer's thread): its metrics line, then the display."""
+        run_folder.append_metrics(self.run_dir, record)
+        run_folder.append_timing(self.run_dir, timing)
+        self.reporter.round_finished(record, self.experiment.rounds, elapsed)
+
+    def _rounds(self, writer: ckpt.CheckpointWriter, resume: bool) -> tuple[Strategy, ArrayRecord, str | None]:
+        """Every round from the first (or the one after the checkpoint), each checkpoint handed to ``writer``."""
         if resume:
             state = ckpt.load_checkpoint(self.run_dir, self.experiment.strategy)
             strategy, weights = state.strategy, state.weights
@@ -379,9 +396,8 @@ class Federation:
             self.best_weights = state.best
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
             first_round = state.round + 1
-            sent = run_folder.read_round_sent(self.run_dir)
-            if sent.get("round") == first_round:  # its training went out, its checkpoint was never written
-                self._interrupted = list(sent.get("sites") or [])
+            sent = run_folder.read_rounds_sent(self.run_dir)  # rounds whose training went out
+            self._interrupted = {r: sites for r, sites in sent.items() if r >= first_round}  # never checkpointed
             run_folder.write_metrics(self.run_dir, self.history)
             run_folder.write_timings(self.run_dir, self.timings)
         else:
@@ -390,12 +406,13 @@ class Federation:
             first_round = 1
             run_folder.write_experiment(self.run_dir, self.experiment)
         self.reporter.run_started(self.experiment, self.run_dir, first_round)
-        if self._interrupted:
+        for r, interrupted in sorted(self._interrupted.items()):
             self.reporter.note(
-                f"round {first_round} was interrupted after its training went to {', '.join(self._interrupted)}; "
+                f"round {r} was interrupted after its training went to {', '.join(interrupted)}; "
                 "it is trained again now: a site that had trained it is charged for it twice in its ledger, and "
                 "the epsilon it reports counts both"
             )
+        sent_rounds = dict(self._interrupted)  # rounds sent whose checkpoint may not be durable yet
         self.discover()
         arrays = numpy_to_arrays(weights)
         stopped = None
@@ -419,7 +436,11 @@ class Federation:
             if not on_time:
                 self.reporter.note(f"round {server_round}: no sampled site is available (scenario); round skipped")
                 continue
-            run_folder.note_round_sent(self.run_dir, server_round, on_time)
+            writer.check()  # a failed checkpoint stops the run before another round's training goes out
+            durable = writer.durable_round or first_round - 1
+            sent_rounds = {r: s for r, s in sent_rounds.items() if r > durable}
+            sent_rounds[server_round] = sorted({*sent_rounds.get(server_round, []), *on_time})
+            run_folder.note_rounds_sent(self.run_dir, sent_rounds)
             new_arrays, train_metrics, train_outcome = self.train_round(strategy, server_round, arrays, on_time)
             for site in decision.dropped:
                 train_outcome.refused[site] = "dropped out (simulated scenario)"
@@ -438,8 +459,8 @@ class Federation:
                 break
             arrays = new_arrays
             record = self._round_record(server_round, started, train_metrics, train_outcome, sites)
-            if server_round == first_round and self._interrupted:
-                twice = sorted(set(self._interrupted) & set(record["participants"]))
+            if server_round in self._interrupted:
+                twice = sorted(set(self._interrupted[server_round]) & set(record["participants"]))
                 if twice:  # sites whose training of this round went out before the interruption, and again now
                     record["retrained"] = twice
             if self.experiment.evaluate.federated:
@@ -456,7 +477,7 @@ class Federation:
             elapsed = round(time.monotonic() - started, 3)
             self.history.append(record)
             self.timings.append({"round": server_round, "time": elapsed})
-            ckpt.save_checkpoint(
+            writer.submit(
                 self.run_dir,
                 ckpt.Checkpoint(
                     server_round,
@@ -465,14 +486,12 @@ class Federation:
                     {"history": self.history, "pinned_examples": self.pinned_examples},
                     best=self.best_weights,
                 ),
+                then=functools.partial(self._round_durable, record, self.timings[-1], elapsed),
             )
-            run_folder.append_metrics(self.run_dir, record)
-            run_folder.append_timing(self.run_dir, self.timings[-1])
-            self.reporter.round_finished(record, self.experiment.rounds, elapsed)
             if self.selection is not None and (stopped := stop_reason(self.history, self.selection)):
                 self.reporter.note(stopped)
                 break
-        return self.finish(strategy, arrays, stopped)
+        return strategy, arrays, stopped
 
     def _validates(self, server_round: int) -> bool:
         """Whether this round ends with a federated validation (every ``evaluate.validation_every``, and the last)."""

@@ -162,6 +162,27 @@ def note_round_sent(run_dir: Path, server_round: int, sites: list[str]) -> None:
     (run_dir / ROUND_SENT).write_text(json.dumps({"round": server_round, "sites": sorted(sites)}))
 
 
+def note_rounds_sent(run_dir: Path, rounds: dict[int, list[str]]) -> None:
+    """Record, before the newest goes out, every round whose training went out and whose checkpoint may not be durable.
+
+    ``round`` and ``sites`` name the newest (what ``run stop`` reads); ``earlier`` the others.
+    """
+    newest = max(rounds)
+    earlier = {str(r): sorted(s) for r, s in sorted(rounds.items()) if r != newest}
+    record = {"round": newest, "sites": sorted(rounds[newest]), **({"earlier": earlier} if earlier else {})}
+    (run_dir / ROUND_SENT).write_text(json.dumps(record))
+
+
+def read_rounds_sent(run_dir: Path) -> dict[int, list[str]]:
+    """``{round: sites}`` of every round ``note_rounds_sent`` recorded."""
+    sent = read_round_sent(run_dir)
+    if not sent:
+        return {}
+    rounds = {int(r): list(s) for r, s in (sent.get("earlier") or {}).items()}
+    rounds[sent["round"]] = list(sent.get("sites") or [])
+    return rounds
+
+
 def read_round_sent(run_dir: Path) -> dict[str, Any]:
     """The last round whose training went out (``round``, ``sites``), or ``{}``."""
     path = run_dir / ROUND_SENT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from flowerbed.client.node_round import SIM_NODE_CONFIG_ENV
 from flowerbed.privacy.ledger import PrivacyLedger
-from flowerbed.server import checkpoint
+from flowerbed.server import checkpoint, run_folder
 from flowerbed.server.run_folder import read_metrics, read_summary
 
 from .conftest import HEART_TOML
@@ -20,26 +21,39 @@ class Interrupted(Exception):
     """The coordinator dies after a round's training went out, before its checkpoint."""
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, server_round: int) -> None:
-    save = checkpoint.save_checkpoint
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, server_round: int, *, after_next_went_out: bool = False) -> None:
+    """Fail ``server_round``'s checkpoint (``after_next_went_out``: once the next round's training went out)."""
+    save, note, went_out = checkpoint.save_checkpoint, run_folder.note_rounds_sent, threading.Event()
 
     def save_or_die(run_dir, state):
         if state.round == server_round:
+            if after_next_went_out:
+                assert went_out.wait(60)
             raise Interrupted
         return save(run_dir, state)
 
+    def noted(run_dir, rounds):
+        note(run_dir, rounds)
+        if max(rounds) == server_round + 1:
+            went_out.set()
+
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(run_folder, "note_rounds_sent", noted)
 
 
-def test_a_resumed_run_says_which_round_it_trained_twice(heart_experiment, monkeypatch) -> None:
-    """The nodes' ledgers charge the interrupted round twice; the run says so, and reports what they charged."""
+def test_a_resumed_run_says_which_rounds_it_trained_twice(heart_experiment, monkeypatch) -> None:
+    """The nodes' ledgers charge the interrupted rounds twice; the run says so, and reports what they charged.
+
+    Checkpoints are written in the background: here round 3's training goes out before round 2's
+    checkpoint fails, so both rounds are trained twice, and said so.
+    """
     from flowerbed.simulations.simulate import resume_simulation, simulate
 
     monkeypatch.setenv(SIM_NODE_CONFIG_ENV, json.dumps({"*": {"dp-test-seed": 0}}))
     experiment = heart_experiment(
         "privacy.enabled=true", "privacy.noise_multiplier=1.0", "train.local_epochs=1", "evaluate.central=false"
     )
-    _interrupt_at(monkeypatch, 2)
+    _interrupt_at(monkeypatch, 2, after_next_went_out=True)
     with pytest.raises(Interrupted):
         simulate(experiment, quiet=True)
     (run_dir,) = Path(experiment.output).iterdir()
@@ -49,12 +63,14 @@ def test_a_resumed_run_says_which_round_it_trained_twice(heart_experiment, monke
 
     records, summary = read_metrics(run_dir), read_summary(run_dir)
     sites = ["cleveland", "hungarian", "switzerland", "va"]
-    assert [r.get("retrained") for r in records] == [None, sites, None]
-    assert summary["retrained"] == {"2": sites}
+    lost = [int(r) for r in summary["retrained"]]
+    assert lost == [2, 3]
+    assert [r.get("retrained") for r in records] == [sites if r["round"] in lost else None for r in records]
+    assert summary["retrained"] == {str(r): sites for r in lost}
     ledger = PrivacyLedger(run_dir / "nodes" / "ledger.sqlite")
     for dataset in ledger.datasets():
         trained = [r.round for r in ledger.releases(dataset)]
-        assert trained == [1, 2, 2, 3], "round 2 was charged twice at every site"
+        assert sorted(trained) == sorted([1, 2, 3, *lost]), "each lost round was charged twice at every site"
         site = ledger.releases(dataset)[0].site
         assert summary["epsilon"]["per_site"][site] == pytest.approx(ledger.epsilon(dataset, 1e-5), rel=1e-12)
     assert summary["epsilon"]["scope"].startswith("cumulative at each node's ledger")

@@ -30,20 +30,20 @@ def test_a_stopped_and_resumed_run_is_one_tracked_run(heart_experiment, tmp_path
         "rounds=2", "privacy.enabled=true", "privacy.noise_multiplier=1.0", "tracking.mlflow=true",
         "tracking.tensorboard=true",
     )  # fmt: skip
-    append = run_folder.append_metrics
+    note = run_folder.note_rounds_sent
 
-    def stop_after_round_one(run_dir, record):  # the operator's STOP file, right after round 1
-        append(run_dir, record)
+    def stop_after_round_one(run_dir, rounds):  # the operator's STOP file, once round 1's training went out
+        note(run_dir, rounds)
         (run_dir / "STOP").write_text("")
 
-    monkeypatch.setattr(run_folder, "append_metrics", stop_after_round_one)
+    monkeypatch.setattr(run_folder, "note_rounds_sent", stop_after_round_one)
     run_dir = simulate(experiment, quiet=True)
     state = json.loads((run_dir / tracking.STATE_FILE).read_text())
     client = MlflowClient(tracking_uri=state["mlflow_uri"])
     assert state["mlflow_uri"] == (run_dir / "mlflow").resolve().as_uri()
     assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
 
-    monkeypatch.setattr(run_folder, "append_metrics", append)
+    monkeypatch.setattr(run_folder, "note_rounds_sent", note)
     (run_dir / "STOP").unlink()
     resume_simulation(run_dir, quiet=True)
     records = run_folder.read_metrics(run_dir)

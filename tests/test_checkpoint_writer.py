@@ -1,0 +1,201 @@
+"""The background checkpoint writer: in order, durable before ``then``, snapshots, failures never lost."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowerbed.exception import RunError
+from flowerbed.experiment import StrategyConfig
+from flowerbed.server import checkpoint
+from flowerbed.server.checkpoint import Checkpoint, CheckpointWriter, latest_round, load_checkpoint, save_checkpoint
+from flowerbed.strategies.registry import build_strategy
+
+STRATEGY = StrategyConfig(name="FedAdam")
+
+
+def _checkpoint(server_round: int, history: list | None = None) -> Checkpoint:
+    rng = np.random.default_rng(server_round)
+    strategy = build_strategy(STRATEGY)
+    strategy.m_t = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}  # the strategy's own arrays
+    return Checkpoint(
+        server_round,
+        {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.arange(4, dtype=np.float32) + server_round},
+        strategy,
+        {"history": history if history is not None else [{"round": server_round}], "pinned_examples": {"a": 3.0}},
+        best={"w": np.full((3, 4), float(server_round), dtype=np.float32)},
+    )
+
+
+def _assert_loads_as(run_dir: Path, expected: Checkpoint) -> None:
+    loaded = load_checkpoint(run_dir, STRATEGY)
+    assert loaded.round == expected.round and loaded.state == expected.state
+    for got, want in ((loaded.weights, expected.weights), (loaded.best, expected.best)):
+        assert got is not None and want is not None and got.keys() == want.keys()
+        assert all(np.array_equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert all(np.array_equal(loaded.strategy.m_t[k], expected.strategy.m_t[k]) for k in expected.strategy.m_t)
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    root = run_dir / "checkpoints"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold every background write until the returned event is set."""
+    gate, save = threading.Event(), checkpoint.save_checkpoint
+
+    def held(run_dir, state):
+        assert gate.wait(30)
+        return save(run_dir, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held)
+    return gate
+
+
+def test_writes_land_in_order_and_equal_the_synchronous_ones(tmp_path: Path) -> None:
+    background, synchronous = tmp_path / "background", tmp_path / "synchronous"
+    background.mkdir()
+    done: list[int] = []
+    checkpoints = [_checkpoint(r) for r in range(1, 5)]
+    with CheckpointWriter() as writer:
+        for state in checkpoints:
+            writer.submit(background, state, then=lambda r=state.round: done.append(r))
+            save_checkpoint(synchronous, state)
+    assert done == [1, 2, 3, 4] and writer.durable_round == 4
+    assert latest_round(background) == 4
+    assert sorted(p.name for p in (background / "checkpoints").glob("round-*")) == ["round-0003", "round-0004"]
+    assert _files(background) == _files(synchronous)  # byte for byte
+    _assert_loads_as(background, checkpoints[-1])
+
+
+def test_then_runs_once_the_checkpoint_is_durable(tmp_path: Path) -> None:
+    seen: list[tuple[int | None, bool]] = []
+
+    def then(r: int) -> None:
+        folder = tmp_path / "checkpoints" / f"round-{r:04d}"
+        seen.append((latest_round(tmp_path), (folder / "state.json").is_file()))
+
+    with CheckpointWriter() as writer:
+        for r in (1, 2, 3):
+            writer.submit(tmp_path, _checkpoint(r), then=lambda r=r: then(r))
+    assert seen == [(1, True), (2, True), (3, True)]
+
+
+def test_submit_snapshots_what_the_caller_changes_afterwards(tmp_path: Path, monkeypatch) -> None:
+    gate = _gate(monkeypatch)
+    history = [{"round": 1, "sites": {"a": {"loss": 0.5}}}]
+    state = _checkpoint(1, history)
+    expected = _checkpoint(1, [{"round": 1, "sites": {"a": {"loss": 0.5}}}])
+    with CheckpointWriter() as writer:
+        writer.submit(tmp_path, state)
+        for arrays in (state.weights, state.best, state.strategy.m_t):
+            for value in arrays.values():
+                value += 100.0
+        history[0]["sites"]["a"]["loss"] = 9.0
+        history.append({"round": 2})
+        state.strategy.eta = 7.0
+        gate.set()
+    _assert_loads_as(tmp_path, expected)
+    assert load_checkpoint(tmp_path, STRATEGY).strategy.eta == expected.strategy.eta
+
+
+def test_submit_waits_for_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    gate = _gate(monkeypatch)
+    with CheckpointWriter() as writer:
+        writer.submit(tmp_path, _checkpoint(1))  # returns while round 1 is held
+        second = threading.Thread(target=writer.submit, args=(tmp_path, _checkpoint(2)))
+        second.start()
+        second.join(0.2)
+        assert second.is_alive(), "a second checkpoint was taken while the first was still being written"
+        assert latest_round(tmp_path) is None
+        gate.set()
+        second.join(30)
+    assert latest_round(tmp_path) == 2
+
+
+def test_a_failed_write_is_raised_by_wait_submit_and_close(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    called: list[int] = []
+    writer = CheckpointWriter()
+    writer.submit(not_a_folder, _checkpoint(1), then=lambda: called.append(1))
+    with pytest.raises(OSError) as failure:
+        writer.wait()
+    assert "round 1's checkpoint, while writing it" in str(failure.value.__notes__)
+    with pytest.raises(OSError):
+        writer.submit(tmp_path, _checkpoint(2))
+    with pytest.raises(OSError):
+        writer.close()
+    assert called == [] and latest_round(tmp_path) is None and writer.durable_round is None
+
+
+def test_the_next_submit_raises_and_writes_nothing_after_a_failure(tmp_path: Path, monkeypatch) -> None:
+    save = checkpoint.save_checkpoint
+
+    def fail_round_2(run_dir, state):
+        if state.round == 2:
+            raise RuntimeError("disk gone")
+        return save(run_dir, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fail_round_2)
+    with pytest.raises(RuntimeError, match="disk gone"), CheckpointWriter() as writer:
+        for r in (1, 2, 3):
+            writer.submit(tmp_path, _checkpoint(r))
+        pytest.fail("round 3's submit should have raised round 2's failure")
+    assert latest_round(tmp_path) == 1 and writer.durable_round == 1
+
+
+def test_a_failing_then_is_raised_with_its_checkpoint_durable(tmp_path: Path) -> None:
+    def then() -> None:
+        raise ValueError("metrics line")
+
+    writer = CheckpointWriter()
+    writer.submit(tmp_path, _checkpoint(1), then=then)
+    with pytest.raises(ValueError, match="metrics line") as failure:
+        writer.close()
+    assert "after it was durable" in str(failure.value.__notes__)
+    assert latest_round(tmp_path) == 1
+
+
+def test_an_error_in_the_body_still_drains_and_carries_the_writers(tmp_path: Path, monkeypatch) -> None:
+    gate = _gate(monkeypatch)
+    with pytest.raises(KeyError) as failure, CheckpointWriter() as writer:
+        writer.submit(tmp_path, _checkpoint(1))  # held while the body fails
+        threading.Timer(0.1, gate.set).start()
+        raise KeyError("round 2 failed")
+    assert latest_round(tmp_path) == 1  # the completed round's checkpoint is not lost
+    assert not getattr(failure.value, "__notes__", None)
+
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(KeyError) as failure, CheckpointWriter() as writer:
+        writer.submit(file, _checkpoint(1))
+        raise KeyError("round 2 failed")
+    assert "the checkpoint writer had also failed" in str(failure.value.__notes__)
+
+
+def test_close_drains_and_stops_the_thread(tmp_path: Path, monkeypatch) -> None:
+    gate = _gate(monkeypatch)
+    writer = CheckpointWriter()
+    writer.submit(tmp_path, _checkpoint(1))
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive() and latest_round(tmp_path) == 1
+    assert writer._thread is not None and not writer._thread.is_alive()
+    writer.close()  # again: nothing to do
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(tmp_path, _checkpoint(2))
+
+
+def test_a_strategy_that_cannot_be_checkpointed_is_refused_at_submit(tmp_path: Path) -> None:
+    state = _checkpoint(1)
+    state.strategy.sites = {"a": object()}
+    with CheckpointWriter() as writer, pytest.raises(RunError, match="cannot be checkpointed"):
+        writer.submit(tmp_path, state)
+    assert latest_round(tmp_path) is None

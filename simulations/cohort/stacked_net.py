@@ -79,6 +79,11 @@ class StackedNet:
                 return False
         return True
 
+    @property
+    def is_mlp(self) -> bool:
+        """Whether every layer is ``Linear``, ``ReLU`` or ``Flatten`` (``mlp_grads`` applies)."""
+        return all(isinstance(m, nn.Linear | nn.ReLU | nn.Flatten) for _, m in self.layers)
+
     def forward(self, params: Params, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
         """Logits ``[K, B, classes]`` of every client on its rows ``x`` (``[K, B, *input_shape]``)."""
         k, b = x.shape[:2]
@@ -126,6 +131,44 @@ class StackedNet:
         if trace is not None:
             trace.layers.append(LayerRecord(module, weight, bias, h, out))
         return out
+
+
+def mlp_grads(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, row_weight: torch.Tensor
+) -> tuple[Params, torch.Tensor]:
+    """Every client's gradient of ``sum_b row_weight[k, b] * cross_entropy(row b)``, written out by hand.
+
+    For a stack of ``Linear``, ``ReLU`` and ``Flatten`` only (``is_mlp``): the forward pass keeps
+    each layer's input, the loss's gradient with respect to the logits is ``softmax - onehot``
+    times each row's weight, and each linear layer's gradients are two batched products, with no
+    autograd graph. Returns the gradients and each row's cross-entropy ``[K, B]``.
+    """
+    k, b = x.shape[:2]
+    h = x.reshape(k, b, -1)
+    saved: list[tuple[str, nn.Module, torch.Tensor]] = []
+    for name, module in net.layers:
+        if isinstance(module, nn.Linear):
+            saved.append((name, module, h))
+            h = net._linear(name, module, params, h, None)
+        elif isinstance(module, nn.ReLU):
+            h = torch.relu(h)
+            saved.append((name, module, h))
+    log_p = torch.log_softmax(h, dim=-1)
+    rows = -log_p.gather(2, y.unsqueeze(-1)).squeeze(-1)
+    grad = log_p.exp_()
+    grad.scatter_add_(2, y.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0)).mul_(row_weight.unsqueeze(-1))
+    grads: Params = {}
+    for i in range(len(saved) - 1, -1, -1):
+        name, module, kept = saved[i]
+        if isinstance(module, nn.ReLU):
+            grad = torch.ops.aten.threshold_backward(grad, kept, 0.0)
+            continue
+        grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), kept)
+        if module.bias is not None:
+            grads[f"{name}.bias"] = grad.sum(1)
+        if i:
+            grad = torch.bmm(grad, params[f"{name}.weight"])
+    return {key: grads[key] for key in params}, rows
 
 
 def per_row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

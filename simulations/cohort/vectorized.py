@@ -29,8 +29,10 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from flowerbed.client.training import StepSchedule, epoch_permutations, schedule_indices
 from flowerbed.experiment import TrainConfig
-from flowerbed.simulations.cohort.stacked_net import StackedNet, per_row_cross_entropy
+from flowerbed.simulations.cohort.stacked_net import StackedNet, mlp_grads, per_row_cross_entropy
 from flowerbed.tasks.task import cross_entropy
+
+HAND_WRITTEN_MLP = True  # MLP stacks take ``mlp_grads`` (no autograd); False: autograd for every model
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Params = dict[str, torch.Tensor]
@@ -219,18 +221,29 @@ def stacked_net(model: nn.Module, loss_fn: LossFn) -> StackedNet | None:
 
 
 def masked_grads(
-    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, full: bool | None = None
 ) -> tuple[Params, torch.Tensor]:
     """Every client's gradient and loss on its batch: the first ``counts[k]`` of its ``B`` rows.
 
     Client ``k``'s loss is the mean cross-entropy of its own rows; the padded rows are multiplied
     by zero. The clients' losses are summed for one backward pass: each client's weights only see
-    its own loss.
+    its own loss. ``full`` says (when the caller knows) whether every client's batch has ``B`` rows.
     """
+    width = x.shape[1]
+    if full is None:
+        full = bool((counts == width).all())
+    if net.is_mlp and HAND_WRITTEN_MLP:
+        if full:
+            row_weight = torch.full(y.shape, 1.0 / width, dtype=x.dtype, device=x.device)
+        else:
+            mask = torch.arange(width, device=x.device) < counts[:, None]
+            row_weight = mask.to(x.dtype) / counts.to(x.dtype)[:, None]
+        grads, rows = mlp_grads(net, params, x, y, row_weight)
+        loss = rows.mean(1) if full else (rows * row_weight).sum(1)
+        return grads, loss.detach()
     leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
     rows = per_row_cross_entropy(net.forward(leaves, x), y)
-    width = x.shape[1]
-    if bool((counts == width).all()):
+    if full:
         loss = rows.mean(1)
     else:
         mask = torch.arange(width, device=x.device) < counts[:, None]
@@ -335,7 +348,18 @@ def _train_scheduled(
     net = stacked_net(model, loss_fn) if batched_kernels else None
     grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
     losses = torch.zeros(k, dtype=torch.float64, device=device)
+    everyone_steps = (counts_np > 0).all(axis=0)  # per step: every client takes it (known before the loop)
+    widths = counts_np.max(axis=0) if k else np.zeros(total, dtype=np.int64)
+    full = (counts_np == widths).all(axis=0)
+    clients = torch.arange(k, device=device)[:, None]
     for t in range(total):
+        if net is not None and everyone_steps[t]:  # one padded call, no selection of clients
+            idx = index[:, t, : int(widths[t])]
+            x, y = cohort.x[clients, idx], cohort.y[clients, idx]
+            grads, loss = masked_grads(net, params, x, y, counts[:, t], full=bool(full[t]))
+            optimizer.step(grads, None, t + 1)
+            losses += loss.double()
+            continue
         active = (counts[:, t] > 0).nonzero().reshape(-1)
         batch = counts[active, t]
         groups = (

@@ -2,15 +2,18 @@
 
 ``flowerbed node start --kit KIT --data PATH`` runs two processes:
 
-- ``flower-supernode`` with the kit's CA certificate (``--root-certificates``: the node talks only
-  to a coordinator the federation CA vouches for), its private key (``--auth-supernode-private-key``:
+- Flower's SuperNode (through ``flowerbed.client.supernode_launcher``, without Flower's fixed
+  waits on a round's path; ``--poll-interval 0``: ``flower-supernode`` as it is) with the kit's CA
+  certificate (``--root-certificates``: the node talks only to a coordinator the federation CA
+  vouches for), its private key (``--auth-supernode-private-key``:
   the coordinator admits only registered keys), ``--isolation process`` (the SuperNode starts no
   app itself) and a SuperExec secret made at every start (``--superexec-auth-secret-file``: only
   the node's own executor may take its tasks);
 - flowerbed's executor (``flowerbed.client.warm_executor``), which runs each message as the
   hospital's installed ``flowerbed.client.app:app`` and refuses a run whose app bundle names or
   carries other code; by default in a child forked from an interpreter that already imported
-  torch and flowerbed.
+  torch and flowerbed. It asks the SuperNode for work when the SuperNode says it pulled a message
+  (a byte appended to ``state/executor.wake``).
 
 Before it starts them, the node checks that the coordinator speaks what the node expects: TLS with
 a kit, plain HTTP with ``--insecure``; a mismatch fails at once with what to do. On SIGTERM or
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from flowerbed.client.node_config import parse_node_config
+from flowerbed.client.supernode_launcher import DEFAULT_POLL_INTERVAL
 from flowerbed.exception import DataError, NodeError
 from flowerbed.experiment import Experiment
 from flowerbed.kit import NodeKit
@@ -85,11 +89,10 @@ class NodeSettings:
         ``warm``: flowerbed's executor forks a pre-imported child per message. ``flower``: a new
         process per message, as Flower's own SuperExec does (for comparison). Both run only the
         installed flowerbed ClientApp and refuse bundles that name or carry other code.
-    poll_interval : float | None (default: None)
+    poll_interval : float | None (default: 0.2)
         Cap on the SuperNode's idle wait between asking for messages (Flower's own: 3 s), through
-        ``flowerbed.client.supernode_launcher``; ``None`` runs ``flower-supernode`` as it is. On a
-        2-core machine shared by the coordinator and four nodes a 0.25 s cap gained nothing
-        (benchmarks/README.md): the ServerApp's own 3 s poll and CPU dominate.
+        ``flowerbed.client.supernode_launcher``, which also removes Flower's other fixed waits on a
+        round's path; ``None`` runs ``flower-supernode`` as it is.
     extra : dict[str, Any]
         More node-config keys (``ledger``, ``budget-epsilon``, ``budget-delta``, ``approvals``).
     """
@@ -103,7 +106,7 @@ class NodeSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     connect_timeout: float | None = 600.0
     executor: str = "warm"
-    poll_interval: float | None = None
+    poll_interval: float | None = DEFAULT_POLL_INTERVAL
     extra: dict[str, Any] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, Any]:
@@ -152,6 +155,8 @@ def supernode_command(settings: NodeSettings) -> list[str]:
             "flowerbed.client.supernode_launcher",
             "--poll-interval",
             str(settings.poll_interval),
+            "--wake-file",
+            str(wake_file(settings)),
             "--",
         ]
     command = [
@@ -189,8 +194,17 @@ def superexec_secret_file(settings: NodeSettings) -> Path:
     return settings.state_dir / "superexec.secret"
 
 
+def wake_file(settings: NodeSettings) -> Path:
+    """The file the SuperNode appends to for every message it has pulled; the executor watches it."""
+    return settings.state_dir / "executor.wake"
+
+
 def executor_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
-    """The node executor's command line (``--spawn``: a new process per message)."""
+    """The node executor's command line (``--spawn``: a new process per message).
+
+    With the launcher (``poll_interval`` set) the executor asks for a task when the SuperNode says
+    it has a message (``--wake-file``); under Flower's plain ``flower-supernode`` it polls.
+    """
     command = [
         sys.executable,
         "-m",
@@ -202,6 +216,8 @@ def executor_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
         "--superexec-auth-secret-file",
         str(superexec_secret_file(settings)),
     ]
+    if settings.poll_interval is not None:
+        command += ["--wake-file", str(wake_file(settings))]
     return command if settings.executor == "warm" else [*command, "--spawn"]
 
 
@@ -261,10 +277,17 @@ def check_transport(settings: NodeSettings) -> None:
 
 
 def node_env(settings: NodeSettings) -> dict[str, str]:
-    """Environment of the node's processes: its own Flower home, no telemetry, this interpreter's scripts first."""
+    """Environment of the node's processes: its own Flower home, no telemetry, this interpreter's scripts first.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` (unless set): torch's OpenMP threads sleep between operations
+    instead of spinning. Spinning threads of a message's process take the CPU from every other
+    process on the machine; with a few nodes (or a coordinator) sharing the cores, a round's local
+    training of a small model took 5 to 10 s instead of 0.1 s (benchmarks/README.md).
+    """
     env = child_env()
     env["FLWR_HOME"] = str(settings.state_dir / "flwr-home")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -354,6 +377,7 @@ class Node:
         write_node_config(self.settings)
         check_transport(self.settings)
         _write_secret(superexec_secret_file(self.settings), secrets.token_bytes(32))
+        wake_file(self.settings).write_bytes(b"")
         env = node_env(self.settings)
         log_file = self.settings.state_dir / "supernode.log"
         self.supernode = popen_ignoring_interrupt(

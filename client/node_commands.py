@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from flowerbed.client.supernode_launcher import DEFAULT_POLL_INTERVAL
 from flowerbed.exception import NodeError
 
 if TYPE_CHECKING:
@@ -171,8 +172,13 @@ def node_start_command(
         ),
     ] = "warm",
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", help="Cap on the idle wait between polls, s (0: Flower's 3 s).")
-    ] = 0.0,
+        float,
+        typer.Option(
+            "--poll-interval",
+            help="Longest wait between asking the coordinator for work, s (0: Flower's own flower-supernode, "
+            "which waits 3 s).",
+        ),
+    ] = DEFAULT_POLL_INTERVAL,
 ) -> None:
     """Join the federation: a Flower SuperNode with this kit's CA and key, serving local data."""
     from flowerbed.client.node import Node, NodeSettings
@@ -180,6 +186,8 @@ def node_start_command(
 
     if executor not in ("warm", "flower"):
         raise NodeError(f"--executor {executor!r}: use 'warm' or 'flower'")
+    if not 0 <= poll_interval <= 3:
+        raise NodeError(f"--poll-interval {poll_interval:g}: use seconds in (0, 3], or 0 for Flower's own 3 s wait")
     loaded = load_kit(kit) if kit else None
     if loaded is None and not insecure:
         raise NodeError("give --kit KIT (the folder the coordinator sent); only --insecure runs without one")

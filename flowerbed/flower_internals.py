@@ -4,9 +4,11 @@ flowerbed builds on Flower's public Message API. A few speed-ups and one executo
 storage behind Flower's records (filled directly, without per-item checks, for values flowerbed
 made itself), a message's id and an in-process run identity (for the inline grid), Flower's
 SuperExec loop with flowerbed's own executors (the node's warm executor, the coordinator's
-ServerApp executor), and the trust boundary: the operator-token plugin the SuperLink and the
-``flwr`` CLI use, and Flower's ServerApp and ClientApp runners made to check a run's bundle and
-run only the installed flowerbed. They are all here, so a Flower release that changes them breaks
+ServerApp executor), the trust boundary (the operator-token plugin the SuperLink and the ``flwr``
+CLI use, Flower's ServerApp and ClientApp runners made to check a run's bundle and run only the
+installed flowerbed), and shorter versions of Flower's fixed waits on a round's path (the
+SuperNode's idle poll and reply check, the SuperExec loop's poll, the retry of an object that is
+not there yet). They are all here, so a Flower release that changes them breaks
 one module, and ``tests/test_flower_internals.py`` says which assumption no longer holds. Written
 against Flower 1.42.
 
@@ -311,6 +313,7 @@ def run_guarded_serverapp(
     module.install_from_fab = install_from_fab
     module.run_ = run_installed
     _quiet_refusals(module, refusal)
+    quicken_object_pulls("flwr.superlink.grid.http_grid")  # replies are pulled as soon as they are whole
     log_queue: Queue[str | None] = Queue()
     mirror_output_to_queue(log_queue)
     try:
@@ -327,10 +330,125 @@ def run_guarded_serverapp(
         restore_output()
 
 
-# ----------------------------------------------------------------------- SuperNode idle poll
+# ------------------------------------------------------------------- fixed waits on a round's path
 
 
 def cap_supernode_idle_sleep(capped_time: Any) -> None:
-    """Make Flower's SuperNode loop use ``capped_time`` (a stand-in ``time`` module) for its sleeps."""
+    """Make Flower's SuperNode loop use ``capped_time`` (a stand-in ``time`` module) for its sleeps.
+
+    The loop's sleeps are its idle poll (``time.sleep(3)`` when the SuperLink has no message), its
+    check for the ClientApp's reply and its wait for a reply's objects (``time.sleep(0.5)``).
+
+    Raises
+    ------
+    RuntimeError
+        When the SuperNode loop no longer sleeps through its module's ``time``.
+    """
+    import inspect
+
     module = importlib.import_module("flwr.supernode.start_client_internal")
+    if not callable(getattr(getattr(module, "time", None), "sleep", None)) or "time.sleep(3)" not in inspect.getsource(
+        module
+    ):
+        raise RuntimeError(
+            f"Flower {_flower_version()} changed the SuperNode loop (flwr.supernode.start_client_internal): "
+            "its idle poll can no longer be capped; update flowerbed.flower_internals.cap_supernode_idle_sleep"
+        )
     module.time = capped_time
+
+
+def on_message_stored(callback: Callable[[], None]) -> None:
+    """Call ``callback`` each time Flower's SuperNode has pulled a message and its objects into its state.
+
+    The message's task is then ready for the node's executor.
+
+    Raises
+    ------
+    RuntimeError
+        When the SuperNode loop no longer stores messages through ``_pull_and_store_message``.
+    """
+    import inspect
+
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    pull = getattr(module, "_pull_and_store_message", None)
+    if not callable(pull) or "run_id = _pull_and_store_message(" not in inspect.getsource(module):
+        raise RuntimeError(
+            f"Flower {_flower_version()} changed how the SuperNode stores a message "
+            "(flwr.supernode.start_client_internal._pull_and_store_message): update "
+            "flowerbed.flower_internals.on_message_stored"
+        )
+
+    def pull_and_store(*args: Any, **kwargs: Any) -> int | None:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            callback()
+        return run_id
+
+    module._pull_and_store_message = pull_and_store
+
+
+def superexec_wait(sleep: Callable[[float], None]) -> None:
+    """Make Flower's SuperExec loop wait between two task polls with ``sleep`` (it gets Flower's interval).
+
+    Raises
+    ------
+    RuntimeError
+        When the loop no longer sleeps ``time.sleep(task_poll_interval)`` through its module's ``time``.
+    """
+    import inspect
+    import time
+    from types import SimpleNamespace
+
+    module = importlib.import_module("flwr.supercore.superexec.run_superexec")
+    if getattr(module, "time", None) is not time or "time.sleep(task_poll_interval)" not in inspect.getsource(module):
+        raise RuntimeError(
+            f"Flower {_flower_version()} changed the SuperExec loop's wait (flwr.supercore.superexec.run_superexec): "
+            "update flowerbed.flower_internals.superexec_wait"
+        )
+    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    module.time = SimpleNamespace(**{**names, "sleep": sleep})
+
+
+#: Where Flower pulls a message's objects with ``pull_objects``' retry: (module, function).
+OBJECT_PULLERS = (
+    ("flwr.supernode.start_client_internal", "pull_objects"),  # the SuperNode, from the SuperLink
+    ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree"),  # the ClientApp, from its node
+    ("flwr.superlink.grid.http_grid", "pull_objects"),  # the ServerApp, replies from the SuperLink
+)
+
+
+def quicken_object_pulls(*modules: str, initial_backoff: float = 0.05, backoff_cap: float = 1.0) -> None:
+    """Make Flower retry an object that is not there yet after ``initial_backoff`` s, doubling up to ``backoff_cap``.
+
+    A message becomes visible before its objects: the SuperLink hands a node a message (and the
+    ServerApp a reply), and a node hands its executor a task, while the objects are still being
+    pushed. Flower's puller then waits 1 s, 2 s, 4 s ... (up to 10 s) before asking again, which on
+    loopback is most of an exchange. ``modules`` picks pullers of ``OBJECT_PULLERS`` (default: all).
+
+    Raises
+    ------
+    RuntimeError
+        When a puller is gone or no longer takes ``initial_backoff`` and ``backoff_cap``.
+    """
+    import functools
+    import inspect
+
+    for module_name, name in OBJECT_PULLERS:
+        if modules and module_name not in modules:
+            continue
+        module = importlib.import_module(module_name)
+        original = getattr(module, name, None)
+        original = getattr(original, "func", original)  # applied before: replace it, never stack
+        params = inspect.signature(original).parameters if callable(original) else {}
+        if not {"initial_backoff", "backoff_cap"} <= params.keys():
+            raise RuntimeError(
+                f"Flower {_flower_version()} changed {module_name}.{name} (its pull retry): "
+                "update flowerbed.flower_internals.quicken_object_pulls"
+            )
+        setattr(module, name, functools.partial(original, initial_backoff=initial_backoff, backoff_cap=backoff_cap))
+
+
+def _flower_version() -> str:
+    import flwr
+
+    return str(flwr.__version__)

@@ -102,11 +102,17 @@ def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
         executor_command(settings, 1), "--superexec-auth-secret-file"
     )
     assert "--spawn" not in executor_command(settings, 1)
+    # the executor asks for work when the SuperNode says it has a message
+    assert _flag(command, "--wake-file") == _flag(executor_command(settings, 1), "--wake-file")
+    assert Path(_flag(command, "--wake-file")).parent == tmp_path / "state"
+    assert command.index("--wake-file") < command.index("--") < command.index("--superlink")
+    assert NodeSettings("s", "c:1", data, tmp_path).poll_interval == 0.2  # the launcher is the default
     flower_like = NodeSettings(**{**settings.__dict__, "executor": "flower", "poll_interval": None})
     # a new process per message, as Flower does, but still flowerbed's guarded executor
     assert _flag(supernode_command(flower_like), "--isolation") == "process"
     assert Path(supernode_command(flower_like)[0]).name == "flower-supernode"
     assert "--spawn" in executor_command(flower_like, 1)
+    assert "--wake-file" not in executor_command(flower_like, 1)  # Flower's SuperNode says nothing: it polls
     with pytest.raises(NodeError, match="kit is required"):
         supernode_command(NodeSettings(**{**settings.__dict__, "kit": None}))
 
@@ -202,9 +208,11 @@ def test_flower_processes_are_found_beside_the_interpreter(federation, tmp_path:
     settings = NodeSettings("hungary", kit.coordinator, tmp_path / "d.csv", tmp_path / "state", kit=kit)
     for env in (flower_env(federation), operator_env(federation), node_env(settings)):
         assert env["PATH"].split(":") == [folder, "/usr/bin", "/bin"]
-    assert supernode_command(settings)[0] == str(Path(folder) / "flower-supernode")
-    assert Path(supernode_command(settings)[0]).is_file()
+    plain = NodeSettings(**{**settings.__dict__, "poll_interval": None})  # Flower's flower-supernode as it is
+    assert supernode_command(plain)[0] == str(Path(folder) / "flower-supernode")
+    assert Path(supernode_command(plain)[0]).is_file()
     for command in (
+        supernode_command(settings),  # through flowerbed's launcher
         superlink_command(federation),
         coordinator_executor_command(federation, insecure=False, superlink_pid=1),
         executor_command(settings, 1),
@@ -213,16 +221,135 @@ def test_flower_processes_are_found_beside_the_interpreter(federation, tmp_path:
         assert command[0] == sys.executable
 
 
-def test_supernode_idle_poll_is_capped() -> None:
+def test_supernode_waits_are_capped_and_its_options_parsed(monkeypatch) -> None:
     import time
+    from types import SimpleNamespace
 
-    from flowerbed.client.supernode_launcher import capped_time
+    from flowerbed.client import supernode_launcher
+    from flowerbed.client.supernode_launcher import LOCAL_WAIT, capped_time, parse_args
 
     fast = capped_time(0.05)
     started = time.monotonic()
     fast.sleep(3)  # Flower's idle wait
     assert time.monotonic() - started < 1.0
     assert fast.time is time.time and fast.monotonic is time.monotonic
+    slow, tight = capped_time(0.5), capped_time(0.01)
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_launcher, "time", SimpleNamespace(sleep=slept.append))
+    slow.sleep(3)  # idle poll: at most the poll interval
+    slow.sleep(0.5)  # the node's check for its ClientApp's reply: at most LOCAL_WAIT
+    tight.sleep(0.5)
+    assert slept == [0.5, LOCAL_WAIT, 0.01]
+    assert parse_args(["--poll-interval", "0.3", "--wake-file", "/w", "--", "--superlink", "x:1"]) == (
+        0.3,
+        Path("/w"),
+        ["--superlink", "x:1"],
+    )
+    assert parse_args(["--superlink", "x:1"])[0] == 0.2
+    for bad in (["--poll-interval", "0", "--"], ["--poll-interval", "9", "--"], ["--fast", "--"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_the_executor_wakes_when_the_supernode_has_a_message(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from flowerbed.client.supernode_launcher import wake_file_writer
+    from flowerbed.client.warm_executor import WakeOnMessage
+
+    path = tmp_path / "executor.wake"
+    path.write_bytes(b"")
+    wait = WakeOnMessage(path, fallback=0.3, check=0.01)
+    started = time.monotonic()
+    wait.sleep(0.05)  # nothing: Flower's loop polls after the fallback
+    assert 0.3 <= time.monotonic() - started < 2.0
+    threading.Timer(0.05, wake_file_writer(path)).start()
+    started = time.monotonic()
+    WakeOnMessage(path, fallback=10.0, check=0.01).sleep(0.05)
+    assert time.monotonic() - started < 5.0
+    wake_file_writer(tmp_path / "gone" / "executor.wake")()  # a missing folder is no error: the executor polls
+
+
+def test_flowers_fixed_waits_can_be_shortened(monkeypatch) -> None:
+    """The patches of ``flower_internals`` that shorten Flower's waits take hold, and refuse a changed Flower."""
+    import functools
+    import importlib
+    import time
+
+    from flowerbed import flower_internals as fi
+
+    node = importlib.import_module("flwr.supernode.start_client_internal")
+    superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
+    for module, name in [*((importlib.import_module(m), n) for m, n in fi.OBJECT_PULLERS), (node, "time")]:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.setattr(node, "_pull_and_store_message", node._pull_and_store_message)
+    monkeypatch.setattr(superexec, "time", superexec.time)
+
+    fi.quicken_object_pulls()
+    fi.quicken_object_pulls("flwr.supernode.start_client_internal")  # again: replaced, not stacked
+    for module_name, name in fi.OBJECT_PULLERS:
+        puller = getattr(importlib.import_module(module_name), name)
+        assert isinstance(puller, functools.partial) and not isinstance(puller.func, functools.partial)
+        assert puller.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+
+    stored = []
+    monkeypatch.setattr(node, "_pull_and_store_message", lambda **kw: kw.get("run_id"))
+    fi.on_message_stored(lambda: stored.append(1))
+    assert node._pull_and_store_message(run_id=None) is None and stored == []
+    assert node._pull_and_store_message(run_id=7) == 7 and stored == [1]
+
+    waits: list[float] = []
+    fi.superexec_wait(waits.append)
+    superexec.time.sleep(0.05)
+    assert waits == [0.05] and superexec.time.monotonic is time.monotonic
+    with pytest.raises(RuntimeError, match="superexec_wait"):
+        fi.superexec_wait(waits.append)  # the loop's time is no longer Flower's: refused, not stacked
+
+    fi.cap_supernode_idle_sleep(time)
+    monkeypatch.setattr(node, "time", None)  # as if Flower slept some other way
+    with pytest.raises(RuntimeError, match="cap_supernode_idle_sleep"):
+        fi.cap_supernode_idle_sleep(time)
+    monkeypatch.setattr(
+        importlib.import_module("flwr.superlink.grid.http_grid"), "pull_objects", lambda object_ids, fn: {}
+    )
+    with pytest.raises(RuntimeError, match="quicken_object_pulls"):
+        fi.quicken_object_pulls("flwr.superlink.grid.http_grid")
+
+
+def test_the_coordinator_polls_briskly_for_replies(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from flowerbed.server import exchange
+
+    waits: list[float] = []
+    monkeypatch.setattr(exchange.time, "sleep", waits.append)
+
+    def reply(i: int) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=str(i)))
+
+    arrivals = iter([[], [], [], [], [reply(0)], [], [reply(1), reply(2)]])
+
+    class Grid:
+        def push_messages(self, messages):
+            return [str(i) for i in range(len(messages))]
+
+        def pull_messages(self, ids):
+            return next(arrivals)
+
+    replies = exchange.send_and_receive(Grid(), [object()] * 3, timeout=60)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["0", "1", "2"]
+    assert waits == [0.05, 0.1, 0.2, 0.25, 0.05, 0.1]  # doubling to 0.25 s; back to 50 ms after a reply
+
+
+def test_node_processes_do_not_spin_waiting_threads(federation, tmp_path: Path, monkeypatch) -> None:
+    from flowerbed.client.node import node_env
+
+    settings = NodeSettings("hungary", "127.0.0.1:1", tmp_path / "d.csv", tmp_path / "state", insecure=True)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert node_env(settings)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a hospital's own choice is kept
+    assert node_env(settings)["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def _fake_flower(monkeypatch, calls: list[tuple[str, ...]], status: str = "running") -> None:

@@ -68,7 +68,22 @@ def epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountan
         positive, a sample rate outside (0, 1], fewer than one step, or a noise multiplier too
         small for the PRV accountant's grid.
     """
-    merged = _merge(history, delta, accountant)
+    entries = tuple(history)
+    try:
+        hash((entries, delta, accountant))
+    except TypeError:  # an entry that is not a tuple (a list from JSON, say): no memo
+        return _epsilon_of(entries, delta, accountant)
+    return _memo_epsilon(entries, delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _memo_epsilon(entries: tuple, delta: float, accountant: str) -> float:
+    """``_epsilon_of`` remembered per raw history: simulated nodes with equal histories ask for the same one."""
+    return _epsilon_of(entries, delta, accountant)
+
+
+def _epsilon_of(entries: tuple, delta: float, accountant: str) -> float:
+    merged = _merge(entries, delta, accountant)
     if not merged:
         return 0.0
     return _epsilon(merged, float(delta), accountant)

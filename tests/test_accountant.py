@@ -156,6 +156,7 @@ def opacus_reference() -> Callable[[], dict]:
 
 def _clear_caches(*, values: bool) -> None:
     """Forget memoized epsilons (and, with ``values``, the memoized RDP and cdf values too)."""
+    accountant._memo_epsilon.cache_clear()
     accountant._epsilon.cache_clear()
     accountant._rdp_epsilon.cache_clear()
     if values:

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flowerbed.benchmarks.source_tree import source_tree_path
 from flowerbed.experiment import DataConfig, Experiment
 from flowerbed.tasks.task import DataSchema, SiteData
 
@@ -428,6 +429,8 @@ def spawn_trial(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, FLOWERBED_SIM_NODE_DIR=str(Path(tmp) / "nodes"))
+        if spec.get("pythonpath"):  # the "before" system: another flowerbed source tree
+            env["PYTHONPATH"] = spec["pythonpath"]
         if spec["threads"]:
             env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -474,12 +477,19 @@ def spawn_trial(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 # -- the comparison --------------------------------------------------------------------------------
 
 
-def scenarios(quick: bool, flower_max: int, a1_flower: bool = False) -> list[tuple[str, list[str]]]:
-    """(scenario, systems) in the order they run (``floor`` is a1's raw batched-torch floor)."""
+def scenarios(
+    quick: bool, flower_max: int, a1_flower: bool = False, before: bool = False
+) -> list[tuple[str, list[str]]]:
+    """(scenario, systems) in the order they run.
+
+    ``floor`` is a1's raw batched-torch floor; ``before`` (not on a1) the inline backend of the
+    source tree given as ``--before-src``.
+    """
     scale = [100, 1000] if quick else [100, 1000, 10000]
-    out = [("a-mlp", ["inline", "flower"]), ("a-mlp-dp", ["inline", "flower"]), ("b-cnn", ["inline", "flower"])]
+    inline = ["inline", "before"] if before else ["inline"]
+    out = [(name, [*inline, "flower"]) for name in ("a-mlp", "a-mlp-dp", "b-cnn")]
     for k in scale:
-        out.append((f"c-scale-{k}", ["inline", "flower"] if k <= flower_max else ["inline"]))
+        out.append((f"c-scale-{k}", [*inline, "flower"] if k <= flower_max else inline))
     for name in A1_SCENARIOS:
         flower = a1_flower and A1_PER_ROUND[name] <= flower_max
         out.append((name, ["floor", "inline", *(["flower"] if flower else [])]))
@@ -510,6 +520,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--a1-flower-rounds", type=int, default=0, help="also run a1 on Flower's engine for this many rounds (0: not)"
     )
     parser.add_argument("--only", default="", help="comma-separated scenario names to run")
+    parser.add_argument(
+        "--before-src",
+        type=Path,
+        default=None,
+        help="a flowerbed source tree (e.g. git archive REV | tar -x -C DIR) whose inline backend also runs, "
+        "as 'before'",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a trial is abandoned")
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
     parser.add_argument("--trial", help=argparse.SUPPRESS)
@@ -535,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scenarios": {},
     }
     out_root = tempfile.mkdtemp(prefix="flowerbed-bench-")
-    for scenario, backends in scenarios(args.quick, args.flower_max, a1_flower_rounds > 0):
+    before_path = str(source_tree_path(args.before_src, Path(out_root))) if args.before_src else None
+    for scenario, backends in scenarios(args.quick, args.flower_max, a1_flower_rounds > 0, before_path is not None):
         if chosen and scenario not in chosen:
             continue
         a1 = scenario in A1_SCENARIOS
@@ -547,7 +565,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     spec["floor"] = {"rounds": a1_rounds}
                 else:
                     n = (a1_flower_rounds if backend == "flower" else a1_rounds) if a1 else rounds
-                    spec["experiment"] = experiment(scenario, backend, n, out_root)
+                    spec["experiment"] = experiment(scenario, "inline" if backend == "before" else backend, n, out_root)
+                if backend == "before":
+                    spec["pythonpath"] = before_path
                 result = spawn_trial(spec, args.timeout)
                 trials[backend].append(result)
                 shown = result.get("error") or (
@@ -564,6 +584,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         inline, flower = summary.get("inline", {}), summary.get("flower", {})
         if inline.get("updates_per_s") and flower.get("updates_per_s"):
             summary["speedup"] = inline["updates_per_s"] / flower["updates_per_s"]
+        before = summary.get("before", {})
+        if before.get("updates_per_s") and flower.get("updates_per_s"):
+            summary["before_speedup"] = before["updates_per_s"] / flower["updates_per_s"]
         floor = summary.get("floor", {})
         for key, ratio in (("round_s", "vs_floor"), ("round_cpu_s", "vs_floor_cpu")):  # over the floor's
             for backend in backends:
@@ -591,14 +614,18 @@ def _print_table(figures: dict[str, Any]) -> None:
     rows = {name: s for name, s in figures["scenarios"].items() if name not in A1_SCENARIOS}
     if not rows:
         return
+    before = any("before" in s for s in rows.values())
     heads = ("inline upd/s", "flower upd/s", "speedup", "inline MiB", "flower MiB")
-    widths = (13, 13, 8, 11, 11)
-    print("\n" + f"{'scenario':14s} " + " ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
+    heads += ("before upd/s", "before speedup") if before else ()
+    widths = (13, 13, 8, 11, 11, 13, 15)
+    print("\n" + f"{'scenario':14s} " + " ".join(h.rjust(w) for h, w in zip(heads, widths, strict=False)))
     for name, s in rows.items():
-        i, f = s.get("inline", {}), s.get("flower", {})
+        i, f, b = s.get("inline", {}), s.get("flower", {}), s.get("before", {})
+        then = f" {fmt(b.get('updates_per_s'), '13.1f')} {fmt(s.get('before_speedup'), '14.1f', 'x')}"
         print(
             f"{name:14s} {fmt(i.get('updates_per_s'), '13.1f')} {fmt(f.get('updates_per_s'), '13.1f')} "
             f"{fmt(s.get('speedup'), '7.1f', 'x')} {fmt(i.get('peak_mib'), '11.0f')} {fmt(f.get('peak_mib'), '11.0f')}"
+            + (then if before else "")
         )
 
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from flowerbed.client.node_config import parse_node_config
-from flowerbed.client.supernode_launcher import DEFAULT_POLL_INTERVAL
+from flowerbed.client.supernode_launcher import DEFAULT_POLL_INTERVAL, poll_interval_problem
 from flowerbed.exception import DataError, NodeError
 from flowerbed.experiment import Experiment
 from flowerbed.kit import NodeKit
@@ -90,9 +90,10 @@ class NodeSettings:
         process per message, as Flower's own SuperExec does (for comparison). Both run only the
         installed flowerbed ClientApp and refuse bundles that name or carry other code.
     poll_interval : float | None (default: 0.2)
-        Cap on the SuperNode's idle wait between asking for messages (Flower's own: 3 s), through
-        ``flowerbed.client.supernode_launcher``, which also removes Flower's other fixed waits on a
-        round's path; ``None`` runs ``flower-supernode`` as it is.
+        Cap on the SuperNode's wait between asking for messages while a run is going on (Flower's
+        own: 3 s, which an idle node keeps), through ``flowerbed.client.supernode_launcher``, which
+        also removes Flower's other fixed waits on a round's path; 0.05 to 3 s, or ``None`` to run
+        ``flower-supernode`` as it is.
     extra : dict[str, Any]
         More node-config keys (``ledger``, ``budget-epsilon``, ``budget-delta``, ``approvals``).
     """
@@ -149,8 +150,12 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     if settings.poll_interval is None:
         launcher = [flower_executable("flower-supernode")]
     else:
+        problem = poll_interval_problem(settings.poll_interval)
+        if problem is not None or settings.poll_interval == 0:
+            raise NodeError(problem or "poll_interval 0: use None for Flower's own flower-supernode")
         launcher = [
             sys.executable,
+            "-P",  # the working folder is not on sys.path
             "-m",
             "flowerbed.client.supernode_launcher",
             "--poll-interval",
@@ -207,6 +212,7 @@ def executor_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
     """
     command = [
         sys.executable,
+        "-P",  # the working folder is not on sys.path
         "-m",
         "flowerbed.client.warm_executor",
         "--runtime-api-address",

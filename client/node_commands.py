@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from flowerbed.client.supernode_launcher import DEFAULT_POLL_INTERVAL
+from flowerbed.client.supernode_launcher import DEFAULT_POLL_INTERVAL, poll_interval_problem
 from flowerbed.exception import NodeError
 
 if TYPE_CHECKING:
@@ -175,8 +175,8 @@ def node_start_command(
         float,
         typer.Option(
             "--poll-interval",
-            help="Longest wait between asking the coordinator for work, s (0: Flower's own flower-supernode, "
-            "which waits 3 s).",
+            help="Longest wait between asking the coordinator for work while a run is going on, s, 0.05 to 3 "
+            "(an idle node waits 3 s; 0: Flower's own flower-supernode, which always waits 3 s).",
         ),
     ] = DEFAULT_POLL_INTERVAL,
 ) -> None:
@@ -186,8 +186,8 @@ def node_start_command(
 
     if executor not in ("warm", "flower"):
         raise NodeError(f"--executor {executor!r}: use 'warm' or 'flower'")
-    if not 0 <= poll_interval <= 3:
-        raise NodeError(f"--poll-interval {poll_interval:g}: use seconds in (0, 3], or 0 for Flower's own 3 s wait")
+    if (problem := poll_interval_problem(poll_interval)) is not None:
+        raise NodeError(problem)
     loaded = load_kit(kit) if kit else None
     if loaded is None and not insecure:
         raise NodeError("give --kit KIT (the folder the coordinator sent); only --insecure runs without one")

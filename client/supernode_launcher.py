@@ -8,8 +8,9 @@ objects with a retry that waits 1 s, then 2 s, ... when the SuperLink hands out 
 its objects are all there. This launcher runs Flower's own ``flower_supernode`` entry point
 unchanged, except that
 
-- the idle poll sleeps at most ``--poll-interval`` seconds (a node costs the coordinator a few
-  small requests per second);
+- while a run is going on (a message in the last two minutes), the idle poll sleeps at most
+  ``--poll-interval`` seconds (a node costs the coordinator a few small requests per second); an
+  idle node polls as Flower's does, every 3 s;
 - the local checks for a reply sleep at most ``LOCAL_WAIT`` seconds (nothing leaves the node);
 - an object that is not there yet is asked for again after 50 ms, doubling up to 1 s;
 - with ``--wake-file PATH``, each message the node has pulled (with its objects) appends a byte to
@@ -34,21 +35,61 @@ from types import SimpleNamespace
 from flowerbed.process_control import quiet_main
 
 DEFAULT_POLL_INTERVAL = 0.2
+MIN_POLL_INTERVAL = 0.05
+MAX_POLL_INTERVAL = 3.0
 LOCAL_WAIT = 0.05
 IDLE_SLEEP = 1.0  # Flower sleeps this long or longer only when the SuperLink had nothing
+ACTIVE_FOR = 120.0  # seconds after the node's last message during which it polls at --poll-interval
 
 
-def capped_time(poll_interval: float, local_wait: float = LOCAL_WAIT) -> SimpleNamespace:
+def poll_interval_problem(value: float) -> str | None:
+    """Why ``value`` is not a usable ``--poll-interval`` (``None`` if it is; 0 means Flower's own wait)."""
+    if value == 0 or MIN_POLL_INTERVAL <= value <= MAX_POLL_INTERVAL:
+        return None
+    return (
+        f"--poll-interval {value:g}: use 0 (Flower's own 3 s wait) or {MIN_POLL_INTERVAL:g} to "
+        f"{MAX_POLL_INTERVAL:g} seconds"
+    )
+
+
+class Activity:
+    """When the node last pulled a message: a run is going on while that is recent."""
+
+    def __init__(self) -> None:
+        self.last = -float("inf")
+
+    def note(self) -> None:
+        """A message was pulled just now."""
+        self.last = time.monotonic()
+
+    def recent(self, window: float) -> bool:
+        """Whether a message was pulled in the last ``window`` seconds."""
+        return time.monotonic() - self.last < window
+
+
+def capped_time(
+    poll_interval: float,
+    local_wait: float = LOCAL_WAIT,
+    activity: Activity | None = None,
+    active_for: float = ACTIVE_FOR,
+) -> SimpleNamespace:
     """A stand-in for the ``time`` module whose ``sleep`` waits at most ``poll_interval`` seconds.
 
     Sleeps shorter than ``IDLE_SLEEP`` (the node's checks of its own state) wait at most
-    ``min(poll_interval, local_wait)``.
+    ``min(poll_interval, local_wait)``. With ``activity``, the idle poll is capped only while a
+    message came in the last ``active_for`` seconds: an idle node asks the coordinator as seldom as
+    Flower's own does, and a node in a run asks briskly.
     """
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
 
     def sleep(seconds: float) -> None:
         seconds = float(seconds)
-        cap = poll_interval if seconds >= IDLE_SLEEP else min(poll_interval, local_wait)
+        if seconds < IDLE_SLEEP:
+            cap = min(poll_interval, local_wait)
+        elif activity is None or activity.recent(active_for):
+            cap = poll_interval
+        else:
+            cap = seconds
         time.sleep(min(seconds, cap))
 
     names["sleep"] = sleep
@@ -76,12 +117,16 @@ def parse_args(argv: list[str]) -> tuple[float, Path | None, list[str]]:
         if len(ours) < 2 or ours[0] not in ("--poll-interval", "--wake-file"):
             raise SystemExit(f"supernode_launcher: unexpected {ours[0]!r}; use --poll-interval S, --wake-file PATH, --")
         if ours[0] == "--poll-interval":
-            poll_interval = float(ours[1])
+            try:
+                poll_interval = float(ours[1])
+            except ValueError:
+                raise SystemExit(f"--poll-interval {ours[1]!r}: give a number of seconds") from None
         else:
             wake_file = Path(ours[1])
         ours = ours[2:]
-    if not 0 < poll_interval <= 3:
-        raise SystemExit("--poll-interval must be in (0, 3] seconds")
+    problem = poll_interval_problem(poll_interval)
+    if problem is not None or poll_interval == 0:
+        raise SystemExit(problem or "--poll-interval 0: run flower-supernode itself for Flower's own wait")
     return poll_interval, wake_file, flower
 
 
@@ -93,10 +138,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from flowerbed import flower_internals
 
-    flower_internals.cap_supernode_idle_sleep(capped_time(poll_interval))
+    activity = Activity()
+    wake = wake_file_writer(wake_file) if wake_file is not None else None
+
+    def message_stored() -> None:
+        activity.note()
+        if wake is not None:
+            wake()
+
+    flower_internals.cap_supernode_idle_sleep(capped_time(poll_interval, activity=activity))
     flower_internals.quicken_object_pulls("flwr.supernode.start_client_internal")
-    if wake_file is not None:
-        flower_internals.on_message_stored(wake_file_writer(wake_file))
+    flower_internals.on_message_stored(message_stored)
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
 

@@ -160,6 +160,7 @@ class GuardedExecutor:
         if self.spawn:
             command = [
                 sys.executable,
+                "-P",  # the working folder is not on sys.path
                 "-m",
                 "flowerbed.client.warm_executor",
                 "--task",

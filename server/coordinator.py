@@ -182,6 +182,7 @@ def superlink_command(federation: FederationConfig, *, insecure: bool = False) -
     paths = CoordinatorPaths(federation.state_dir)
     command = [
         sys.executable,
+        "-P",  # the working folder is not on sys.path
         "-m",
         "flowerbed.server.superlink_launcher",
         "--operator-token-file",
@@ -229,6 +230,7 @@ def executor_command(federation: FederationConfig, *, insecure: bool, superlink_
     """The ServerApp executor's command line (it stops when the SuperLink is gone)."""
     command = [
         sys.executable,
+        "-P",  # the working folder is not on sys.path
         "-m",
         "flowerbed.server.serverapp_executor",
         "--runtime-api-address",

@@ -64,6 +64,7 @@ class ServerAppExecutor:
             return flower_internals.launch_refused(reason)
         command = [
             sys.executable,
+            "-P",  # the working folder is not on sys.path
             "-m",
             "flowerbed.server.serverapp_executor",
             "--task",

@@ -35,7 +35,7 @@ def test_superlink_command_uses_tls_auth_and_a_database(federation) -> None:
         superlink_command(federation)
     provision(federation)
     command = superlink_command(federation)
-    assert command[1:3] == ["-m", "flowerbed.server.superlink_launcher"]
+    assert command[1:4] == ["-P", "-m", "flowerbed.server.superlink_launcher"]
     assert _flag(command, "--operator-token-file").endswith("provision/coordinator/operator.token")
     assert "--enable-supernode-auth" in command and "--insecure" not in command
     assert "--disable-runtime-dependency-installation" in command
@@ -48,7 +48,10 @@ def test_superlink_command_uses_tls_auth_and_a_database(federation) -> None:
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     assert _flag(insecure, "--operator-token-file").endswith("coordinator-state/operator.token")
     executor = coordinator_executor_command(federation, insecure=False, superlink_pid=123)
-    assert executor[1:3] == ["-m", "flowerbed.server.serverapp_executor"] and _flag(executor, "--parent-pid") == "123"
+    assert (
+        executor[1:4] == ["-P", "-m", "flowerbed.server.serverapp_executor"]
+        and _flag(executor, "--parent-pid") == "123"
+    )
     assert _flag(executor, "--superexec-auth-secret-file") == _flag(command, "--superexec-auth-secret-file")
 
 
@@ -82,7 +85,7 @@ def test_supernode_command_and_node_config(federation, tmp_path: Path) -> None:
     assert _flag(command, "--root-certificates") == str(kit.ca_cert)
     assert _flag(command, "--auth-supernode-private-key") == str(kit.node_key)
     assert _flag(command, "--isolation") == "process"
-    assert command[1:3] == ["-m", "flowerbed.client.supernode_launcher"]
+    assert command[1:4] == ["-P", "-m", "flowerbed.client.supernode_launcher"]
     assert _flag(command, "--poll-interval") == "0.25"
     assert _flag(command, "--superlink") == "127.0.0.1:19093"
     # Flower reads the node config file exactly as the ClientApp will see it
@@ -291,7 +294,7 @@ def test_flowers_fixed_waits_can_be_shortened(monkeypatch) -> None:
     for module_name, name in fi.OBJECT_PULLERS:
         puller = getattr(importlib.import_module(module_name), name)
         assert isinstance(puller, functools.partial) and not isinstance(puller.func, functools.partial)
-        assert puller.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+        assert puller.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None}
 
     stored = []
     monkeypatch.setattr(node, "_pull_and_store_message", lambda **kw: kw.get("run_id"))
@@ -523,3 +526,95 @@ def test_a_deployed_run_that_fails_before_its_first_round_leaves_no_folder(tmp_p
     with pytest.raises(RunError, match="no node connected within 0.3 s"):
         main(NoNodes(), context)  # the ServerApp's main, as Flower calls it
     assert not run_dir.exists()
+
+
+def test_an_idle_node_polls_as_flower_does_and_a_node_in_a_run_briskly(monkeypatch) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from flowerbed.client import supernode_launcher
+    from flowerbed.client.supernode_launcher import Activity, capped_time
+
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_launcher, "time", SimpleNamespace(sleep=slept.append, monotonic=time.monotonic))
+    activity = Activity()
+    clock = capped_time(0.2, activity=activity, active_for=60)
+    clock.sleep(3)  # no message yet: Flower's own idle wait
+    activity.note()
+    clock.sleep(3)  # a run is going on
+    clock.sleep(0.5)  # the check for a ClientApp's reply
+    activity.last -= 61  # the run ended a minute ago
+    clock.sleep(3)
+    assert slept == [3.0, 0.2, 0.05, 3.0]
+
+
+def test_poll_intervals_outside_the_bounds_are_refused(tmp_path: Path) -> None:
+    from flowerbed.client.supernode_launcher import parse_args, poll_interval_problem
+
+    assert poll_interval_problem(0) is None and poll_interval_problem(0.05) is None and poll_interval_problem(3) is None
+    for bad in (1e-6, -1, 3.5):
+        assert "use 0 (Flower's own 3 s wait) or 0.05 to 3 seconds" in poll_interval_problem(bad)
+    with pytest.raises(SystemExit, match="give a number"):
+        parse_args(["--poll-interval", "abc", "--"])
+    with pytest.raises(SystemExit, match="0.05 to 3"):
+        parse_args(["--poll-interval", "0.001", "--"])
+    settings = NodeSettings(
+        "s", "127.0.0.1:1", tmp_path / "d.csv", tmp_path / "state", insecure=True, poll_interval=1e-6
+    )
+    with pytest.raises(NodeError, match="0.05 to 3 seconds"):
+        supernode_command(settings)
+
+
+def test_the_launcher_installs_every_shortened_wait(monkeypatch, tmp_path: Path) -> None:
+    """``supernode_launcher.main`` wires the patches into Flower's SuperNode before it starts it."""
+    import functools
+    import importlib
+    import time
+    from types import SimpleNamespace
+
+    from flowerbed.client import supernode_launcher
+
+    node = importlib.import_module("flwr.supernode.start_client_internal")
+    for name in ("time", "_pull_and_store_message", "pull_objects"):
+        monkeypatch.setattr(node, name, getattr(node, name))  # restored after the test
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    seen: dict[str, object] = {}
+
+    def flower_supernode() -> None:
+        import sys
+
+        seen["argv"] = list(sys.argv)
+        seen["sleep"] = node.time.sleep
+        seen["puller"] = node.pull_objects
+
+    monkeypatch.setattr(cli, "flower_supernode", flower_supernode)
+    monkeypatch.setattr("sys.argv", ["x"])
+    monkeypatch.setattr(node, "_pull_and_store_message", lambda *a, **k: 7)  # as if a message of run 7 came
+    wake = tmp_path / "executor.wake"
+    wake.write_bytes(b"")
+    supernode_launcher.main(["--poll-interval", "0.1", "--wake-file", str(wake), "--", "--superlink", "h:1"])
+    assert seen["argv"] == ["flower-supernode", "--superlink", "h:1"]
+    assert isinstance(seen["puller"], functools.partial)
+    assert wake.read_bytes() == b""
+    assert node._pull_and_store_message() == 7
+    assert wake.read_bytes() == b"."  # the executor is told
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_launcher, "time", SimpleNamespace(sleep=slept.append, monotonic=time.monotonic))
+    seen["sleep"](3)  # a message just came: the run's brisk poll
+    assert slept == [0.1]
+
+
+def test_the_executor_waits_for_its_node_s_word(monkeypatch, tmp_path: Path) -> None:
+    """``warm_executor.main --wake-file`` makes Flower's SuperExec loop wait on the wake file."""
+    from flowerbed import flower_internals as fi
+    from flowerbed.client import warm_executor
+
+    waits: list[object] = []
+    loops: list[dict] = []
+    monkeypatch.setattr(fi, "superexec_wait", waits.append)
+    monkeypatch.setattr(fi, "run_superexec_with", lambda executor, **kw: loops.append(kw))
+    monkeypatch.setattr(warm_executor, "preload", lambda modules: [])
+    monkeypatch.setattr(warm_executor, "guard", lambda: None)
+    warm_executor.main(["--runtime-api-address", "127.0.0.1:1", "--wake-file", str(tmp_path / "w")])
+    assert len(waits) == 1 and isinstance(waits[0].__self__, warm_executor.WakeOnMessage)
+    assert loops and loops[0]["runtime_api_address"] == "127.0.0.1:1"

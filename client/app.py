@@ -3,6 +3,8 @@
 The handlers live in ``flowerbed.client.handlers`` (plain rounds) and
 ``flowerbed.client.secagg_handlers`` (the secure train phase); both run the node's one round,
 ``flowerbed.client.node_round``. The node trains only on the data its own configuration names.
+Arrays that came packed over the network are unpacked before any handler sees them, and the reply's
+are packed the same way (``handlers.packed_arrays_mod``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from flowerbed.client import handlers, secagg_handlers
 
-app = ClientApp()
+app = ClientApp(mods=[handlers.packed_arrays_mod])
 app.query()(handlers.query)
 app.train()(handlers.train)
 app.evaluate()(handlers.evaluate)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -32,6 +33,7 @@ from flowerbed.client.node_round import (
 )
 from flowerbed.exception import FlowerbedError, NodeError
 from flowerbed.experiment import Experiment, parse_experiment
+from flowerbed.packed_arrays import PackError, pack_content, unpack_content
 from flowerbed.protocol import (
     CLINICAL_RECORD,
     EVALUATE_CLINICAL_KEY,
@@ -106,6 +108,27 @@ def refusal_reply(message: Message, refusal: Refusal) -> Message:
 def error_reply(message: Message, context: Context, exc: FlowerbedError) -> Message:
     """The error reply for an error raised while answering ``message``."""
     return refusal_reply(message, refusal_for(exc, node_label(context.node_config)))
+
+
+def packed_arrays_mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Unpack a request whose arrays came packed and pack the reply's the same way (``flowerbed.packed_arrays``).
+
+    A packed record that does not parse is refused with a ``NODE_ERROR`` reply; nothing of it is
+    used.
+    """
+    if message.has_error():
+        return call_next(message, context)
+    try:
+        content, packed = unpack_content(message.content)
+    except PackError as exc:
+        return error_reply(message, context, NodeError(f"the server's arrays do not unpack: {exc}"))
+    if not packed:
+        return call_next(message, context)
+    message.content = content
+    reply = call_next(message, context)
+    if not reply.has_error():
+        reply.content, _ = pack_content(reply.content)
+    return reply
 
 
 def site_record(name: str) -> ConfigRecord:

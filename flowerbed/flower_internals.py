@@ -330,6 +330,27 @@ def run_guarded_serverapp(
         restore_output()
 
 
+# ----------------------------------------------------------------------------- deployment grid
+
+
+def is_network_grid(grid: Any) -> bool:
+    """Whether ``grid`` is Flower's deployment grid (messages through a SuperLink), not an in-process one.
+
+    Raises
+    ------
+    RuntimeError
+        When Flower no longer has its deployment grid where flowerbed looks for it.
+    """
+    try:
+        from flwr.superlink.grid.http_grid import HttpGrid
+    except ImportError as exc:
+        raise RuntimeError(
+            f"Flower {_flower_version()} moved its deployment grid (flwr.superlink.grid.http_grid.HttpGrid): "
+            "update flowerbed.flower_internals.is_network_grid"
+        ) from exc
+    return isinstance(grid, HttpGrid)
+
+
 # ------------------------------------------------------------------- fixed waits on a round's path
 
 
@@ -420,6 +441,9 @@ OBJECT_PULLERS = (
 def quicken_object_pulls(*modules: str, initial_backoff: float = 0.05, backoff_cap: float = 1.0) -> None:
     """Make Flower retry an object that is not there yet after ``initial_backoff`` s, doubling up to ``backoff_cap``.
 
+    The number of tries per object is left unlimited, so that Flower's limit on the whole pull's
+    time (two hours) still decides when to give up, as with its own back-off.
+
     A message becomes visible before its objects: the SuperLink hands a node a message (and the
     ServerApp a reply), and a node hands its executor a task, while the objects are still being
     pushed. Flower's puller then waits 1 s, 2 s, 4 s ... (up to 10 s) before asking again, which on
@@ -428,7 +452,8 @@ def quicken_object_pulls(*modules: str, initial_backoff: float = 0.05, backoff_c
     Raises
     ------
     RuntimeError
-        When a puller is gone or no longer takes ``initial_backoff`` and ``backoff_cap``.
+        When a puller is gone, no longer called by that name, or no longer takes the back-off and
+        limit keywords.
     """
     import functools
     import inspect
@@ -440,12 +465,16 @@ def quicken_object_pulls(*modules: str, initial_backoff: float = 0.05, backoff_c
         original = getattr(module, name, None)
         original = getattr(original, "func", original)  # applied before: replace it, never stack
         params = inspect.signature(original).parameters if callable(original) else {}
-        if not {"initial_backoff", "backoff_cap"} <= params.keys():
+        called = f"{name}(" in inspect.getsource(module)
+        if not called or not {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= params.keys():
             raise RuntimeError(
                 f"Flower {_flower_version()} changed {module_name}.{name} (its pull retry): "
                 "update flowerbed.flower_internals.quicken_object_pulls"
             )
-        setattr(module, name, functools.partial(original, initial_backoff=initial_backoff, backoff_cap=backoff_cap))
+        quick = functools.partial(
+            original, initial_backoff=initial_backoff, backoff_cap=backoff_cap, max_tries_per_object=None
+        )
+        setattr(module, name, quick)
 
 
 def _flower_version() -> str:

@@ -4,6 +4,10 @@ Flower's deployment grid waits 3 s between polls in ``Grid.send_and_receive``; a
 two exchanges, so that alone adds seconds to every round. Here the first poll comes after 50 ms and
 the interval doubles up to 0.25 s; a poll that brings replies sets it back to 50 ms, since the other
 nodes' replies tend to follow closely. A long round costs four small requests a second.
+
+Over the network (Flower's deployment grid) each message's arrays travel packed, one ``Array``
+per record (``flowerbed.packed_arrays``): a message's objects each cost the SuperLink a request.
+A reply that does not unpack becomes an error reply naming its node.
 """
 
 from __future__ import annotations
@@ -11,8 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Error, Message
 from flwr.serverapp import Grid
+
+from flowerbed import flower_internals
+from flowerbed.packed_arrays import PackError, pack_content, unpack_content
+from flowerbed.protocol import ErrorCode
 
 FIRST_POLL = 0.05
 MAX_POLL = 0.25
@@ -20,7 +28,18 @@ MAX_POLL = 0.25
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Push ``messages`` and return the replies that arrive within ``timeout`` seconds."""
-    pending = set(grid.push_messages(list(messages)))
+    messages = list(messages)
+    packed = flower_internals.is_network_grid(grid)
+    originals = [message.content for message in messages] if packed else []
+    for message, content in zip(messages, originals, strict=False):
+        message.content, _ = pack_content(content)
+    try:
+        ids = list(grid.push_messages(messages))
+    finally:  # the caller's messages keep their own content
+        for message, content in zip(messages, originals, strict=False):
+            message.content = content
+    sent = dict(zip(ids, messages, strict=True))
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL
@@ -28,7 +47,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
         arrived = 0
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            replies.append(unpacked(reply, sent.get(reply.metadata.reply_to_message_id)) if packed else reply)
             arrived += 1
         if not pending or time.monotonic() >= deadline:
             break
@@ -36,3 +55,17 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
         time.sleep(min(interval, max(deadline - time.monotonic(), 0.0)))
         interval = min(interval * 2, MAX_POLL)
     return replies
+
+
+def unpacked(reply: Message, request: Message | None) -> Message:
+    """``reply`` with its packed arrays unpacked; an error reply naming its node when they do not unpack."""
+    if reply.has_error():
+        return reply
+    try:
+        reply.content, _ = unpack_content(reply.content)
+    except PackError as exc:
+        reason = f"node {reply.metadata.src_node_id}: its reply's arrays do not unpack: {exc}"
+        if request is None:
+            raise PackError(reason) from None
+        return Message(Error(code=int(ErrorCode.NODE_ERROR), reason=reason), reply_to=request)
+    return reply

@@ -1,0 +1,169 @@
+"""A record's arrays as one Flower ``Array``, for messages that cross the network.
+
+Flower 1.42's SuperLink moves every object of a message (the message, its records, each array and
+each array's chunk) in an HTTP request of its own, with several database queries each: a message
+carrying a model of k arrays is about 2k + 4 objects, and on a small coordinator that CPU is most
+of a deployed round (benchmarks/README.md). Packed, the arrays of an ``ArrayRecord`` travel as one
+``Array`` of bytes under the key ``PACKED``:
+
+    u32 little-endian header length | JSON header [[name, dtype, shape], ...] | each array's bytes
+
+in the header's order, C order, dtypes from ``DTYPES`` only (plain numbers: nothing that could
+unpickle). The coordinator packs what it sends to deployed nodes and unpacks their replies
+(``server/exchange.py``); a node's ClientApp unpacks what it receives and packs its reply when the
+request came packed (``client/app.py``). In-process grids never pack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+PACKED = "flowerbed-packed"
+DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
+MAX_HEADER = 1 << 20  # bytes
+MAX_ARRAYS = 100_000
+
+
+class PackError(ValueError):
+    """A packed record that does not parse; the message names what is wrong."""
+
+
+def pack_record(record: ArrayRecord) -> ArrayRecord:
+    """The record's arrays as one ``Array`` (a record of fewer than two arrays is returned as it is).
+
+    Raises
+    ------
+    PackError
+        For an array whose dtype is not in ``DTYPES``.
+    """
+    if len(record) < 2 or PACKED in record:
+        return record
+    arrays = {name: record[name].numpy() for name in record}
+    return ArrayRecord({PACKED: Array(pack_arrays(arrays))})
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``{name: ndarray}`` as the bytes of one packed array (a uint8 vector)."""
+    entries = []
+    for name, value in arrays.items():
+        dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
+        if dtype.str not in DTYPES:
+            raise PackError(f"array {name!r}: dtype {value.dtype} cannot be packed (plain numbers only)")
+        entries.append([name, dtype.str, list(value.shape)])
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    parts = [len(header).to_bytes(4, "little"), header]
+    for entry, value in zip(entries, arrays.values(), strict=True):
+        parts.append(np.asarray(value).astype(np.dtype(entry[1]), copy=False).tobytes(order="C"))
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    """Whether ``record`` is a packed record."""
+    return PACKED in record
+
+
+def unpack_record(record: ArrayRecord) -> ArrayRecord:
+    """The arrays of a packed record as an ordinary ``ArrayRecord`` (any other record as it is).
+
+    Raises
+    ------
+    PackError
+        When the packed array does not parse: its type, the header's length, JSON or entries, or
+        bytes that do not match the header.
+    """
+    if PACKED not in record:
+        return record
+    if len(record) != 1:
+        raise PackError(f"a packed record holds only {PACKED!r}, not {sorted(record)}")
+    arrays = unpack_arrays(record[PACKED].numpy())
+    return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``{name: ndarray}`` of a packed array's bytes (see ``unpack_record``), each a copy."""
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise PackError(f"the packed array must be a uint8 vector, not {packed.dtype} of shape {packed.shape}")
+    data = packed.tobytes()
+    if len(data) < 4:
+        raise PackError("the packed array is shorter than its header length")
+    length = int.from_bytes(data[:4], "little")
+    if not 0 < length <= min(MAX_HEADER, len(data) - 4):
+        raise PackError(f"header length {length} does not fit the packed array ({len(data)} bytes)")
+    try:
+        entries = json.loads(data[4 : 4 + length])
+    except ValueError:
+        raise PackError("the header is not JSON") from None
+    if not isinstance(entries, list) or len(entries) > MAX_ARRAYS:
+        raise PackError(f"the header must be a list of at most {MAX_ARRAYS} entries")
+    out: dict[str, np.ndarray] = {}
+    offset = 4 + length
+    for i, entry in enumerate(entries):
+        name, dtype, shape = _entry(i, entry)
+        if name in out:
+            raise PackError(f"entry {i}: array {name!r} appears twice")
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        if offset + size > len(data):
+            raise PackError(f"entry {i} ({name!r}): its {size} bytes run past the end of the packed array")
+        out[name] = np.frombuffer(data, dtype=np.dtype(dtype), count=math.prod(shape), offset=offset).reshape(shape)
+        out[name] = out[name].copy()
+        offset += size
+    if offset != len(data):
+        raise PackError(f"{len(data) - offset} bytes after the last array")
+    return out
+
+
+def _entry(i: int, entry: object) -> tuple[str, str, tuple[int, ...]]:
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise PackError(f"entry {i} must be [name, dtype, shape]")
+    name, dtype, shape = entry
+    if not isinstance(name, str) or not name or name == PACKED:
+        raise PackError(f"entry {i}: the name must be a non-empty string other than {PACKED!r}")
+    if dtype not in DTYPES:
+        raise PackError(f"entry {i} ({name!r}): dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= 32
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+    ):
+        raise PackError(f"entry {i} ({name!r}): the shape must be a list of at most 32 sizes >= 0")
+    return name, dtype, tuple(shape)
+
+
+def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:
+    """The content with each ``ArrayRecord`` of two or more arrays packed; whether any was.
+
+    A record that cannot be packed (an unusual dtype) travels as it is.
+    """
+    packed = {key: _packed_or_same(value) for key, value in content.items()}
+    changed = any(packed[key] is not content[key] for key in packed)
+    return (RecordDict(packed), True) if changed else (content, False)
+
+
+def _packed_or_same(value: object) -> object:
+    if not isinstance(value, ArrayRecord):
+        return value
+    try:
+        return pack_record(value)
+    except PackError:
+        return value
+
+
+def unpack_content(content: RecordDict) -> tuple[RecordDict, bool]:
+    """The content with each packed record unpacked; whether any was.
+
+    Raises
+    ------
+    PackError
+        For a packed record that does not parse.
+    """
+    if not any(isinstance(v, ArrayRecord) and PACKED in v for v in content.values()):
+        return content, False
+    unpacked = {
+        key: unpack_record(value) if isinstance(value, ArrayRecord) else value for key, value in content.items()
+    }
+    return RecordDict(unpacked), True

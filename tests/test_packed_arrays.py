@@ -1,0 +1,201 @@
+"""Packed arrays: exact round trips, fewer objects, and a node that refuses a forged pack."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from flowerbed.flower_internals import enter_task_identity, set_message_id
+from flowerbed.packed_arrays import (
+    PACKED,
+    PackError,
+    pack_arrays,
+    pack_content,
+    pack_record,
+    unpack_arrays,
+    unpack_content,
+    unpack_record,
+)
+from flowerbed.protocol import ErrorCode
+
+ARRAYS = {
+    "fc1.weight": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+    "fc1.bias": np.array([1e-30, -0.0, np.inf], dtype=np.float64),
+    "steps": np.array(5, dtype=np.int64),  # 0-d
+    "mask": np.array([[True, False]]),
+    "empty": np.zeros((0, 3), dtype=np.float16),
+    "bytes": np.array([0, 255], dtype=np.uint8),
+}
+
+
+def _forged(entries: object, payload: bytes = b"", *, length: int | None = None) -> np.ndarray:
+    header = entries if isinstance(entries, bytes) else json.dumps(entries).encode()
+    size = len(header) if length is None else length
+    return np.frombuffer(size.to_bytes(4, "little") + header + payload, dtype=np.uint8)
+
+
+def test_a_record_round_trips_bit_for_bit_in_its_order() -> None:
+    record = ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})
+    packed = pack_record(record)
+    assert list(packed) == [PACKED] and packed[PACKED].dtype == "uint8"
+    back = unpack_record(packed)
+    assert list(back) == list(ARRAYS)
+    for name, value in ARRAYS.items():
+        got = back[name].numpy()
+        assert got.dtype == value.dtype and got.shape == value.shape
+        assert got.tobytes() == value.tobytes()
+    big_endian = {"x": np.arange(3, dtype=">f4")}
+    assert unpack_arrays(pack_arrays(big_endian))["x"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_message_s_content_packs_into_fewer_records_and_back() -> None:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()}),
+            "single": ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))}),
+            "config": ConfigRecord({"server-round": 2}),
+            "metrics": MetricRecord({"loss": 0.5}),
+        }
+    )
+    packed, changed = pack_content(content)
+    assert changed and list(packed["arrays"]) == [PACKED]
+    assert packed["single"] is content["single"]  # one array: nothing to save
+    assert packed["config"] is content["config"] and packed["metrics"] is content["metrics"]
+    back, unpacked = unpack_content(packed)
+    assert unpacked and list(back["arrays"]) == list(ARRAYS)
+    assert unpack_content(content) == (content, False)  # nothing packed: the same object
+    odd = RecordDict({"arrays": ArrayRecord({"a": Array(np.array(["x"])), "b": Array(np.ones(2))})})
+    assert pack_content(odd) == (odd, False)  # a record that cannot be packed travels as it is
+
+
+@pytest.mark.parametrize(
+    ("packed", "says"),
+    [
+        (np.zeros(2, dtype=np.uint8), "shorter than its header length"),
+        (np.zeros(8, dtype=np.float32), "must be a uint8 vector"),
+        (_forged([["w", "<f4", [2]]], b"\0" * 8, length=10**9), "does not fit"),
+        (_forged(b"not json"), "not JSON"),
+        (_forged({"w": 1}), "must be a list"),
+        (_forged([["w", "|O", [1]]], b"\0" * 8), "dtype '|O' is not one of"),
+        (_forged([["w", "<U4", [1]]], b"\0" * 16), "dtype '<U4' is not one of"),
+        (_forged([["w", "<f4", [-1]]]), "list of at most 32 sizes >= 0"),
+        (_forged([["w", "<f4", [True]]], b"\0" * 4), "list of at most 32 sizes >= 0"),
+        (_forged([["w", "<f4", [1] * 33]], b"\0" * 4), "list of at most 32 sizes >= 0"),
+        (_forged([["", "<f4", [1]]], b"\0" * 4), "non-empty string"),
+        (_forged([[PACKED, "<f4", [1]]], b"\0" * 4), "non-empty string"),
+        (_forged([["w", "<f4"]]), "must be [name, dtype, shape]"),
+        (_forged([["w", "<f4", [1]], ["w", "<f4", [1]]], b"\0" * 8), "appears twice"),
+        (_forged([["w", "<f4", [2**39, 2**39]]], b"\0" * 8), "run past the end"),
+        (_forged([["w", "<f4", [3]]], b"\0" * 8), "run past the end"),
+        (_forged([["w", "<f4", [1]]], b"\0" * 8), "4 bytes after the last array"),
+    ],
+)
+def test_a_forged_pack_is_refused_with_what_is_wrong(packed: np.ndarray, says: str) -> None:
+    with pytest.raises(PackError) as caught:
+        unpack_record(ArrayRecord({PACKED: Array(packed)}))
+    assert says in str(caught.value)
+
+
+def test_a_packed_record_holds_nothing_else() -> None:
+    record = ArrayRecord({PACKED: Array(pack_arrays({"w": np.ones(2)})), "x": Array(np.ones(1))})
+    with pytest.raises(PackError, match="holds only"):
+        unpack_record(record)
+
+
+def _train_message(content: RecordDict) -> Message:
+    enter_task_identity(1, 1)
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_the_node_refuses_a_forged_pack_before_any_handler_runs() -> None:
+    """The coordinator (the attacker here) sends arrays whose header lies about their size."""
+    from flowerbed.client.handlers import packed_arrays_mod
+
+    forged = _forged([["fc1.weight", "<f4", [1000]]], b"\0" * 8)
+    message = _train_message(RecordDict({"arrays": ArrayRecord({PACKED: Array(forged)})}))
+    called: list[Message] = []
+    context = Context(run_id=1, node_id=1, node_config={"site": "hungary"}, state=RecordDict(), run_config={})
+    reply = packed_arrays_mod(message, context, lambda m, c: called.append(m) or m)
+    assert called == []
+    assert reply.has_error() and reply.error.code == int(ErrorCode.NODE_ERROR)
+    assert reply.error.reason.startswith("node hungary: the server's arrays do not unpack")
+
+
+def test_the_node_unpacks_a_request_and_packs_its_reply() -> None:
+    from flowerbed.client.handlers import packed_arrays_mod
+
+    packed, _ = pack_content(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})}))
+    message = _train_message(packed)
+    seen: list[list[str]] = []
+
+    def handler(m: Message, c: Context) -> Message:
+        seen.append(list(m.content["arrays"]))
+        return Message(RecordDict({"arrays": m.content["arrays"], "metrics": MetricRecord({"n": 1})}), reply_to=m)
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = packed_arrays_mod(message, context, handler)
+    assert seen == [list(ARRAYS)]
+    assert list(reply.content["arrays"]) == [PACKED]
+    unpacked = _train_message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})}))
+    plain = packed_arrays_mod(unpacked, context, handler)  # an unpacked request gets an unpacked reply
+    assert list(plain.content["arrays"]) == list(ARRAYS)
+
+
+class _Grid:
+    """A deployment grid's surface: push, then pull the replies a node would send."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.pushed: list[list[str]] = []
+        self.replies: list[Message] = []
+
+    def push_messages(self, messages):
+        self.pushed = [list(m.content["arrays"]) for m in messages]
+        ids = []
+        for i, m in enumerate(messages):
+            set_message_id(m, f"m{i}")
+            ids.append(f"m{i}")
+            self.replies.append(self.answer(m))
+        return ids
+
+    def pull_messages(self, ids):
+        out, self.replies = self.replies, []
+        return out
+
+
+def test_the_coordinator_packs_what_it_sends_and_unpacks_what_comes_back(monkeypatch) -> None:
+    from flowerbed import flower_internals
+    from flowerbed.server import exchange
+
+    monkeypatch.setattr(flower_internals, "is_network_grid", lambda grid: True)
+    arrays = ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})
+
+    def honest(m: Message) -> Message:
+        content, _ = unpack_content(m.content)
+        reply, _ = pack_content(RecordDict({"arrays": content["arrays"]}))
+        return Message(reply, reply_to=m)
+
+    message = _train_message(RecordDict({"arrays": arrays}))
+    grid = _Grid(honest)
+    (reply,) = exchange.send_and_receive(grid, [message], timeout=5)
+    assert grid.pushed == [[PACKED]]  # one array on the wire
+    assert list(message.content["arrays"]) == list(ARRAYS)  # the caller's message is untouched
+    assert list(reply.content["arrays"]) == list(ARRAYS)
+
+    def forger(m: Message) -> Message:
+        bad = _forged([["fc1.weight", "<f4", [99]]])
+        return Message(RecordDict({"arrays": ArrayRecord({PACKED: Array(bad)})}), reply_to=m)
+
+    (refused,) = exchange.send_and_receive(_Grid(forger), [_train_message(RecordDict({"arrays": arrays}))], 5)
+    assert refused.has_error() and refused.error.code == int(ErrorCode.NODE_ERROR)
+    assert "its reply's arrays do not unpack" in refused.error.reason
+
+
+def test_in_process_grids_never_pack() -> None:
+    from flowerbed import flower_internals
+
+    assert flower_internals.is_network_grid(SimpleNamespace()) is False

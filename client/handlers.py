@@ -120,8 +120,9 @@ def packed_arrays_mod(message: Message, context: Context, call_next: Callable[[M
         return call_next(message, context)
     try:
         content, packed = unpack_content(message.content)
-    except PackError as exc:
-        return error_reply(message, context, NodeError(f"the server's arrays do not unpack: {exc}"))
+    except Exception as exc:  # nothing the server sends reaches a handler unread
+        detail = str(exc) if isinstance(exc, PackError) else f"{type(exc).__name__} while reading them"
+        return error_reply(message, context, NodeError(f"the server's arrays do not unpack: {detail}"))
     if not packed:
         return call_next(message, context)
     message.content = content

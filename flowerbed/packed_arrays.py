@@ -16,6 +16,7 @@ request came packed (``client/app.py``). In-process grids never pack.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -26,7 +27,9 @@ from flwr.app import Array, ArrayRecord, RecordDict
 PACKED = "flowerbed-packed"
 DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
 MAX_HEADER = 1 << 20  # bytes
-MAX_ARRAYS = 100_000
+MAX_ARRAYS = 4096  # a record of more arrays travels unpacked
+MAX_BYTES = 1 << 62
+NPY = "numpy.ndarray"
 
 
 class PackError(ValueError):
@@ -41,7 +44,7 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     PackError
         For an array whose dtype is not in ``DTYPES``.
     """
-    if len(record) < 2 or PACKED in record:
+    if not 2 <= len(record) <= MAX_ARRAYS or PACKED in record:
         return record
     arrays = {name: record[name].numpy() for name in record}
     return ArrayRecord({PACKED: Array(pack_arrays(arrays))})
@@ -79,9 +82,35 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     if PACKED not in record:
         return record
     if len(record) != 1:
-        raise PackError(f"a packed record holds only {PACKED!r}, not {sorted(record)}")
-    arrays = unpack_arrays(record[PACKED].numpy())
+        raise PackError(f"a packed record holds only {PACKED!r}, not {len(record)} arrays")
+    arrays = unpack_arrays(_packed_bytes(record[PACKED]))
     return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+def _packed_bytes(array: Array) -> np.ndarray:
+    """The uint8 vector of a packed ``Array``, read from its ``.npy`` bytes without ``np.load``.
+
+    Only a plain 1-D uint8 array whose length matches its bytes is read: nothing is allocated
+    from a size the sender claims.
+    """
+    if array.stype != NPY or array.dtype != "uint8":
+        raise PackError(
+            f"the packed array must be a {NPY} of uint8, not a {_short(array.stype)} of {_short(array.dtype)}"
+        )
+    data = array.data
+    if not isinstance(data, bytes):
+        raise PackError("the packed array holds no bytes")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, TypeError, EOFError, SyntaxError) as exc:
+        raise PackError(f"the packed array's .npy header does not read: {_short(str(exc))}") from None
+    offset = stream.tell()
+    if dtype != np.uint8 or fortran_order or len(shape) != 1 or shape[0] != len(data) - offset:
+        raise PackError(f"the packed array must be a uint8 vector of its own length, not {dtype} of shape {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset)
 
 
 def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
@@ -96,8 +125,8 @@ def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
         raise PackError(f"header length {length} does not fit the packed array ({len(data)} bytes)")
     try:
         entries = json.loads(data[4 : 4 + length])
-    except ValueError:
-        raise PackError("the header is not JSON") from None
+    except (ValueError, RecursionError):
+        raise PackError("the header is not JSON (or is nested too deeply)") from None
     if not isinstance(entries, list) or len(entries) > MAX_ARRAYS:
         raise PackError(f"the header must be a list of at most {MAX_ARRAYS} entries")
     out: dict[str, np.ndarray] = {}
@@ -105,12 +134,18 @@ def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
     for i, entry in enumerate(entries):
         name, dtype, shape = _entry(i, entry)
         if name in out:
-            raise PackError(f"entry {i}: array {name!r} appears twice")
-        size = math.prod(shape) * np.dtype(dtype).itemsize
+            raise PackError(f"entry {i}: array {_short(name)} appears twice")
+        count = math.prod(shape)
+        size = count * np.dtype(dtype).itemsize
+        if math.prod(d for d in shape if d) * np.dtype(dtype).itemsize >= MAX_BYTES:
+            raise PackError(f"entry {i} ({_short(name)}): shape {_short(str(shape))} is too large")
         if offset + size > len(data):
-            raise PackError(f"entry {i} ({name!r}): its {size} bytes run past the end of the packed array")
-        out[name] = np.frombuffer(data, dtype=np.dtype(dtype), count=math.prod(shape), offset=offset).reshape(shape)
-        out[name] = out[name].copy()
+            raise PackError(f"entry {i} ({_short(name)}): its {size} bytes run past the end of the packed array")
+        try:
+            value = np.frombuffer(data, dtype=np.dtype(dtype), count=count, offset=offset).reshape(shape)
+        except ValueError as exc:
+            raise PackError(f"entry {i} ({_short(name)}): {_short(str(exc))}") from None
+        out[name] = value.copy()
         offset += size
     if offset != len(data):
         raise PackError(f"{len(data) - offset} bytes after the last array")
@@ -123,15 +158,21 @@ def _entry(i: int, entry: object) -> tuple[str, str, tuple[int, ...]]:
     name, dtype, shape = entry
     if not isinstance(name, str) or not name or name == PACKED:
         raise PackError(f"entry {i}: the name must be a non-empty string other than {PACKED!r}")
-    if dtype not in DTYPES:
-        raise PackError(f"entry {i} ({name!r}): dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise PackError(f"entry {i} ({_short(name)}): dtype {_short(dtype)} is not one of {sorted(DTYPES)}")
     if not (
         isinstance(shape, list)
         and len(shape) <= 32
         and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
     ):
-        raise PackError(f"entry {i} ({name!r}): the shape must be a list of at most 32 sizes >= 0")
+        raise PackError(f"entry {i} ({_short(name)}): the shape must be a list of at most 32 sizes >= 0")
     return name, dtype, tuple(shape)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a sender's names and dtypes go into logs."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:

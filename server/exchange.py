@@ -31,15 +31,15 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     messages = list(messages)
     packed = flower_internals.is_network_grid(grid)
     originals = [message.content for message in messages] if packed else []
-    for message, content in zip(messages, originals, strict=False):
-        message.content, _ = pack_content(content)
     try:
+        for message, content in zip(messages, originals, strict=False):
+            message.content, _ = pack_content(content)
         ids = list(grid.push_messages(messages))
     finally:  # the caller's messages keep their own content
         for message, content in zip(messages, originals, strict=False):
             message.content = content
-    sent = dict(zip(ids, messages, strict=True))
-    pending = set(ids)
+    sent = {i: m for i, m in zip(ids, messages, strict=False) if i}  # Flower returns no id for a refused push
+    pending = set(sent)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     interval = FIRST_POLL
@@ -59,13 +59,12 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
 
 def unpacked(reply: Message, request: Message | None) -> Message:
     """``reply`` with its packed arrays unpacked; an error reply naming its node when they do not unpack."""
-    if reply.has_error():
+    if reply.has_error() or request is None:  # no request of ours: the reply is left for the checks to refuse
         return reply
     try:
         reply.content, _ = unpack_content(reply.content)
-    except PackError as exc:
-        reason = f"node {reply.metadata.src_node_id}: its reply's arrays do not unpack: {exc}"
-        if request is None:
-            raise PackError(reason) from None
+    except Exception as exc:  # whatever a node sends, the round goes on without its reply
+        detail = str(exc) if isinstance(exc, PackError) else f"{type(exc).__name__} while reading them"
+        reason = f"node {reply.metadata.src_node_id}: its reply's arrays do not unpack: {detail}"
         return Message(Error(code=int(ErrorCode.NODE_ERROR), reason=reason), reply_to=request)
     return reply

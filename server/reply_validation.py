@@ -64,6 +64,20 @@ def validate_train_reply(
         missing = sorted(set(reference) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference))
         return f"weights do not match the model (missing {missing}, unexpected {extra})"
+    try:
+        return _arrays_problem(arrays, reference, named, extra, max_update_norm)
+    except (ValueError, TypeError, EOFError, MemoryError) as exc:  # bytes that are no array: the node is refused
+        return f"its arrays do not read ({type(exc).__name__})"
+
+
+def _arrays_problem(
+    arrays: ArrayRecord,
+    reference: dict[str, np.ndarray],
+    named: dict[str, ArrayRecord],
+    extra: dict[str, dict[str, np.ndarray]],
+    max_update_norm: float | None,
+) -> str | None:
+    """The checks of ``validate_train_reply`` that read the arrays' bytes."""
     for key, expected in reference.items():
         array = array_view(arrays[key])
         if array.shape != expected.shape:

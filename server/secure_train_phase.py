@@ -243,7 +243,11 @@ class _Exchange:
                 if not isinstance(record, ArrayRecord) or SECAGG_MASKED_ARRAY not in record:
                     self.outcome.refused[site] = "masked_input reply carries no masked vector"
                     continue
-                payload["masked"] = array_view(record[SECAGG_MASKED_ARRAY])
+                try:
+                    payload["masked"] = array_view(record[SECAGG_MASKED_ARRAY])
+                except (ValueError, TypeError, EOFError, MemoryError) as exc:
+                    self.outcome.refused[site] = f"masked_input reply's vector does not read ({type(exc).__name__})"
+                    continue
                 metrics = content.metric_records.get("metrics", MetricRecord({}))
                 clear = {k: v for k, v in metrics.items() if k in CLEAR_METRICS}
                 self.site_metrics[site] = Message(

@@ -76,7 +76,7 @@ def test_a_message_s_content_packs_into_fewer_records_and_back() -> None:
     ("packed", "says"),
     [
         (np.zeros(2, dtype=np.uint8), "shorter than its header length"),
-        (np.zeros(8, dtype=np.float32), "must be a uint8 vector"),
+        (np.zeros(8, dtype=np.float32), "must be a numpy.ndarray of uint8"),
         (_forged([["w", "<f4", [2]]], b"\0" * 8, length=10**9), "does not fit"),
         (_forged(b"not json"), "not JSON"),
         (_forged({"w": 1}), "must be a list"),
@@ -89,7 +89,8 @@ def test_a_message_s_content_packs_into_fewer_records_and_back() -> None:
         (_forged([[PACKED, "<f4", [1]]], b"\0" * 4), "non-empty string"),
         (_forged([["w", "<f4"]]), "must be [name, dtype, shape]"),
         (_forged([["w", "<f4", [1]], ["w", "<f4", [1]]], b"\0" * 8), "appears twice"),
-        (_forged([["w", "<f4", [2**39, 2**39]]], b"\0" * 8), "run past the end"),
+        (_forged([["w", "<f4", [2**39, 2**39]]], b"\0" * 8), "is too large"),
+        (_forged([["w", "<f4", [2**20, 2**20]]], b"\0" * 8), "run past the end"),
         (_forged([["w", "<f4", [3]]], b"\0" * 8), "run past the end"),
         (_forged([["w", "<f4", [1]]], b"\0" * 8), "4 bytes after the last array"),
     ],
@@ -199,3 +200,83 @@ def test_in_process_grids_never_pack() -> None:
     from flowerbed import flower_internals
 
     assert flower_internals.is_network_grid(SimpleNamespace()) is False
+
+
+def _npy(shape: tuple[int, ...], payload: bytes = b"") -> bytes:
+    import io
+
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return stream.getvalue() + payload
+
+
+@pytest.mark.parametrize(
+    ("array", "says"),
+    [
+        (Array(_forged(b"[" * 1000, length=1000)), "not JSON"),  # nesting deeper than the parser's stack
+        (Array(_forged([["w", [], [1]]], b"\0" * 4)), "dtype [] is not one of"),
+        (Array(_forged([["w", {}, [1]]], b"\0" * 4)), "dtype {} is not one of"),
+        (Array(_forged([["w", "<f4", [0, 2**32, 2**32]]])), "is too large"),
+        (Array(dtype="uint8", shape=(4,), stype="torch", data=b"\0" * 4), "must be a numpy.ndarray of uint8"),
+        (Array(dtype="uint8", shape=(0,), stype="numpy.ndarray", data=b""), ".npy header does not read"),
+        (Array(dtype="uint8", shape=(4,), stype="numpy.ndarray", data=b"PK\x03\x04" + b"\0" * 60), "does not read"),
+        (Array(dtype="uint8", shape=(7,), stype="numpy.ndarray", data=b"garbage"), "does not read"),
+        (Array(dtype="uint8", shape=(2**45,), stype="numpy.ndarray", data=_npy((2**45,))), "of its own length"),
+        (Array(dtype="uint8", shape=(3,), stype="numpy.ndarray", data=_npy((3,), b"\0\0\0\0")), "of its own length"),
+    ],
+)
+def test_hostile_bytes_never_escape_as_anything_but_a_refusal(array: Array, says: str) -> None:
+    """Inputs an attacker tried against the first version (each escaped as another exception, or allocated)."""
+    with pytest.raises(PackError) as caught:
+        unpack_record(ArrayRecord({PACKED: array}))
+    assert says in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
+def test_a_long_forged_name_is_cut_in_the_refusal() -> None:
+    name = "x" * 500_000
+    with pytest.raises(PackError) as caught:
+        unpack_arrays(_forged([[name, "<f4", [1]], [name, "<f4", [1]]], b"\0" * 8))
+    assert "appears twice" in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_one_broken_node_never_costs_the_round_its_other_replies(monkeypatch) -> None:
+    from flowerbed import flower_internals
+    from flowerbed.server import exchange
+
+    monkeypatch.setattr(flower_internals, "is_network_grid", lambda grid: True)
+    arrays = ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})
+    torch_like = Array(dtype="uint8", shape=(4,), stype="torch", data=b"\0" * 4)
+
+    def answer(m: Message) -> Message:
+        if m.metadata.dst_node_id == 2:  # the malicious node
+            return Message(RecordDict({"arrays": ArrayRecord({PACKED: torch_like})}), reply_to=m)
+        content, _ = unpack_content(m.content)
+        packed, _ = pack_content(RecordDict({"arrays": content["arrays"]}))
+        return Message(packed, reply_to=m)
+
+    enter_task_identity(1, 1)
+    messages = [Message(RecordDict({"arrays": arrays}), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+    replies = exchange.send_and_receive(_Grid(answer), messages, timeout=5)
+    assert [r.has_error() for r in replies] == [False, True, False]
+    assert "do not unpack" in replies[1].error.reason
+
+    class Refusing(_Grid):
+        def push_messages(self, messages):  # Flower's grid returns no ids when the SuperLink refuses a push
+            return []
+
+    assert exchange.send_and_receive(Refusing(answer), messages, timeout=1) == []
+
+
+def test_a_train_reply_whose_bytes_are_no_array_is_refused_not_raised() -> None:
+    from flowerbed.server.reply_validation import validate_train_reply
+
+    reference = {"w": np.zeros(3, dtype=np.float32)}
+    garbage = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"garbage")
+    enter_task_identity(1, 1)
+    reply = Message(
+        RecordDict({"arrays": ArrayRecord({"w": garbage}), "metrics": MetricRecord({"num-examples": 5})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    assert validate_train_reply(reply, reference) == "its arrays do not read (ValueError)"

@@ -18,7 +18,13 @@ from flowerbed.weights import load_safetensors
 
 from .conftest import HEART_TOML
 
-SETTINGS = ["rounds=12", "backend.name='inline'", "evaluate.local_baselines=false", "evaluate.central=false"]
+SETTINGS = [
+    "rounds=12",
+    "backend.name='inline'",
+    "evaluate.local_baselines=false",
+    "evaluate.central=false",
+    "evaluate.plots=false",  # the weights are what is compared
+]
 
 
 # Local work in steps under SCAFFOLD: each site's iterator keeps its place across rounds, a sampled

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from flowerbed.tasks.data import heart
 from flowerbed.tasks.task import DataSchema, SiteData
@@ -55,6 +54,8 @@ def _features(table: np.ndarray) -> np.ndarray:
 
 def site(name: str) -> SiteData:
     """One hospital of the benchmark, split and standardized as FLamby does."""
+    from sklearn.model_selection import train_test_split  # scikit-learn's import takes seconds: only when used
+
     table = _rows(name)
     x = _features(table)
     y = (table[:, -1] > 0).astype(np.int64)

@@ -80,7 +80,7 @@ def capped_time(
     message came in the last ``active_for`` seconds: an idle node asks the coordinator as seldom as
     Flower's own does, and a node in a run asks briskly.
     """
-    names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    from flowerbed.flower_internals import time_with_sleep
 
     def sleep(seconds: float) -> None:
         seconds = float(seconds)
@@ -92,8 +92,7 @@ def capped_time(
             cap = seconds
         time.sleep(min(seconds, cap))
 
-    names["sleep"] = sleep
-    return SimpleNamespace(**names)
+    return time_with_sleep(sleep)
 
 
 def wake_file_writer(path: Path) -> Callable[[], None]:

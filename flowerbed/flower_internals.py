@@ -418,7 +418,6 @@ def superexec_wait(sleep: Callable[[float], None]) -> None:
     """
     import inspect
     import time
-    from types import SimpleNamespace
 
     module = importlib.import_module("flwr.supercore.superexec.run_superexec")
     if getattr(module, "time", None) is not time or "time.sleep(task_poll_interval)" not in inspect.getsource(module):
@@ -426,8 +425,16 @@ def superexec_wait(sleep: Callable[[float], None]) -> None:
             f"Flower {_flower_version()} changed the SuperExec loop's wait (flwr.supercore.superexec.run_superexec): "
             "update flowerbed.flower_internals.superexec_wait"
         )
+    module.time = time_with_sleep(sleep)
+
+
+def time_with_sleep(sleep: Callable[[float], None]) -> Any:
+    """A stand-in for the ``time`` module (every public name of it) whose ``sleep`` is ``sleep``."""
+    import time
+    from types import SimpleNamespace
+
     names = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
-    module.time = SimpleNamespace(**{**names, "sleep": sleep})
+    return SimpleNamespace(**{**names, "sleep": sleep})
 
 
 #: Where Flower pulls a message's objects with ``pull_objects``' retry: (module, function).

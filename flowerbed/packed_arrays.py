@@ -16,13 +16,14 @@ request came packed (``client/app.py``). In-process grids never pack.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
+
+from flowerbed.weights import npy_header
 
 PACKED = "flowerbed-packed"
 DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
@@ -65,11 +66,6 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
-def is_packed(record: ArrayRecord) -> bool:
-    """Whether ``record`` is a packed record."""
-    return PACKED in record
-
-
 def unpack_record(record: ArrayRecord) -> ArrayRecord:
     """The arrays of a packed record as an ordinary ``ArrayRecord`` (any other record as it is).
 
@@ -100,14 +96,10 @@ def _packed_bytes(array: Array) -> np.ndarray:
     data = array.data
     if not isinstance(data, bytes):
         raise PackError("the packed array holds no bytes")
-    stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(stream)
+        shape, fortran_order, dtype, offset = npy_header(data)
     except (ValueError, TypeError, EOFError, SyntaxError) as exc:
         raise PackError(f"the packed array's .npy header does not read: {_short(str(exc))}") from None
-    offset = stream.tell()
     if dtype != np.uint8 or fortran_order or len(shape) != 1 or shape[0] != len(data) - offset:
         raise PackError(f"the packed array must be a uint8 vector of its own length, not {dtype} of shape {shape}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset)
@@ -117,14 +109,14 @@ def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
     """The ``{name: ndarray}`` of a packed array's bytes (see ``unpack_record``), each a copy."""
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise PackError(f"the packed array must be a uint8 vector, not {packed.dtype} of shape {packed.shape}")
-    data = packed.tobytes()
+    data = memoryview(np.ascontiguousarray(packed)).cast("B")  # the arrays are copied out once, below
     if len(data) < 4:
         raise PackError("the packed array is shorter than its header length")
     length = int.from_bytes(data[:4], "little")
     if not 0 < length <= min(MAX_HEADER, len(data) - 4):
         raise PackError(f"header length {length} does not fit the packed array ({len(data)} bytes)")
     try:
-        entries = json.loads(data[4 : 4 + length])
+        entries = json.loads(bytes(data[4 : 4 + length]))
     except (ValueError, RecursionError):
         raise PackError("the header is not JSON (or is nested too deeply)") from None
     if not isinstance(entries, list) or len(entries) > MAX_ARRAYS:

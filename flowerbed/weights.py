@@ -43,13 +43,25 @@ def array_view(array: Array) -> np.ndarray:
     if callable(view):
         return view()
     data = array.data
+    shape, fortran_order, dtype, offset = npy_header(data)
+    if fortran_order or dtype.hasobject:
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """The shape, Fortran order, dtype and data offset of ``.npy`` bytes, read without loading the array.
+
+    Raises
+    ------
+    ValueError
+        If the bytes do not start with a ``.npy`` header.
+    """
     stream = BytesIO(data)
     version = np.lib.format.read_magic(stream)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read_header(stream)
-    if fortran_order or dtype.hasobject:
-        return array.numpy()
-    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=stream.tell()).reshape(shape)
+    return shape, fortran_order, dtype, stream.tell()
 
 
 def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:

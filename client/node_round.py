@@ -180,10 +180,11 @@ def node_label(raw: Mapping[str, Any]) -> str:
 def admit(requests: Sequence[NodeRequest]) -> list[Outcome]:
     """Admit or refuse each request, in order (DP bookkeeping batched per ledger)."""
     outcomes: list[Outcome] = []
+    overlay = os.environ.get(SIM_NODE_CONFIG_ENV) or None  # read once: a cohort asks for every node
     for request in requests:
         label = [node_label(request.node_config)]  # the site's name once its data is known
         try:
-            outcomes.append(_admit_one(request, label))
+            outcomes.append(_admit_one(request, label, overlay))
         except FlowerbedError as exc:
             outcomes.append(refusal_for(exc, label[0]))
     private = [i for i, o in enumerate(outcomes) if isinstance(o, Admitted) and _is_release(o)]
@@ -199,16 +200,23 @@ def admit(requests: Sequence[NodeRequest]) -> list[Outcome]:
     return outcomes
 
 
-def state_path(config: NodeConfig, run_id: str) -> Path:
+def state_path(config: NodeConfig, run_id: str, sim_dir: str | None = None) -> Path:
     """The node's state file: in its ``state`` folder, or a simulated node's default.
+
+    ``sim_dir`` is ``FLOWERBED_SIM_NODE_DIR`` when the caller has read it (``None``: read it here).
 
     Raises
     ------
     NodeError
         A deployed node without a state folder cannot keep its iterators between rounds.
     """
-    sim_dir = (os.environ.get(SIM_NODE_DIR_ENV) or "") if config.simulated else ""
-    return _state_path(config.state, config.ledger, config.simulated, sim_dir, run_id)
+    if sim_dir is None:
+        sim_dir = _sim_node_dir()
+    return _state_path(config.state, config.ledger, config.simulated, sim_dir if config.simulated else "", run_id)
+
+
+def _sim_node_dir() -> str:
+    return os.environ.get(SIM_NODE_DIR_ENV) or ""
 
 
 @functools.lru_cache(maxsize=256)
@@ -230,9 +238,10 @@ def _schedule(admitted: list[Admitted]) -> list[Outcome]:
     """This round's steps of each site's own iterator: it goes on where the site's last round stopped."""
     outcomes: list[Outcome] = list(admitted)
     by_state: dict[Path, list[int]] = {}
+    sim_dir = _sim_node_dir()
     for i, a in enumerate(admitted):
         try:
-            by_state.setdefault(state_path(a.config, a.request.run_id), []).append(i)
+            by_state.setdefault(state_path(a.config, a.request.run_id, sim_dir), []).append(i)
         except FlowerbedError as exc:
             outcomes[i] = refusal_for(exc, a.site.name)
     for path, members in by_state.items():
@@ -246,14 +255,24 @@ def _schedule(admitted: list[Admitted]) -> list[Outcome]:
     return outcomes
 
 
-def node_config(raw: Mapping[str, Any], site: str | None = None) -> NodeConfig:
-    """The node's typed config; a simulated node's adds ``FLOWERBED_SIM_NODE_CONFIG``'s entries for ``site``."""
+_FROM_ENV = "from the environment"
+
+
+def node_config(raw: Mapping[str, Any], site: str | None = None, overlay: str | None = _FROM_ENV) -> NodeConfig:
+    """The node's typed config; a simulated node's adds ``FLOWERBED_SIM_NODE_CONFIG``'s entries for ``site``.
+
+    ``overlay`` is that variable's text when the caller has read it.
+    """
     simulated = "partition-id" in raw and "data-path" not in raw
-    overlay = os.environ.get(SIM_NODE_CONFIG_ENV) if simulated else None
+    if not simulated:
+        overlay = None
+    elif overlay is _FROM_ENV:
+        overlay = os.environ.get(SIM_NODE_CONFIG_ENV)
+    if not overlay:
+        return parse_node_config(raw, deployed=not simulated)
     merged = dict(raw)
-    if overlay:
-        for key in ("*", site):
-            merged.update(_overlay(overlay).get(key, {}) if key is not None else {})
+    for key in ("*", site):
+        merged.update(_overlay(overlay).get(key, {}) if key is not None else {})
     return parse_node_config(merged, deployed=not simulated)
 
 
@@ -268,14 +287,40 @@ def _overlay(text: str) -> dict[str, dict[str, Any]]:
     raise ConfigError(SIM_NODE_CONFIG_ENV, ["must be a JSON object of objects keyed by '*' or site name"])
 
 
-def _admit_one(request: NodeRequest, label: list[str]) -> Admitted:
-    raw, experiment = request.node_config, request.experiment
-    config = node_config(raw)
+_SIMULATED_NODES: dict[tuple[int, int, str | None], tuple[dict[str, Any], Experiment, NodeConfig, SiteData]] = {}
+
+
+def _config_and_site(
+    raw: Mapping[str, Any], experiment: Experiment, overlay: str | None, label: list[str]
+) -> tuple[NodeConfig, SiteData]:
+    """The node's typed config and its data for ``experiment``.
+
+    A simulated node's are kept per (config, experiment, overlay): its rows come from the
+    experiment and cannot change within a run. A deployed node's file is read as ``resolve_site``
+    reads it, every time.
+    """
+    simulated = "partition-id" in raw and "data-path" not in raw
+    key = (id(raw), id(experiment), overlay)
+    held = _SIMULATED_NODES.get(key) if simulated else None
+    if held is not None and held[1] is experiment and held[0] == raw:
+        label[0] = held[3].name
+        return held[2], held[3]
+    config = node_config(raw, overlay=overlay)
     site = resolve_site(config, experiment)
     label[0] = site.name
-    if os.environ.get(SIM_NODE_CONFIG_ENV) and config.simulated:
-        config = node_config(raw, site.name)  # the overlay's entries for this site
+    if overlay and config.simulated:
+        config = node_config(raw, site.name, overlay)  # the overlay's entries for this site
         site = resolve_site(config, experiment)
+    if simulated:
+        if len(_SIMULATED_NODES) > 65536:
+            _SIMULATED_NODES.clear()
+        _SIMULATED_NODES[key] = (dict(raw), experiment, config, site)
+    return config, site
+
+
+def _admit_one(request: NodeRequest, label: list[str], overlay: str | None) -> Admitted:
+    raw, experiment = request.node_config, request.experiment
+    config, site = _config_and_site(raw, experiment, overlay, label)
     if not is_builtin(experiment.task.name):
         check_task_approved(experiment.task.name, {**raw, **config.model_dump(by_alias=True, exclude_none=True)})
     task = _task(experiment)
@@ -960,10 +1005,12 @@ def _keep_controls(released: list[tuple[Admitted, TrainResult]]) -> None:
 def _record_steps(admitted: list[Admitted]) -> None:
     """Note the rounds trained in steps, before any reply: the next round's iterator goes on from there."""
     by_state: dict[Path, list[Admitted]] = {}
+    sim_dir = _sim_node_dir()
     for a in admitted:
-        by_state.setdefault(state_path(a.config, a.request.run_id), []).append(a)
+        by_state.setdefault(state_path(a.config, a.request.run_id, sim_dir), []).append(a)
     for path, members in by_state.items():
-        NodeState(path).record(members[0].request.run_id, [(a.site.name, a.request.server_round) for a in members])
+        state = NodeState(path, power_safe=not all(a.config.simulated for a in members))
+        state.record(members[0].request.run_id, [(a.site.name, a.request.server_round) for a in members])
 
 
 def aggregation_weight(admitted: Admitted, result: TrainResult) -> float:

@@ -13,6 +13,7 @@ message at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from flowerbed.client.node_round import (
     Admitted,
     Kind,
     Metrics,
+    NodeRequest,
     Refusal,
     Scored,
     admit,
@@ -137,7 +139,7 @@ class CohortHandler:
         self, kind: Kind, pairs: list[Pair], blocks: list[ReplyBlock] | None
     ) -> list[Message | object | None]:
         try:
-            requests = [node_request(message, context, kind) for message, context in pairs]
+            requests = _requests(pairs, kind)
         except FlowerbedError:
             raise Unsupported("the experiment does not parse") from None
         experiment = requests[0].experiment
@@ -251,6 +253,21 @@ class CohortHandler:
 
 
 _IN_BLOCK = object()  # a reply that travels as a row of a ReplyBlock
+
+
+def _requests(pairs: Sequence[Pair], kind: Kind) -> list[NodeRequest]:
+    """Each message's ``node_request``, read once per message content: a strategy sends one content to many nodes."""
+    read: dict[tuple[int, str], NodeRequest] = {}
+    out = []
+    for message, context in pairs:
+        key = (id(message.content), message.metadata.message_type)
+        request = read.get(key)
+        if request is None:
+            request = read[key] = node_request(message, context, kind)
+        elif request.node_config is not context.node_config:
+            request = replace(request, node_config=context.node_config)
+        out.append(request)
+    return out
 
 
 def _block(

@@ -65,9 +65,26 @@ class Cohort:
         """Number of clients."""
         return int(self.n.shape[0])
 
+    def rows(self, clients: torch.Tensor | None, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of rows ``index[j, ...]`` of client ``clients[j]`` (``None``: client ``j``).
+
+        One ``index_select`` on the flattened rows (an advanced index over two dimensions is several
+        times slower).
+        """
+        k, n_max = self.x.shape[:2]
+        base = torch.arange(k, device=index.device) if clients is None else clients
+        offsets = base.reshape(-1, *([1] * (index.dim() - 1))) * n_max
+        flat = (index + offsets).reshape(-1)
+        x = self.x.reshape(k * n_max, *self.x.shape[2:]).index_select(0, flat)
+        y = self.y.reshape(k * n_max).index_select(0, flat)
+        return x.reshape(*index.shape, *self.x.shape[2:]), y.reshape(index.shape)
+
 
 def stack_cohort(xs: Sequence, ys: Sequence, device: torch.device) -> Cohort:
     """Pad and stack per-client arrays (numpy or torch) into one ``Cohort`` on ``device``."""
+    if _equal_numpy(xs) and _equal_numpy(ys) and len(ys[0]) and len(xs[0]) == len(ys[0]):  # no padding
+        n = torch.full((len(ys),), len(ys[0]), dtype=torch.int64)
+        return Cohort(torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device), n.to(device))
     feats = [torch.as_tensor(x) for x in xs]
     labels = [torch.as_tensor(y) for y in ys]
     n = torch.tensor([len(y) for y in labels], dtype=torch.int64)
@@ -84,6 +101,14 @@ def stack_cohort(xs: Sequence, ys: Sequence, device: torch.device) -> Cohort:
             x[i, len(lab) :] = f[0]
             y[i, len(lab) :] = lab[0]
     return Cohort(x.to(device), y.to(device), n.to(device))
+
+
+def _equal_numpy(arrays: Sequence) -> bool:
+    """Whether every array is a numpy array of one shape and dtype (then one ``np.stack`` does)."""
+    if not len(arrays) or not isinstance(arrays[0], np.ndarray):
+        return False
+    shape, dtype = arrays[0].shape, arrays[0].dtype
+    return all(isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dtype for a in arrays)
 
 
 def check_functional(model: nn.Module) -> list[str]:
@@ -319,7 +344,7 @@ def train_cohort(
             idx = orders[rows, epoch[pick]].gather(1, pos)
             everyone = len(rows) == k
             cur = params if everyone else {name: p[rows] for name, p in params.items()}
-            x, y = cohort.x[rows[:, None], idx], cohort.y[rows[:, None], idx]
+            x, y = cohort.rows(rows, idx)
             if net is not None:
                 grads, loss = masked_grads(net, cur, x, y, counts)
             else:
@@ -351,11 +376,14 @@ def _train_scheduled(
     everyone_steps = (counts_np > 0).all(axis=0)  # per step: every client takes it (known before the loop)
     widths = counts_np.max(axis=0) if k else np.zeros(total, dtype=np.int64)
     full = (counts_np == widths).all(axis=0)
-    clients = torch.arange(k, device=device)[:, None]
+    chunk = _steps_per_gather(cohort, index.shape[2])
     for t in range(total):
+        if t % chunk == 0:  # the rows of the next ``chunk`` steps, gathered at once
+            xs, ys = cohort.rows(None, index[:, t : t + chunk])
+        step_x, step_y = xs[:, t % chunk], ys[:, t % chunk]
         if net is not None and everyone_steps[t]:  # one padded call, no selection of clients
-            idx = index[:, t, : int(widths[t])]
-            x, y = cohort.x[clients, idx], cohort.y[clients, idx]
+            width = int(widths[t])
+            x, y = step_x[:, :width], step_y[:, :width]
             grads, loss = masked_grads(net, params, x, y, counts[:, t], full=bool(full[t]))
             optimizer.step(grads, None, t + 1)
             losses += loss.double()
@@ -369,16 +397,25 @@ def _train_scheduled(
         )
         for pick in groups:
             rows, sizes = active[pick], batch[pick]
-            idx = index[rows, t, : int(sizes.max())]
+            width = int(sizes.max())
             everyone = len(rows) == k
             cur = params if everyone else {name: p[rows] for name, p in params.items()}
-            x, y = cohort.x[rows[:, None], idx], cohort.y[rows[:, None], idx]
+            x, y = step_x[rows, :width], step_y[rows, :width]
             grads, loss = masked_grads(net, cur, x, y, sizes) if net is not None else grad_fn(cur, x, y)
             optimizer.step(grads, None if everyone else rows, t + 1)
             losses[rows] += loss.detach().double()
     steps = [int(v) for v in (counts_np > 0).sum(axis=1)]
     mean = [float(tot) / max(s, 1) for tot, s in zip(losses.tolist(), steps, strict=True)]
     return CohortResult(params=params, loss=mean, steps=steps)
+
+
+_GATHER_BYTES = 64 << 20  # the most the rows of the steps gathered at once may take
+
+
+def _steps_per_gather(cohort: Cohort, width: int) -> int:
+    """How many steps' rows to gather at once: as many as fit in ``_GATHER_BYTES``."""
+    per_step = cohort.x[:1, :1].element_size() * cohort.x[0, 0].numel() * width * max(cohort.size, 1)
+    return max(1, _GATHER_BYTES // max(per_step, 1))
 
 
 @torch.no_grad()

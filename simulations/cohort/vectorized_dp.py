@@ -170,8 +170,7 @@ def train_cohort_private(
         cur = params if everyone else {name: p[rows] for name, p in params.items()}
         idx, valid = poisson_batches(cohort, rows, plan.sample_rate, sampler)
         if idx.shape[1]:
-            x = cohort.x[rows[:, None], idx]
-            y = cohort.y[rows[:, None], idx]
+            x, y = cohort.rows(rows, idx)
             if net is not None:
                 sums, _, sample_loss = clipped_sample_sums(net, cur, x, y, valid, plan.max_grad_norm)
             else:

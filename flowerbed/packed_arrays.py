@@ -23,14 +23,13 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from flowerbed.weights import npy_header
+from flowerbed.weights import NPY, npy_header
 
 PACKED = "flowerbed-packed"
 DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
 MAX_HEADER = 1 << 20  # bytes
 MAX_ARRAYS = 4096  # a record of more arrays travels unpacked
 MAX_BYTES = 1 << 62
-NPY = "numpy.ndarray"
 
 
 class PackError(ValueError):

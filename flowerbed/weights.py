@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from io import BytesIO
 from pathlib import Path
@@ -11,6 +13,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 from torch import nn
+
+NPY = "numpy.ndarray"  # Flower's serialization type of an Array holding .npy bytes
 
 
 def raw_module(model: nn.Module) -> nn.Module:
@@ -25,8 +29,28 @@ def model_to_arrays(model: nn.Module) -> ArrayRecord:
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    """``{name: ndarray}`` in the record's order."""
-    return {key: arrays[key].numpy() for key in arrays}
+    """``{name: ndarray}`` in the record's order (each a fresh, writable copy, as ``Array.numpy()`` gives)."""
+    return {key: array_numpy(arrays[key]) for key in arrays}
+
+
+def array_numpy(array: Array) -> np.ndarray:
+    """``array.numpy()``, with the ``.npy`` header of a plain C-ordered array parsed once per distinct header.
+
+    ``np.load`` parses every header with ``ast.literal_eval``; a round reads the same few headers
+    again and again. Anything else (other types, Fortran order, short data) goes to ``numpy()``,
+    which raises as it always did.
+    """
+    if type(array) is not Array or array.stype != NPY:  # in-memory arrays answer from their ndarray
+        return array.numpy()
+    data = array.data
+    try:
+        shape, fortran_order, dtype, offset = npy_header(data)
+    except (ValueError, TypeError, EOFError, SyntaxError):
+        return array.numpy()
+    count = math.prod(shape)
+    if fortran_order or dtype.hasobject or len(data) - offset < count * dtype.itemsize:
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -57,6 +81,25 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     ValueError
         If the bytes do not start with a ``.npy`` header.
     """
+    prefix = bytes(data[:12])
+    if prefix[:6] == b"\x93NUMPY" and len(prefix) == 12:  # a header seen before is not parsed again
+        size_bytes = 2 if prefix[6] == 1 else 4
+        offset = 8 + size_bytes + int.from_bytes(prefix[8 : 8 + size_bytes], "little")
+        if offset <= _KEPT_HEADER and len(data) >= offset:
+            return (*_parsed_header(bytes(data[:offset])), offset)
+    return _read_header(data)
+
+
+_KEPT_HEADER = 1024  # longer headers are parsed every time (and refused by numpy's own limit)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    shape, fortran_order, dtype, _ = _read_header(header)
+    return shape, fortran_order, dtype
+
+
+def _read_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     stream = BytesIO(data)
     version = np.lib.format.read_magic(stream)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

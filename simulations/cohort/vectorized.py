@@ -84,7 +84,8 @@ def stack_cohort(xs: Sequence, ys: Sequence, device: torch.device) -> Cohort:
     """Pad and stack per-client arrays (numpy or torch) into one ``Cohort`` on ``device``."""
     if _equal_numpy(xs) and _equal_numpy(ys) and len(ys[0]) and len(xs[0]) == len(ys[0]):  # no padding
         n = torch.full((len(ys),), len(ys[0]), dtype=torch.int64)
-        return Cohort(torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device), n.to(device))
+        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        return Cohort(x.to(device), y.to(device), n.to(device))
     feats = [torch.as_tensor(x) for x in xs]
     labels = [torch.as_tensor(y) for y in ys]
     n = torch.tensor([len(y) for y in labels], dtype=torch.int64)

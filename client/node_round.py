@@ -152,6 +152,15 @@ class Admitted:
     private: PrivateRelease | None = None
     schedule: StepSchedule | None = None  # train.local_steps: this round's steps of the site's iterator
 
+    def with_(self, **changes: Any) -> Admitted:
+        """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a cohort makes many)."""
+        unknown = set(changes) - set(self.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"Admitted has no field {', '.join(sorted(unknown))}")
+        new = object.__new__(Admitted)
+        new.__dict__.update(self.__dict__, **changes)
+        return new
+
     def evaluation_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The features and targets an evaluation request scores (its test or validation split)."""
         return self.site.split(self.request.split)
@@ -251,7 +260,7 @@ def _schedule(admitted: list[Admitted]) -> list[Outcome]:
             a = admitted[i]
             steps = int(a.train.local_steps)  # type: ignore[arg-type]
             seed = derive_seed(a.request.experiment.seed, "iterator", a.site.name)
-            outcomes[i] = replace(a, schedule=StepSchedule(before * steps, steps, seed, a.train.batch_size))
+            outcomes[i] = a.with_(schedule=StepSchedule(before * steps, steps, seed, a.train.batch_size))
     return outcomes
 
 
@@ -631,7 +640,7 @@ def _admit_private(admitted: list[Admitted]) -> list[Outcome]:
             except FlowerbedError as exc:
                 outcomes[i] = refusal_for(exc, a.site.name)
                 continue
-            outcomes[i] = replace(a, private=release)
+            outcomes[i] = a.with_(private=release)
     return outcomes
 
 

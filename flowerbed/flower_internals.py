@@ -18,6 +18,7 @@ Flower is imported inside the functions: importing this module costs nothing.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -341,14 +342,19 @@ def is_network_grid(grid: Any) -> bool:
     RuntimeError
         When Flower no longer has its deployment grid where flowerbed looks for it.
     """
-    try:
-        from flwr.superlink.grid.http_grid import HttpGrid
-    except ImportError as exc:
+    module = sys.modules.get(_HTTP_GRID_MODULE)
+    if module is None:  # never imported in this process, so ``grid`` is not one (importing it takes seconds)
+        return False
+    http_grid = getattr(module, "HttpGrid", None)
+    if http_grid is None:
         raise RuntimeError(
-            f"Flower {_flower_version()} moved its deployment grid (flwr.superlink.grid.http_grid.HttpGrid): "
+            f"Flower {_flower_version()} moved its deployment grid ({_HTTP_GRID_MODULE}.HttpGrid): "
             "update flowerbed.flower_internals.is_network_grid"
-        ) from exc
-    return isinstance(grid, HttpGrid)
+        )
+    return isinstance(grid, http_grid)
+
+
+_HTTP_GRID_MODULE = "flwr.superlink.grid.http_grid"
 
 
 # ------------------------------------------------------------------- fixed waits on a round's path

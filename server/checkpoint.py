@@ -61,8 +61,14 @@ def _arrays(values: dict[str, np.ndarray], copy: bool) -> dict[str, np.ndarray]:
     return {k: np.array(v, order="C", copy=True) if copy else v for k, v in values.items()}
 
 
-def snapshot(checkpoint: Checkpoint, *, copy: bool = True) -> Snapshot:
+def snapshot(
+    checkpoint: Checkpoint, *, copy: bool = True, encoded: dict[int, tuple[Any, str]] | None = None
+) -> Snapshot:
     """Take ``checkpoint``'s state now (``copy``: of every array, so later changes to them do not reach it).
+
+    ``encoded`` keeps the JSON of each record of ``state["history"]`` between snapshots of one run:
+    the history only grows, and its records are not changed once in it, so a round encodes only
+    its own record instead of the whole history again.
 
     Raises
     ------
@@ -75,9 +81,29 @@ def snapshot(checkpoint: Checkpoint, *, copy: bool = True) -> Snapshot:
         round=checkpoint.round,
         weights=_arrays(checkpoint.weights, copy),
         strategy=_arrays(tensors, copy),
-        state=json.dumps(state, separators=(",", ":")).encode(),
+        state=_encode_state(state, encoded).encode(),
         best=_arrays(checkpoint.best, copy) if checkpoint.best is not None else None,
     )
+
+
+def _encode_state(state: dict[str, Any], encoded: dict[int, tuple[Any, str]] | None) -> str:
+    """``state`` as compact JSON, the history last; its records' JSON is taken from ``encoded`` where it is there."""
+    history = state.get("history")
+    if not isinstance(history, list):
+        return json.dumps(state, separators=(",", ":"))
+    encoded = {} if encoded is None else encoded
+    texts = []
+    kept: dict[int, tuple[Any, str]] = {}
+    for record in history:
+        held = encoded.get(id(record))
+        if held is None or held[0] is not record:
+            held = (record, json.dumps(record, separators=(",", ":")))
+        kept[id(record)] = held
+        texts.append(held[1])
+    encoded.clear()
+    encoded.update(kept)  # only the current history's records are kept
+    rest = json.dumps({k: v for k, v in state.items() if k != "history"}, separators=(",", ":"))
+    return f'{rest[:-1]}{"," if len(rest) > 2 else ""}"history":[{",".join(texts)}]}}'
 
 
 def _fsync_dir(path: Path) -> None:
@@ -152,6 +178,7 @@ class CheckpointWriter:
         self._durable: int | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._encoded: dict[int, tuple[Any, str]] = {}  # the history's records, encoded (see ``snapshot``)
 
     @property
     def durable_round(self) -> int | None:
@@ -171,7 +198,7 @@ class CheckpointWriter:
             checkpointed; ``RuntimeError`` after ``close``.
         """
         self.check()
-        frozen = snapshot(checkpoint)  # while the previous one is still being written
+        frozen = snapshot(checkpoint, encoded=self._encoded)  # while the previous one is still being written
         with self._lock:
             self._lock.wait_for(lambda: self._job is None)
             self._raise_if_failed()

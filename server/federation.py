@@ -475,7 +475,7 @@ class Federation:
             if self.central_evaluator is not None:
                 record["central"] = self.central_evaluator(arrays_to_numpy(arrays))
             elapsed = round(time.monotonic() - started, 3)
-            self.history.append(record)
+            self.history.append(record)  # not changed from here on: checkpoints encode each record once
             self.timings.append({"round": server_round, "time": elapsed})
             writer.submit(
                 self.run_dir,

@@ -199,3 +199,17 @@ def test_a_strategy_that_cannot_be_checkpointed_is_refused_at_submit(tmp_path: P
     with CheckpointWriter() as writer, pytest.raises(RunError, match="cannot be checkpointed"):
         writer.submit(tmp_path, state)
     assert latest_round(tmp_path) is None
+
+
+def test_a_growing_history_is_encoded_as_a_whole_history_would_be(tmp_path: Path) -> None:
+    history: list[dict] = []
+    with CheckpointWriter() as writer:
+        for server_round in range(1, 5):
+            history.append({"round": server_round, "sites": {"a": {"loss": 0.5 / server_round}}})
+            writer.submit(tmp_path, _checkpoint(server_round, history))
+            writer.wait()
+            _assert_loads_as(tmp_path, _checkpoint(server_round, list(history)))
+    resumed = [dict(r) for r in history]  # a resumed run's history: equal records, new objects
+    with CheckpointWriter() as writer:
+        writer.submit(tmp_path, _checkpoint(5, [*resumed, {"round": 5}]))
+    _assert_loads_as(tmp_path, _checkpoint(5, [*history, {"round": 5}]))

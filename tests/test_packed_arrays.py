@@ -202,6 +202,15 @@ def test_in_process_grids_never_pack() -> None:
     assert flower_internals.is_network_grid(SimpleNamespace()) is False
 
 
+def test_flowers_deployment_grid_is_recognised() -> None:
+    from flwr.superlink.grid.http_grid import HttpGrid  # where Flower keeps it: the test fails if it moves
+
+    from flowerbed import flower_internals
+
+    assert flower_internals.is_network_grid(object.__new__(HttpGrid)) is True
+    assert flower_internals.is_network_grid(SimpleNamespace()) is False
+
+
 def _npy(shape: tuple[int, ...], payload: bytes = b"") -> bytes:
     import io
 

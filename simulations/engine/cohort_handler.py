@@ -56,7 +56,7 @@ from flowerbed.simulations.cohort.vectorized import (
 from flowerbed.simulations.cohort.vectorized_dp import PrivateCohortPlan, train_cohort_private
 from flowerbed.simulations.engine.inline_arrays import in_memory_record, stacked_numpy
 from flowerbed.simulations.engine.inline_records import config_record, metric_record, reply_content, site_record
-from flowerbed.tasks import is_builtin, resolve_device
+from flowerbed.tasks import DataSchema, Task, is_builtin, resolve_device
 from flowerbed.weights import arrays_to_numpy
 
 Pair = tuple[Message, Context]
@@ -78,6 +78,7 @@ class CohortHandler:
         self.client_app = client_app
         self.vectorize = vectorize
         self.stats = {"vectorized": 0, "sequential": 0}
+        self._models: dict[tuple, torch.nn.Module] = {}  # one module per architecture: only its shapes are used
 
     def __call__(self, pairs: list[Pair]) -> list[Message]:
         """One reply per (message, context) pair, in order."""
@@ -98,8 +99,10 @@ class CohortHandler:
         in_blocks = [False] * len(pairs)
         if self.vectorize:
             groups: dict[tuple, list[int]] = {}
+            keys: dict[tuple[int, str, bool], tuple | None] = {}  # one content is sent to many nodes
             for i, (message, _) in enumerate(pairs):
-                key = self._group_key(message)
+                read = (id(message.content), message.metadata.message_type, message.has_error())
+                key = keys[read] if read in keys else keys.setdefault(read, self._group_key(message))
                 if key is not None:
                     groups.setdefault(key, []).append(i)
             for key, members in groups.items():
@@ -164,14 +167,10 @@ class CohortHandler:
                 by_schema.setdefault(key, []).append((i, outcome))
         message = pairs[0][0]
         for (schema, _), members in by_schema.items():
-            task = members[0][1].task
             try:
-                model = task.build_model(schema)
+                model = self._model(members[0][1].task, schema, experiment.privacy.enabled)
             except (FlowerbedError, ValueError, TypeError):
                 continue  # the ClientApp reports why the model does not fit the data
-            if experiment.privacy.enabled:
-                model = make_private_compatible(model)
-            check_functional(model)
             weights = self._weights(message, model, device)
             if weights is None:
                 continue  # the ClientApp reports the mismatch
@@ -200,6 +199,20 @@ class CohortHandler:
         if blocks is not None:  # only once the whole group is answered (``Unsupported`` sends it all elsewhere)
             blocks.extend(made)
         return replies
+
+    def _model(self, task: Task, schema: DataSchema, private: bool) -> torch.nn.Module:
+        """The task's module for ``schema`` (DP-compatible where ``private``), built once: only its shapes are used."""
+        key = (task, schema, private)
+        model = self._models.get(key)
+        if model is None:
+            model = task.build_model(schema)
+            if private:
+                model = make_private_compatible(model)
+            check_functional(model)
+            if len(self._models) > 64:
+                self._models.clear()
+            model = self._models[key] = model
+        return model
 
     @staticmethod
     def _weights(message: Message, model: torch.nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import FlowerbedError, RunError
 from flowerbed.experiment import Experiment
+from flowerbed.in_memory_arrays import in_memory_record
 from flowerbed.protocol import (
     CLINICAL_RECORD,
     EPSILON_SCOPE,
@@ -344,7 +345,13 @@ class Federation:
     def as_model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """Cast an aggregate back to the model's dtypes (some strategies compute in float64)."""
         values = arrays_to_numpy(arrays)
-        return numpy_to_arrays({k: values[k].astype(ref.dtype, copy=False) for k, ref in self.initial_weights.items()})
+        return self._record({k: values[k].astype(ref.dtype, copy=False) for k, ref in self.initial_weights.items()})
+
+    def _record(self, weights: dict[str, np.ndarray]) -> ArrayRecord:
+        """The global model as the grid's messages carry it: in memory on an in-process grid, else ``.npy`` bytes."""
+        if getattr(self.grid, "keeps_arrays_in_process", False):
+            return in_memory_record({k: np.array(v, copy=True) for k, v in weights.items()})
+        return numpy_to_arrays(weights)
 
     def evaluate_round(
         self,
@@ -414,7 +421,7 @@ class Federation:
             )
         sent_rounds = dict(self._interrupted)  # rounds sent whose checkpoint may not be durable yet
         self.discover()
-        arrays = numpy_to_arrays(weights)
+        arrays = self._record(weights)
         stopped = None
         started = time.monotonic()
         for server_round in range(first_round, self.experiment.rounds + 1):

@@ -114,11 +114,14 @@ def select_round_participants(
     for site in sites:
         if site in late and round < scenario.late_join_round:
             not_joined.append(site)
-        elif _uniform(seed, round, site, "dropout") < scenario.dropout:
+        elif scenario.dropout > 0 and _uniform(seed, round, site, "dropout") < scenario.dropout:  # [0, 1) < 0 never
             dropped.append(site)
         else:
             participants.append(site)
-            if _uniform(seed, round, site, "straggler") < scenario.straggler_fraction:
+            if (
+                scenario.straggler_fraction > 0
+                and _uniform(seed, round, site, "straggler") < scenario.straggler_fraction
+            ):
                 delays[site] = float(scenario.straggler_delay)
     return ScenarioDecision(
         round=round,
@@ -135,6 +138,8 @@ def late_joiners(population: Iterable[str], scenario: ScenarioConfig, seed: int)
     The choice depends only on the seed and the site names: the sites with the smallest seeded
     hash values are late.
     """
+    if scenario.late_join_fraction <= 0:
+        return frozenset()
     names = sorted(set(population))
     count = round(scenario.late_join_fraction * len(names))
     if count == 0:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flowerbed.simulations.engine.inline_arrays import in_memory_record
+from flowerbed.in_memory_arrays import in_memory_record
 from flowerbed.simulations.engine.inline_records import (
     ReplyContent,
     config_record,

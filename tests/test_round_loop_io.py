@@ -7,9 +7,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from flowerbed.in_memory_arrays import InMemoryArray, in_memory_record
 from flowerbed.server import run_folder
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
-from flowerbed.simulations.engine.inline_arrays import InMemoryArray, in_memory_record
 from flowerbed.simulations.engine.inline_grid import InlineGrid
 
 

@@ -36,6 +36,7 @@ from flowerbed.client.node_round import (
 )
 from flowerbed.client.training import TrainResult
 from flowerbed.exception import FlowerbedError
+from flowerbed.in_memory_arrays import in_memory_record, stacked_numpy
 from flowerbed.privacy.dp_sgd import make_private_compatible
 from flowerbed.protocol import (
     CLINICAL_RECORD,
@@ -54,7 +55,6 @@ from flowerbed.simulations.cohort.vectorized import (
     train_cohort,
 )
 from flowerbed.simulations.cohort.vectorized_dp import PrivateCohortPlan, train_cohort_private
-from flowerbed.simulations.engine.inline_arrays import in_memory_record, stacked_numpy
 from flowerbed.simulations.engine.inline_records import config_record, metric_record, reply_content, site_record
 from flowerbed.tasks import DataSchema, Task, is_builtin, resolve_device
 from flowerbed.weights import arrays_to_numpy

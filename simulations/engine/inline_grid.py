@@ -35,6 +35,8 @@ class InlineGrid(Grid):
         returns one reply per pair or raises ``NotImplementedError`` to fall back to one call each.
     """
 
+    keeps_arrays_in_process = True  # messages never leave the process: the coordinator sends arrays in memory
+
     def __init__(self, client_app: ClientApp, num_nodes: int, batch_handler: MessageHandler | None = None) -> None:
         self.client_app = client_app
         self.batch_handler = batch_handler

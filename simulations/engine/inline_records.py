@@ -4,7 +4,7 @@ Flower's ``ConfigRecord`` and ``RecordDict`` check every key and value on insert
 backend builds one reply per client per round, and one privacy state per node, from values it
 made itself (``str`` keys, records, a site name, release lists), where those checks cannot fail.
 Filling the record's mapping directly gives the same record for a fraction of the cost
-(``inline_arrays`` fills its array records the same way). Metrics that are not plain Python
+(``flowerbed.in_memory_arrays`` fills its array records the same way). Metrics that are not plain Python
 numbers still go through Flower's constructor.
 """
 

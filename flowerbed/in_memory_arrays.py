@@ -1,10 +1,10 @@
 """Arrays that stay in memory: what an inline node replies with instead of serialized bytes.
 
 Flower's ``Array`` holds ``.npy`` bytes, which every reader parses again (the server's reply
-checks and the strategy's aggregation each do). An inline reply never leaves the process, so
-``InMemoryArray`` keeps the ndarray: ``numpy()`` returns a copy of it, and ``data`` (the ``.npy``
-bytes) is produced only if something asks for it. Dtype, shape, values and equality are those of
-the ``Array`` the ClientApp would have built.
+checks and the strategy's aggregation each do). An inline reply, or the global model sent on an
+in-process grid, never leaves the process, so ``InMemoryArray`` keeps the ndarray: ``numpy()``
+returns a copy of it, and ``data`` (the ``.npy`` bytes) is produced only if something asks for
+it. Dtype, shape, values and equality are those of the ``Array`` the ClientApp would have built.
 """
 
 from __future__ import annotations

@@ -154,9 +154,8 @@ class Admitted:
 
     def with_(self, **changes: Any) -> Admitted:
         """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a cohort makes many)."""
-        unknown = set(changes) - set(self.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"Admitted has no field {', '.join(sorted(unknown))}")
+        if not changes.keys() <= self.__dataclass_fields__.keys():
+            raise TypeError(f"Admitted has no field {', '.join(sorted(changes.keys() - self.__dataclass_fields__))}")
         new = object.__new__(Admitted)
         new.__dict__.update(self.__dict__, **changes)
         return new

@@ -482,8 +482,8 @@ def scenarios(
 ) -> list[tuple[str, list[str]]]:
     """(scenario, systems) in the order they run.
 
-    ``floor`` is a1's raw batched-torch floor; ``before`` (not on a1) the inline backend of the
-    source tree given as ``--before-src``.
+    ``floor`` is a1's raw batched-torch floor; ``before`` the inline backend of the source tree
+    given as ``--before-src``.
     """
     scale = [100, 1000] if quick else [100, 1000, 10000]
     inline = ["inline", "before"] if before else ["inline"]
@@ -492,7 +492,7 @@ def scenarios(
         out.append((f"c-scale-{k}", [*inline, "flower"] if k <= flower_max else inline))
     for name in A1_SCENARIOS:
         flower = a1_flower and A1_PER_ROUND[name] <= flower_max
-        out.append((name, ["floor", "inline", *(["flower"] if flower else [])]))
+        out.append((name, ["floor", *inline, *(["flower"] if flower else [])]))
     return out
 
 
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain, private = figures["scenarios"].get("a1", {}), figures["scenarios"].get("a1-dp", {})
     figures["a1_dp_cpu_ratio"] = {
         system: private[system]["round_cpu_s"] / plain[system]["round_cpu_s"]
-        for system in ("floor", "inline")
+        for system in ("floor", "inline", "before")
         if (plain.get(system) or {}).get("round_cpu_s") and (private.get(system) or {}).get("round_cpu_s")
     }
     _print_table(figures)
@@ -631,7 +631,12 @@ def _print_table(figures: dict[str, Any]) -> None:
 
 def _print_a1_table(figures: dict[str, Any]) -> None:
     """Workload a1 side by side: each system's medians and its (CPU) time per round against the raw floor's."""
-    names = {"floor": "raw torch floor", "inline": "flowerbed inline", "flower": "Flower engine"}
+    names = {
+        "floor": "raw torch floor",
+        "inline": "flowerbed inline",
+        "before": "before (inline)",
+        "flower": "Flower engine",
+    }
     rows = [(name, s) for name, s in figures["scenarios"].items() if name in A1_SCENARIOS]
     if not rows:
         return
@@ -643,7 +648,7 @@ def _print_a1_table(figures: dict[str, Any]) -> None:
     widths = (10, 9, 12, 8, 12, 8, 9, 9)
     print("\n" + f"{'scenario':9s} {'system':17s}" + " ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for name, s in rows:
-        for system in (b for b in ("floor", "inline", "flower") if b in s):
+        for system in (b for b in ("floor", "inline", "before", "flower") if b in s):
             m = s[system]
             print(
                 f"{name:9s} {names[system]:17s}{fmt(m.get('updates_per_s'), '10.0f')} {fmt(m.get('round_s'), '9.4f')} "

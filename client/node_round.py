@@ -109,6 +109,20 @@ class NodeRequest:
     control: Mapping[str, np.ndarray] | None = None
     clinical: bool = False  # an evaluation that also asks for the split's clinical statistics
 
+    def with_(self, **changes: Any) -> NodeRequest:
+        """A copy with ``changes`` (one message content asked of many nodes differs only in ``node_config``)."""
+        return _replaced(self, changes)
+
+
+def _replaced(value: Any, changes: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` of a frozen dataclass whose fields need no checks, without ``__init__``."""
+    fields = value.__dataclass_fields__
+    if not changes.keys() <= fields.keys():
+        raise TypeError(f"{type(value).__name__} has no field {', '.join(sorted(changes.keys() - fields.keys()))}")
+    new = object.__new__(type(value))
+    new.__dict__.update(value.__dict__, **changes)
+    return new
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -154,11 +168,7 @@ class Admitted:
 
     def with_(self, **changes: Any) -> Admitted:
         """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a cohort makes many)."""
-        if not changes.keys() <= self.__dataclass_fields__.keys():
-            raise TypeError(f"Admitted has no field {', '.join(sorted(changes.keys() - self.__dataclass_fields__))}")
-        new = object.__new__(Admitted)
-        new.__dict__.update(self.__dict__, **changes)
-        return new
+        return _replaced(self, changes)
 
     def evaluation_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The features and targets an evaluation request scores (its test or validation split)."""

@@ -13,7 +13,6 @@ message at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -278,7 +277,7 @@ def _requests(pairs: Sequence[Pair], kind: Kind) -> list[NodeRequest]:
         if request is None:
             request = read[key] = node_request(message, context, kind)
         elif request.node_config is not context.node_config:
-            request = replace(request, node_config=context.node_config)
+            request = request.with_(node_config=context.node_config)
         out.append(request)
     return out
 

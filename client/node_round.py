@@ -29,7 +29,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -237,6 +237,22 @@ def _sim_node_dir() -> str:
     return os.environ.get(SIM_NODE_DIR_ENV) or ""
 
 
+def _state_paths() -> Callable[[Admitted], Path]:
+    """``state_path`` of an admitted request, answered once per distinct (state, ledger, simulated, run)."""
+    sim_dir = _sim_node_dir()
+    known: dict[tuple[str | None, str | None, bool, str], Path] = {}
+
+    def path(a: Admitted) -> Path:
+        config = a.config
+        key = (config.state, config.ledger, config.simulated, a.request.run_id)
+        found = known.get(key)
+        if found is None:
+            found = known[key] = state_path(config, a.request.run_id, sim_dir)
+        return found
+
+    return path
+
+
 @functools.lru_cache(maxsize=256)
 def _state_path(state: str | None, ledger: str | None, simulated: bool, sim_dir: str, run_id: str) -> Path:
     """``state_path`` of a config's fields (a round asks once per node: the answer is kept)."""
@@ -256,10 +272,10 @@ def _schedule(admitted: list[Admitted]) -> list[Outcome]:
     """This round's steps of each site's own iterator: it goes on where the site's last round stopped."""
     outcomes: list[Outcome] = list(admitted)
     by_state: dict[Path, list[int]] = {}
-    sim_dir = _sim_node_dir()
+    paths = _state_paths()
     for i, a in enumerate(admitted):
         try:
-            by_state.setdefault(state_path(a.config, a.request.run_id, sim_dir), []).append(i)
+            by_state.setdefault(paths(a), []).append(i)
         except FlowerbedError as exc:
             outcomes[i] = refusal_for(exc, a.site.name)
     for path, members in by_state.items():
@@ -1023,9 +1039,9 @@ def _keep_controls(released: list[tuple[Admitted, TrainResult]]) -> None:
 def _record_steps(admitted: list[Admitted]) -> None:
     """Note the rounds trained in steps, before any reply: the next round's iterator goes on from there."""
     by_state: dict[Path, list[Admitted]] = {}
-    sim_dir = _sim_node_dir()
+    paths = _state_paths()
     for a in admitted:
-        by_state.setdefault(state_path(a.config, a.request.run_id, sim_dir), []).append(a)
+        by_state.setdefault(paths(a), []).append(a)
     for path, members in by_state.items():
         state = NodeState(path, power_safe=not all(a.config.simulated for a in members))
         state.record(members[0].request.run_id, [(a.site.name, a.request.server_round) for a in members])

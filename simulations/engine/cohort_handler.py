@@ -98,9 +98,11 @@ class CohortHandler:
         in_blocks = [False] * len(pairs)
         if self.vectorize:
             groups: dict[tuple, list[int]] = {}
-            keys: dict[tuple[int, str, bool], tuple | None] = {}  # one content is sent to many nodes
+            keys: dict[tuple[int, str], tuple | None] = {}  # one content is sent to many nodes
             for i, (message, _) in enumerate(pairs):
-                read = (id(message.content), message.metadata.message_type, message.has_error())
+                if message.has_error():
+                    continue
+                read = (id(message.content), message.metadata.message_type)
                 key = keys[read] if read in keys else keys.setdefault(read, self._group_key(message))
                 if key is not None:
                     groups.setdefault(key, []).append(i)
@@ -210,7 +212,7 @@ class CohortHandler:
             check_functional(model)
             if len(self._models) > 64:
                 self._models.clear()
-            model = self._models[key] = model
+            self._models[key] = model
         return model
 
     @staticmethod

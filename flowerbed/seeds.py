@@ -9,5 +9,5 @@ import hashlib
 @functools.lru_cache(maxsize=1 << 16)
 def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed for one purpose (``derive_seed(seed, "train", round, site)``)."""
-    text = ":".join(str(p) for p in (seed, *parts))
+    text = ":".join(map(str, (seed, *parts)))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1

@@ -7,6 +7,7 @@ another in this process; see ``inline_backend`` for the vectorized path.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Callable, Iterable
 from uuid import uuid4
@@ -53,6 +54,11 @@ class InlineGrid(Grid):
                 run_config={},
             )
         self._replies: dict[str, Message] = {}
+        self._ids = itertools.count()  # message ids: this grid's prefix and a counter (unique, cheaper than uuid4)
+        self._id_prefix = uuid4().hex
+
+    def _next_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     def set_run(self, run) -> None:
         """Use ``run``'s identity."""
@@ -75,7 +81,7 @@ class InlineGrid(Grid):
         """Handle the messages now; their replies wait for ``pull_messages``."""
         pending: list[tuple[Message, Context]] = []
         for message in messages:
-            set_message_id(message, str(uuid4()))
+            set_message_id(message, self._next_id())
             pending.append((message, self.contexts[message.metadata.dst_node_id]))
         replies = None
         if self.batch_handler is not None and pending:
@@ -99,7 +105,7 @@ class InlineGrid(Grid):
             return self.send_and_receive(messages), []
         pending: list[tuple[Message, Context]] = []
         for message in messages:
-            set_message_id(message, str(uuid4()))
+            set_message_id(message, self._next_id())
             pending.append((message, self.contexts[message.metadata.dst_node_id]))
         return columnar(pending) if pending else ([], [])
 

@@ -131,3 +131,14 @@ def test_cli_reports_a_bad_key_without_a_traceback(
     assert "data.partiton: unknown key" in err
     assert "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_inline_run_leaves_the_garbage_collector_as_it_found_it(heart_experiment) -> None:
+    import gc
+
+    from flowerbed.simulations.simulate import simulate
+
+    before = gc.get_threshold()
+    simulate(heart_experiment("rounds=1", "evaluate.central=false"), quiet=True)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0 and gc.isenabled()

@@ -19,6 +19,8 @@ from flowerbed.experiment import Experiment
 from flowerbed.simulations.engine.cohort_handler import CohortHandler
 from flowerbed.simulations.engine.inline_grid import InlineGrid
 
+YOUNG_THRESHOLD = 20_000  # allocations between collections of the youngest generation (Python's default: 700)
+
 
 def run_inline(
     experiment: Experiment,
@@ -40,15 +42,21 @@ def run_inline(
         handler = WorkerPool(workers, experiment.backend)
     else:
         handler = CohortHandler(client_app, vectorize=vectorize)
-    grid = InlineGrid(client_app, num_nodes, batch_handler=handler)
+    grid = InlineGrid(client_app, num_nodes, batch_handler=handler, freeze_after_first=True)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    # Everything made so far (modules, the federation's data, the nodes) lives for the whole run:
-    # the garbage collector need not scan it again at every full collection of a round's objects.
+    # Everything made so far (modules, the nodes) lives for the whole run, and so does what the
+    # first exchange makes (the federation's data, each node's config): the garbage collector need
+    # not scan it again at every full collection of a round's objects (the grid freezes that too).
     gc.collect()
     gc.freeze()
+    # A round of many nodes makes hundreds of thousands of short-lived objects: collect the young
+    # generation less often, so fewer of them are promoted and scanned again by full collections.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], YOUNG_THRESHOLD), *thresholds[1:])
     try:
         server_app(grid, context)
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
         close = getattr(handler, "close", None)
         if close is not None:

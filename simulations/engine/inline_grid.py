@@ -7,6 +7,7 @@ another in this process; see ``inline_backend`` for the vectorized path.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import secrets
 from collections.abc import Callable, Iterable
@@ -34,13 +35,23 @@ class InlineGrid(Grid):
     batch_handler : callable, optional
         Handles a whole batch of (message, context) pairs at once (e.g. vectorized training);
         returns one reply per pair or raises ``NotImplementedError`` to fall back to one call each.
+    freeze_after_first : bool (default: False)
+        ``gc.freeze()`` once the first exchange is answered; the caller must ``gc.unfreeze()``.
     """
 
     keeps_arrays_in_process = True  # messages never leave the process: the coordinator sends arrays in memory
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, batch_handler: MessageHandler | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        batch_handler: MessageHandler | None = None,
+        *,
+        freeze_after_first: bool = False,
+    ) -> None:
         self.client_app = client_app
         self.batch_handler = batch_handler
+        self._freeze_pending = freeze_after_first
         self._run = in_process_run(secrets.randbits(63))
         enter_task_identity(self._run.run_id, secrets.randbits(63))
         self.contexts: dict[int, Context] = {}
@@ -93,7 +104,19 @@ class InlineGrid(Grid):
             replies = [self.client_app(message, context) for message, context in pending]
         for (message, _), reply in zip(pending, replies, strict=True):
             self._replies[message.metadata.message_id] = reply
+        self._freeze_once()
         return [message.metadata.message_id for message, _ in pending]
+
+    def _freeze_once(self) -> None:
+        """After the first exchange (discovery: every node has loaded its data), freeze what the run keeps.
+
+        Full collections of the garbage collector then scan only what later rounds make (at 10,000
+        nodes they took about 6 % of a round). Whoever asked for it (``run_inline``) unfreezes.
+        """
+        if self._freeze_pending:
+            self._freeze_pending = False
+            gc.collect()
+            gc.freeze()
 
     def exchange_columnar(self, messages: Iterable[Message]) -> tuple[list[Message], list[ReplyBlock]]:
         """Handle the messages now; return the replies, with vectorized training replies as columns.
@@ -107,7 +130,9 @@ class InlineGrid(Grid):
         for message in messages:
             set_message_id(message, self._next_id())
             pending.append((message, self.contexts[message.metadata.dst_node_id]))
-        return columnar(pending) if pending else ([], [])
+        answered = columnar(pending) if pending else ([], [])
+        self._freeze_once()
+        return answered
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """The replies to ``message_ids``."""

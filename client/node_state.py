@@ -53,8 +53,17 @@ CREATE TABLE IF NOT EXISTS kept (
 
 
 _SITES_PER_QUERY = 500  # under SQLite's limit on a statement's parameters
-_OPEN = threading.local()  # this thread's open connections: {(path, power_safe): (pid, connection)}
+_OPEN = threading.local()  # this thread's open connections: {(path, power_safe): (pid, file id, connection)}
 _KEEP_OPEN = 16  # per thread; the least recently used is closed beyond that
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The file at ``path`` (device, inode); ``(-1, -1)`` when there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (stat.st_dev, stat.st_ino)
 
 
 class NodeState:
@@ -74,23 +83,27 @@ class NodeState:
         """This thread's connection to the file (opened, and the schema made, once; a forked child opens its own).
 
         Kept open: closing the last connection to a WAL database checkpoints it, an fsync every time.
-        ``with`` on it commits.
+        It is opened again when the file at the path is no longer the one it was opened on (deleted
+        or replaced). ``with`` on it commits.
         """
-        held: OrderedDict[tuple[Path, bool], tuple[int, sqlite3.Connection]]
+        held: OrderedDict[tuple[Path, bool], tuple[int, tuple[int, int], sqlite3.Connection]]
         held = _OPEN.__dict__.setdefault("connections", OrderedDict())
         key = (self.path, self.power_safe)
-        found = held.get(key)
-        if found is not None and found[0] == os.getpid():
-            held.move_to_end(key)
-            return found[1]
+        found = held.pop(key, None)
+        if found is not None:
+            if found[0] == os.getpid() and found[1] == _file_id(self.path):
+                held[key] = found  # the most recently used, last
+                return found[2]
+            if found[0] == os.getpid():
+                found[2].close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.path, timeout=60.0)
         con.execute("PRAGMA journal_mode=WAL")
         con.execute(f"PRAGMA synchronous={'FULL' if self.power_safe else 'NORMAL'}")
         con.executescript(_SCHEMA)
-        held[key] = (os.getpid(), con)
+        held[key] = (os.getpid(), _file_id(self.path), con)
         while len(held) > _KEEP_OPEN:
-            pid, oldest = held.popitem(last=False)[1]
+            pid, _, oldest = held.popitem(last=False)[1]
             if pid == os.getpid():
                 oldest.close()
         return con

@@ -1,0 +1,29 @@
+"""A node's state file: the rounds each site trained, read only for the sites asked about, over a kept connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowerbed.client.node_state import NodeState
+
+
+def test_counts_only_earlier_rounds_of_the_run_for_each_site_asked(tmp_path: Path) -> None:
+    state = NodeState(tmp_path / "node-state.sqlite", power_safe=False)
+    state.record("run", [("a", 1), ("b", 1), ("a", 2), ("a", 2)])  # a round noted twice counts once
+    state.record("other-run", [("a", 1)])
+    assert state.rounds_before("run", [("a", 3), ("a", 2), ("b", 3), ("c", 3)]) == [2, 1, 1, 0]
+    many = [(f"site-{i}", 5) for i in range(1200)]  # more sites than one query takes
+    state.record("run", [(site, 1) for site, _ in many[::2]])
+    counts = state.rounds_before("run", many)
+    assert counts == [1 if i % 2 == 0 else 0 for i in range(1200)]
+
+
+def test_a_deleted_file_is_made_again_not_written_through_a_stale_connection(tmp_path: Path) -> None:
+    path = tmp_path / "nodes" / "node-state.sqlite"
+    NodeState(path).record("run", [("a", 1)])
+    for leftover in path.parent.iterdir():  # the file, its WAL and its shared memory
+        leftover.unlink()
+    NodeState(path).record("run", [("b", 1)])
+    assert path.exists()
+    fresh = NodeState(path)
+    assert fresh.rounds_before("run", [("a", 2), ("b", 2)]) == [0, 1]

@@ -182,13 +182,21 @@ class Deployment:
         """``flowerbed coordinator start`` and wait until it reports that it listens."""
         address = tomllib.loads(federation.read_text())["coordinator"]["address"]
         self.markers.add(f"--runtime-api-address {address}")
+        log = self.log("coordinator")
+        before = log.stat().st_size if log.exists() else 0  # a restart appends: only its own lines count
         process = self.spawn("coordinator", ["coordinator", "start", str(federation), *extra])
+
+        def since_start() -> str:
+            with log.open("rb") as handle:
+                handle.seek(before)
+                return handle.read().decode(errors="replace")
+
         wait_for(
-            lambda: "coordinator listening" in self.log("coordinator").read_text() or process.poll() is not None,
+            lambda: "coordinator listening" in since_start() or process.poll() is not None,
             timeout,
             "the coordinator",
         )
-        assert process.poll() is None, self.log("coordinator").read_text()
+        assert process.poll() is None, log.read_text()
 
     def start_node(self, site: str, *args: str) -> subprocess.Popen:
         """``flowerbed node start`` for ``site`` on its hospital's file."""

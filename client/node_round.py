@@ -234,6 +234,7 @@ def state_path(config: NodeConfig, run_id: str, sim_dir: str | None = None) -> P
 
 
 def _sim_node_dir() -> str:
+    """``FLOWERBED_SIM_NODE_DIR`` ("" when unset): where simulated nodes keep their ledger and state."""
     return os.environ.get(SIM_NODE_DIR_ENV) or ""
 
 
@@ -502,7 +503,7 @@ def ledger_path(config: NodeConfig, run_id: str) -> Path:
     if config.ledger is not None:
         return _expanded(config.ledger)
     if config.simulated:
-        return _simulated_ledger(os.environ.get(SIM_NODE_DIR_ENV) or "", run_id)
+        return _simulated_ledger(_sim_node_dir(), run_id)
     raise NodeError(
         "DP training needs a privacy ledger: start the node with "
         "--node-config 'ledger=\"/var/lib/flowerbed/ledger.sqlite\" budget-epsilon=8.0'"

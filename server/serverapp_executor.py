@@ -24,6 +24,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from flowerbed.process_control import popen_ignoring_interrupt, quiet_main, stop
 TOKEN_ENV = "FLOWERBED_TASK_TOKEN"
 POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 DEFAULT_POLL_INTERVAL = "0.25"
+BUSY_POLL_INTERVAL = 2.0  # seconds between task polls while a ServerApp runs (each poll costs the SuperLink CPU)
 
 
 class ServerAppExecutor:
@@ -80,6 +82,15 @@ class ServerAppExecutor:
         process = popen_ignoring_interrupt(command, env={**os.environ, TOKEN_ENV: spec.token})
         self._children[process.pid] = process
         return flower_internals.launch_accepted()
+
+    def wait(self, interval: float) -> None:
+        """The loop's wait between two task polls: ``interval``, or ``BUSY_POLL_INTERVAL`` while a run goes on.
+
+        A poll costs the SuperLink about as much CPU as a message object; a round's messages need it more
+        than a second run's start needs its first second.
+        """
+        self.reconcile()
+        time.sleep(max(interval, BUSY_POLL_INTERVAL) if self._children else interval)
 
     def reconcile(self) -> None:
         """Forget ServerApp processes that finished."""
@@ -141,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL)
     secret = args.superexec_auth_secret_file.read_bytes() if args.superexec_auth_secret_file else None
+    executor = ServerAppExecutor()
+    flower_internals.superexec_wait(executor.wait)
     flower_internals.run_superexec_with(
-        ServerAppExecutor(),
+        executor,
         runtime_api_address=args.runtime_api_address,
         insecure=args.insecure,
         root_certificates_path=args.root_certificates,

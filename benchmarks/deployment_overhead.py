@@ -160,10 +160,39 @@ def _handlers(module):
     _after(module, "evaluate", work)
 
 
+def _requests(api):
+    def hook(module):
+        for name, value in list(vars(module).items()):
+            if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == module.__name__:
+                _count(module, name, api)
+
+    return hook
+
+
+def _count(module, name, api):
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        c0 = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _emit("request", t=time.time(), api=api, name=name, cpu=time.thread_time() - c0)
+
+    setattr(module, name, wrapper)
+
+
+def _fleet_all(module):
+    _fleet(module)
+    _requests("fleet")(module)
+
+
 HOOKS = {
     "flowerbed.server.exchange": _exchange,
     "flwr.superlink.grid.http_grid": _grid,
-    "flwr.superlink.servicer.fleet.fleet_handlers": _fleet,
+    "flwr.superlink.servicer.fleet.fleet_handlers": _fleet_all,
+    "flwr.superlink.servicer.runtime.runtime_handlers": _requests("runtime"),
     "flowerbed.client.handlers": _handlers,
 }
 
@@ -347,6 +376,18 @@ def round_breakdown(exchanges: list[dict[str, Any]], round_times: list[float]) -
     return rows
 
 
+def request_counts(events: list[dict[str, Any]], start: float, end: float, rounds: int) -> dict[str, list[float]]:
+    """Per SuperLink request kind between two times: requests per round and handler CPU ms per request."""
+    seen: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        if event["event"] == "request" and start <= event["t"] <= end:
+            seen[f"{event['api']}.{event['name']}"].append(event["cpu"])
+    return {
+        name: [len(cpus) / rounds, 1000 * statistics.median(cpus)]
+        for name, cpus in sorted(seen.items(), key=lambda kv: -len(kv[1]))
+    }
+
+
 def deployed_run(kind: str, rounds: int, folder: Path, before_src: Path | None = None) -> dict[str, Any]:
     """A traced run on a TLS coordinator and four nodes set up as ``NODE_OPTIONS[kind]``.
 
@@ -386,12 +427,16 @@ def deployed_run(kind: str, rounds: int, folder: Path, before_src: Path | None =
             run_dir = Path(runs[-1]["run_dir"])
             wait_for(lambda: (run_dir / "summary.json").is_file(), 1800, f"{kind} run\n{d.tail()}", poll=1)
         times = _round_times(run_dir)
-        breakdown = round_breakdown(exchange_breakdown(read_trace(trace)), times)
+        events = read_trace(trace)
+        breakdown = round_breakdown(exchange_breakdown(events), times)
         cpu_per_round: dict[str, float] = {}
+        requests: dict[str, list[float]] = {}
         if breakdown:
-            used = cpu.between(breakdown[0]["t0"], breakdown[-1]["t1"])
+            start, end = breakdown[0]["t0"], breakdown[-1]["t1"]
+            used = cpu.between(start, end)
             cpu_per_round = {k: v / len(breakdown) for k, v in used.items()}
-        return {"rounds": times, "breakdown": breakdown, "cpu": cpu_per_round}
+            requests = request_counts(events, start, end, len(breakdown))
+        return {"rounds": times, "breakdown": breakdown, "cpu": cpu_per_round, "requests": requests}
 
 
 def _median(rows: list[dict[str, float]], key: str) -> float:
@@ -416,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     breakdown: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds if kind != "inline"}
     cpu: dict[str, list[dict[str, float]]] = {kind: [] for kind in breakdown}
+    requests: dict[str, list[dict[str, list[float]]]] = {kind: [] for kind in breakdown}
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="deployment-overhead-") as tmp:
         root = Path(tmp)
@@ -431,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                     rounds = run["rounds"]
                     breakdown[kind] += run["breakdown"]
                     cpu[kind].append(run["cpu"])
+                    requests[kind].append(run["requests"])
                 times[kind] += rounds[1:]  # round 1 includes discovery and first imports
                 print(
                     f"{kind:15s} repeat {repeat}: rounds {[f'{t:.2f}' for t in rounds]} "
@@ -453,10 +500,25 @@ def main(argv: list[str] | None = None) -> None:
         names = sorted({name for run in runs for name in run})
         parts = [f"{name} {statistics.median(run.get(name, 0.0) for run in runs):.2f}" for name in names]
         print(f"  {kind:15s} " + ", ".join(parts))
+    print("\nSuperLink requests per round by handler (median over repeats: count, handler CPU ms per request):")
+    for kind, runs in requests.items():
+        names = sorted({name for run in runs for name in run}, key=lambda n: -max(r.get(n, [0])[0] for r in runs))
+        for name in names:
+            count = statistics.median(run.get(name, [0.0, 0.0])[0] for run in runs)
+            ms = statistics.median(run[name][1] for run in runs if name in run)
+            print(f"  {kind:15s} {name:40s} {count:6.1f}  {ms:6.1f} ms")
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"rounds": args.rounds, "times": times, "median": med, "breakdown": breakdown, "cpu": cpu}, indent=2
+                {
+                    "rounds": args.rounds,
+                    "times": times,
+                    "median": med,
+                    "breakdown": breakdown,
+                    "cpu": cpu,
+                    "requests": requests,
+                },
+                indent=2,
             )
         )
 

@@ -1,17 +1,20 @@
-"""A record's arrays as one Flower ``Array``, for messages that cross the network.
+"""A record's arrays as one Flower object, for messages that cross the network.
 
 Flower 1.42's SuperLink moves every object of a message (the message, its records, each array and
 each array's chunk) in an HTTP request of its own, with several database queries each: a message
 carrying a model of k arrays is about 2k + 4 objects, and on a small coordinator that CPU is most
 of a deployed round (benchmarks/README.md). Packed, the arrays of an ``ArrayRecord`` travel as one
-``Array`` of bytes under the key ``PACKED``:
+run of bytes:
 
     u32 little-endian header length | JSON header [[name, dtype, shape], ...] | each array's bytes
 
 in the header's order, C order, dtypes from ``DTYPES`` only (plain numbers: nothing that could
-unpickle). The coordinator packs what it sends to deployed nodes and unpacks their replies
-(``server/exchange.py``); a node's ClientApp unpacks what it receives and packs its reply when the
-request came packed (``client/app.py``). In-process grids never pack.
+unpickle). Up to ``INLINE_BYTES`` the bytes are the one value of a ``ConfigRecord`` under the key
+``PACKED`` that takes the ``ArrayRecord``'s place (one object instead of the record, its array and
+the array's chunk); a larger pack is one ``Array`` under ``PACKED`` in the ``ArrayRecord`` (Flower
+cuts it into chunks). The coordinator packs what it sends to deployed nodes and unpacks their
+replies (``server/exchange.py``); a node's ClientApp unpacks what it receives and packs its reply
+when the request came packed (``client/app.py``). In-process grids never pack.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from flowerbed.weights import NPY, npy_header
 
@@ -30,6 +33,7 @@ DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8
 MAX_HEADER = 1 << 20  # bytes
 MAX_ARRAYS = 4096  # a record of more arrays travels unpacked
 MAX_BYTES = 1 << 62
+INLINE_BYTES = 4 << 20  # a pack up to this size travels as one ConfigRecord value (Flower's array chunks are 5 MB)
 
 
 class PackError(ValueError):
@@ -167,9 +171,11 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:
-    """The content with each ``ArrayRecord`` of two or more arrays packed; whether any was.
+    """The content with each non-empty ``ArrayRecord`` packed; whether any was.
 
-    A record that cannot be packed (an unusual dtype) travels as it is.
+    A pack of at most ``INLINE_BYTES`` becomes a ``ConfigRecord``; a larger one of two or more
+    arrays one ``Array`` (``pack_record``). A record that cannot be packed (an unusual dtype)
+    travels as it is.
     """
     packed = {key: _packed_or_same(value) for key, value in content.items()}
     changed = any(packed[key] is not content[key] for key in packed)
@@ -177,12 +183,15 @@ def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:
 
 
 def _packed_or_same(value: object) -> object:
-    if not isinstance(value, ArrayRecord):
+    if not isinstance(value, ArrayRecord) or not 1 <= len(value) <= MAX_ARRAYS or PACKED in value:
         return value
     try:
-        return pack_record(value)
+        packed = pack_arrays({name: value[name].numpy() for name in value})
     except PackError:
         return value
+    if packed.nbytes <= INLINE_BYTES:
+        return ConfigRecord({PACKED: packed.tobytes()})
+    return ArrayRecord({PACKED: Array(packed)}) if len(value) >= 2 else value
 
 
 def unpack_content(content: RecordDict) -> tuple[RecordDict, bool]:
@@ -193,9 +202,21 @@ def unpack_content(content: RecordDict) -> tuple[RecordDict, bool]:
     PackError
         For a packed record that does not parse.
     """
-    if not any(isinstance(v, ArrayRecord) and PACKED in v for v in content.values()):
+    if not any(isinstance(v, ArrayRecord | ConfigRecord) and PACKED in v for v in content.values()):
         return content, False
-    unpacked = {
-        key: unpack_record(value) if isinstance(value, ArrayRecord) else value for key, value in content.items()
-    }
+    unpacked = {key: _unpacked_or_same(value) for key, value in content.items()}
     return RecordDict(unpacked), True
+
+
+def _unpacked_or_same(value: object) -> object:
+    if isinstance(value, ArrayRecord):
+        return unpack_record(value)
+    if not isinstance(value, ConfigRecord) or PACKED not in value:
+        return value
+    if len(value) != 1:
+        raise PackError(f"a packed record holds only {PACKED!r}, not {len(value)} values")
+    data = value[PACKED]
+    if not isinstance(data, bytes):
+        raise PackError(f"the packed record's value must be bytes, not {type(data).__name__}")
+    arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8))
+    return ArrayRecord({name: Array(array) for name, array in arrays.items()})

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from flowerbed import packed_arrays
 from flowerbed.flower_internals import enter_task_identity, set_message_id
 from flowerbed.packed_arrays import (
     PACKED,
@@ -62,11 +63,16 @@ def test_a_message_s_content_packs_into_fewer_records_and_back() -> None:
         }
     )
     packed, changed = pack_content(content)
-    assert changed and list(packed["arrays"]) == [PACKED]
-    assert packed["single"] is content["single"]  # one array: nothing to save
+    # a small record becomes one ConfigRecord: one object instead of the record, its arrays and chunks
+    assert changed and isinstance(packed["arrays"], ConfigRecord) and list(packed["arrays"]) == [PACKED]
+    assert isinstance(packed["single"], ConfigRecord)
     assert packed["config"] is content["config"] and packed["metrics"] is content["metrics"]
     back, unpacked = unpack_content(packed)
     assert unpacked and list(back["arrays"]) == list(ARRAYS)
+    assert isinstance(back["single"], ArrayRecord) and back["single"]["w"].numpy().tolist() == [1, 1, 1]
+    assert back["config"] is content["config"] and back["metrics"] is content["metrics"]
+    for name, value in ARRAYS.items():
+        assert back["arrays"][name].numpy().tobytes() == value.tobytes()
     assert unpack_content(content) == (content, False)  # nothing packed: the same object
     odd = RecordDict({"arrays": ArrayRecord({"a": Array(np.array(["x"])), "b": Array(np.ones(2))})})
     assert pack_content(odd) == (odd, False)  # a record that cannot be packed travels as it is
@@ -101,6 +107,37 @@ def test_a_forged_pack_is_refused_with_what_is_wrong(packed: np.ndarray, says: s
     assert says in str(caught.value)
 
 
+def test_a_large_pack_travels_as_one_array(monkeypatch) -> None:
+    monkeypatch.setattr(packed_arrays, "INLINE_BYTES", 64)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()}),
+            "single": ArrayRecord({"w": Array(np.ones(30, dtype=np.float32))}),
+        }
+    )
+    packed, changed = pack_content(content)
+    assert changed and isinstance(packed["arrays"], ArrayRecord) and list(packed["arrays"]) == [PACKED]
+    assert packed["single"] is content["single"]  # one large array: nothing to save
+    back, _ = unpack_content(packed)
+    assert list(back["arrays"]) == list(ARRAYS)
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        (ConfigRecord({PACKED: pack_arrays({"w": np.ones(2)}).tobytes(), "x": 1}), "holds only"),
+        (ConfigRecord({PACKED: "not bytes"}), "must be bytes, not str"),
+        (ConfigRecord({PACKED: [1, 2]}), "must be bytes, not list"),
+        (ConfigRecord({PACKED: _forged([["w", "<f4", [3]]], b"\0" * 8).tobytes()}), "run past the end"),
+        (ConfigRecord({PACKED: b"\0\0"}), "shorter than its header length"),
+    ],
+)
+def test_a_forged_inline_pack_is_refused_with_what_is_wrong(record: ConfigRecord, says: str) -> None:
+    with pytest.raises(PackError) as caught:
+        unpack_content(RecordDict({"arrays": record}))
+    assert says in str(caught.value)
+
+
 def test_a_packed_record_holds_nothing_else() -> None:
     record = ArrayRecord({PACKED: Array(pack_arrays({"w": np.ones(2)})), "x": Array(np.ones(1))})
     with pytest.raises(PackError, match="holds only"):
@@ -112,12 +149,14 @@ def _train_message(content: RecordDict) -> Message:
     return Message(content, dst_node_id=1, message_type="train")
 
 
-def test_the_node_refuses_a_forged_pack_before_any_handler_runs() -> None:
+@pytest.mark.parametrize("inline", [False, True])
+def test_the_node_refuses_a_forged_pack_before_any_handler_runs(inline: bool) -> None:
     """The coordinator (the attacker here) sends arrays whose header lies about their size."""
     from flowerbed.client.handlers import packed_arrays_mod
 
     forged = _forged([["fc1.weight", "<f4", [1000]]], b"\0" * 8)
-    message = _train_message(RecordDict({"arrays": ArrayRecord({PACKED: Array(forged)})}))
+    record = ConfigRecord({PACKED: forged.tobytes()}) if inline else ArrayRecord({PACKED: Array(forged)})
+    message = _train_message(RecordDict({"arrays": record}))
     called: list[Message] = []
     context = Context(run_id=1, node_id=1, node_config={"site": "hungary"}, state=RecordDict(), run_config={})
     reply = packed_arrays_mod(message, context, lambda m, c: called.append(m) or m)
@@ -140,7 +179,7 @@ def test_the_node_unpacks_a_request_and_packs_its_reply() -> None:
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = packed_arrays_mod(message, context, handler)
     assert seen == [list(ARRAYS)]
-    assert list(reply.content["arrays"]) == [PACKED]
+    assert isinstance(reply.content["arrays"], ConfigRecord) and list(reply.content["arrays"]) == [PACKED]
     unpacked = _train_message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})}))
     plain = packed_arrays_mod(unpacked, context, handler)  # an unpacked request gets an unpacked reply
     assert list(plain.content["arrays"]) == list(ARRAYS)
@@ -191,9 +230,14 @@ def test_the_coordinator_packs_what_it_sends_and_unpacks_what_comes_back(monkeyp
         bad = _forged([["fc1.weight", "<f4", [99]]])
         return Message(RecordDict({"arrays": ArrayRecord({PACKED: Array(bad)})}), reply_to=m)
 
-    (refused,) = exchange.send_and_receive(_Grid(forger), [_train_message(RecordDict({"arrays": arrays}))], 5)
-    assert refused.has_error() and refused.error.code == int(ErrorCode.NODE_ERROR)
-    assert "its reply's arrays do not unpack" in refused.error.reason
+    def inline_forger(m: Message) -> Message:
+        bad = _forged([["fc1.weight", "<f4", [99]]]).tobytes()
+        return Message(RecordDict({"arrays": ConfigRecord({PACKED: bad})}), reply_to=m)
+
+    for attacker in (forger, inline_forger):
+        (refused,) = exchange.send_and_receive(_Grid(attacker), [_train_message(RecordDict({"arrays": arrays}))], 5)
+        assert refused.has_error() and refused.error.code == int(ErrorCode.NODE_ERROR)
+        assert "its reply's arrays do not unpack" in refused.error.reason
 
 
 def test_in_process_grids_never_pack() -> None:

@@ -161,10 +161,14 @@ class Admitted:
     config: NodeConfig
     site: SiteData
     task: Task
-    seed: int  # the plain path's batch order
     train: TrainConfig  # the federation's local work with this site's own entries applied
     private: PrivateRelease | None = None
     schedule: StepSchedule | None = None  # train.local_steps: this round's steps of the site's iterator
+
+    @property
+    def seed(self) -> int:
+        """The plain path's batch order this round (and the seed personalization derives its own from)."""
+        return derive_seed(self.request.experiment.seed, "train", self.request.server_round, self.site.name)
 
     def with_(self, **changes: Any) -> Admitted:
         """A copy with ``changes`` (``dataclasses.replace`` without re-running ``__init__``: a cohort makes many)."""
@@ -383,8 +387,7 @@ def _admit_one(request: NodeRequest, label: list[str], overlay: str | None) -> A
             )
         if experiment.privacy.enabled:
             check_loss_is_per_row(task, site)
-    seed = derive_seed(experiment.seed, "train", request.server_round, site.name)
-    return Admitted(request, config, site, task, seed, experiment.train_for(site.name))
+    return Admitted(request, config, site, task, experiment.train_for(site.name))
 
 
 def check_loss_is_per_row(task: Task, site: SiteData) -> None:

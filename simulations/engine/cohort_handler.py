@@ -242,8 +242,8 @@ class CohortHandler:
                 seed=seeds[0] if seeds else None, proximal_mu=mu,
             )  # fmt: skip
         else:
-            seeds = [a.seed for a in admitted]
             schedules = [a.schedule for a in admitted] if train.local_steps else None
+            seeds = [0] * len(admitted) if schedules else [a.seed for a in admitted]  # a schedule has its own
             result = train_cohort(
                 model, task.loss_fn, cohort, weights, train, seeds, proximal_mu=mu, schedules=schedules
             )

@@ -281,16 +281,19 @@ class Federation:
 
     def _sort_block(self, block: ReplyBlock, reference: dict, outcome: RoundOutcome) -> None:
         """Check a block's rows as ``_train_reply_problem`` checks replies; keep the sound rows."""
-        caps = np.array([self._site_cap(site) for site in block.sites], dtype=np.float64)
+        if self.site_max_examples:
+            caps = np.array([self._site_cap(site) for site in block.sites], dtype=np.float64)
+        else:
+            caps = np.full(len(block.sites), self.experiment.train.max_examples, dtype=np.float64)
         problems = block_problems(block, reference, caps=caps, max_update_norm=self.experiment.train.max_update_norm)
-        weights = block.weights
-        for i, site in enumerate(block.sites):
+        pinned_examples = self.pinned_examples
+        for i, (site, weight) in enumerate(zip(block.sites, block.weights.tolist(), strict=True)):
             if i in problems:
                 continue
-            pinned = self.pinned_examples.setdefault(site, float(weights[i]))
-            if float(weights[i]) != pinned:
+            pinned = pinned_examples.setdefault(site, float(weight))
+            if weight != pinned:
                 problems[i] = (
-                    f"num-examples = {weights[i]:g}, but this site reported {pinned:g} first; "
+                    f"num-examples = {weight:g}, but this site reported {pinned:g} first; "
                     "a site's weight is fixed per run"
                 )
         for i, problem in problems.items():

@@ -3,8 +3,8 @@
 The handlers live in ``flowerbed.client.handlers`` (plain rounds) and
 ``flowerbed.client.secagg_handlers`` (the secure train phase); both run the node's one round,
 ``flowerbed.client.node_round``. The node trains only on the data its own configuration names.
-Arrays that came packed over the network are unpacked before any handler sees them, and the reply's
-are packed the same way (``handlers.packed_arrays_mod``).
+A request that came packed over the network is unpacked before any handler sees it, and the reply
+is packed the same way (``handlers.packed_arrays_mod``).
 """
 
 from __future__ import annotations

@@ -1,20 +1,26 @@
-"""A record's arrays as one Flower object, for messages that cross the network.
+"""A message's content as few Flower objects, for messages that cross the network.
 
-Flower 1.42's SuperLink moves every object of a message (the message, its records, each array and
-each array's chunk) in an HTTP request of its own, with several database queries each: a message
-carrying a model of k arrays is about 2k + 4 objects, and on a small coordinator that CPU is most
-of a deployed round (benchmarks/README.md). Packed, the arrays of an ``ArrayRecord`` travel as one
-run of bytes:
+Flower 1.42's SuperLink moves every object of a message (the message, its record dict, each
+record, each array and each array's chunk) in an HTTP request of its own, with several database
+queries each: a message carrying a model of k arrays and a config is about 2k + 5 objects, and on
+a small coordinator that CPU is most of a deployed round (benchmarks/README.md).
+
+- Up to ``INLINE_BYTES``, the whole content travels as an **envelope**: one ``ConfigRecord`` under
+  ``ENVELOPE`` whose one value is every record in a run of bytes (``envelope_bytes``). A message
+  is then three objects: the message, its record dict and the envelope.
+- A larger content travels record by record, and the arrays of each ``ArrayRecord`` as one
+  ``Array`` of bytes under ``PACKED`` (Flower cuts it into chunks).
+
+Arrays are packed as
 
     u32 little-endian header length | JSON header [[name, dtype, shape], ...] | each array's bytes
 
 in the header's order, C order, dtypes from ``DTYPES`` only (plain numbers: nothing that could
-unpickle). Up to ``INLINE_BYTES`` the bytes are the one value of a ``ConfigRecord`` under the key
-``PACKED`` that takes the ``ArrayRecord``'s place (one object instead of the record, its array and
-the array's chunk); a larger pack is one ``Array`` under ``PACKED`` in the ``ArrayRecord`` (Flower
-cuts it into chunks). The coordinator packs what it sends to deployed nodes and unpacks their
-replies (``server/exchange.py``); a node's ClientApp unpacks what it receives and packs its reply
-when the request came packed (``client/app.py``). In-process grids never pack.
+unpickle); config and metric records keep Flower's own serialization (protobuf). The receiver
+checks every size against the bytes before it reads anything. The coordinator packs what it sends
+to deployed nodes and unpacks their replies (``server/exchange.py``); a node's ClientApp unpacks
+what it receives and packs its reply when the request came packed (``client/app.py``).
+In-process grids never pack.
 """
 
 from __future__ import annotations
@@ -22,18 +28,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.weights import NPY, npy_header
 
 PACKED = "flowerbed-packed"
+ENVELOPE = "flowerbed-envelope"
+RECORD_KINDS = ("arrays", "config", "metrics")
+MAX_RECORDS = 64  # a content of more records travels record by record
 DTYPES = frozenset({"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"})
 MAX_HEADER = 1 << 20  # bytes
 MAX_ARRAYS = 4096  # a record of more arrays travels unpacked
 MAX_BYTES = 1 << 62
-INLINE_BYTES = 4 << 20  # a pack up to this size travels as one ConfigRecord value (Flower's array chunks are 5 MB)
+INLINE_BYTES = 4 << 20  # an envelope up to this size is one ConfigRecord value (Flower's array chunks are 5 MB)
 
 
 class PackError(ValueError):
@@ -171,52 +181,145 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:
-    """The content with each non-empty ``ArrayRecord`` packed; whether any was.
+    """The content as it crosses the network, and whether it changed.
 
-    A pack of at most ``INLINE_BYTES`` becomes a ``ConfigRecord``; a larger one of two or more
-    arrays one ``Array`` (``pack_record``). A record that cannot be packed (an unusual dtype)
-    travels as it is.
+    Up to ``INLINE_BYTES`` the whole content travels as one envelope (``ENVELOPE``); a larger one
+    record by record, each ``ArrayRecord`` of two or more arrays as one ``Array`` (``pack_record``).
+    A record that cannot be packed (an unusual dtype) travels as it is.
     """
+    if _envelope_saves_objects(content):
+        try:
+            payload = envelope_bytes(content)
+        except PackError:
+            payload = None
+        if payload is not None and len(payload) <= INLINE_BYTES:
+            return RecordDict({ENVELOPE: ConfigRecord({ENVELOPE: payload})}), True
     packed = {key: _packed_or_same(value) for key, value in content.items()}
     changed = any(packed[key] is not content[key] for key in packed)
     return (RecordDict(packed), True) if changed else (content, False)
 
 
+def _envelope_saves_objects(content: RecordDict) -> bool:
+    """Whether the content is more than one leaf record and small enough to try."""
+    arrays = [value for value in content.values() if isinstance(value, ArrayRecord)]
+    if len(content) < 2 and not arrays:
+        return False
+    size = sum(len(array.data) for record in arrays for array in record.values())
+    return len(content) <= MAX_RECORDS and size <= INLINE_BYTES
+
+
 def _packed_or_same(value: object) -> object:
-    if not isinstance(value, ArrayRecord) or not 1 <= len(value) <= MAX_ARRAYS or PACKED in value:
+    if not isinstance(value, ArrayRecord):
         return value
     try:
-        packed = pack_arrays({name: value[name].numpy() for name in value})
+        return pack_record(value)
     except PackError:
         return value
-    if packed.nbytes <= INLINE_BYTES:
-        return ConfigRecord({PACKED: packed.tobytes()})
-    return ArrayRecord({PACKED: Array(packed)}) if len(value) >= 2 else value
 
 
-def unpack_content(content: RecordDict) -> tuple[RecordDict, bool]:
-    """The content with each packed record unpacked; whether any was.
+def envelope_bytes(content: RecordDict) -> bytes:
+    """Every record of ``content`` in one run of bytes.
+
+        u32 little-endian header length | JSON header [[key, kind, length], ...] | each record's bytes
+
+    ``kind`` is ``arrays`` (``pack_arrays``' bytes), ``config`` or ``metrics`` (the record's own
+    Flower serialization, ``deflate``).
 
     Raises
     ------
     PackError
-        For a packed record that does not parse.
+        For an array whose dtype is not in ``DTYPES``.
     """
-    if not any(isinstance(v, ArrayRecord | ConfigRecord) and PACKED in v for v in content.values()):
-        return content, False
-    unpacked = {key: _unpacked_or_same(value) for key, value in content.items()}
-    return RecordDict(unpacked), True
+    entries, parts = [], []
+    for key, value in content.items():
+        if isinstance(value, ArrayRecord):
+            kind, data = "arrays", pack_arrays({name: value[name].numpy() for name in value}).tobytes()
+        elif isinstance(value, ConfigRecord):
+            kind, data = "config", value.deflate()
+        elif isinstance(value, MetricRecord):
+            kind, data = "metrics", value.deflate()
+        else:
+            raise PackError(f"record {key!r}: a {type(value).__name__} cannot be packed")
+        entries.append([key, kind, len(data)])
+        parts.append(data)
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    return b"".join([len(header).to_bytes(4, "little"), header, *parts])
 
 
-def _unpacked_or_same(value: object) -> object:
-    if isinstance(value, ArrayRecord):
-        return unpack_record(value)
-    if not isinstance(value, ConfigRecord) or PACKED not in value:
-        return value
-    if len(value) != 1:
-        raise PackError(f"a packed record holds only {PACKED!r}, not {len(value)} values")
-    data = value[PACKED]
+def open_envelope(content: RecordDict) -> RecordDict:
+    """The records of an envelope (``pack_content``), each checked as it is read.
+
+    Raises
+    ------
+    PackError
+        When the envelope does not parse: what holds it, the header's length, JSON, entries or
+        sizes, or a record's bytes.
+    """
+    if len(content) != 1:
+        raise PackError(f"an envelope travels alone, not beside {len(content) - 1} other records")
+    record = content[ENVELOPE]
+    if not isinstance(record, ConfigRecord) or list(record) != [ENVELOPE]:
+        raise PackError(f"the envelope must be a ConfigRecord holding only {ENVELOPE!r}")
+    data = record[ENVELOPE]
     if not isinstance(data, bytes):
-        raise PackError(f"the packed record's value must be bytes, not {type(data).__name__}")
-    arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8))
-    return ArrayRecord({name: Array(array) for name, array in arrays.items()})
+        raise PackError(f"the envelope's value must be bytes, not {type(data).__name__}")
+    if len(data) < 4:
+        raise PackError("the envelope is shorter than its header length")
+    length = int.from_bytes(data[:4], "little")
+    if not 0 < length <= min(MAX_HEADER, len(data) - 4):
+        raise PackError(f"header length {length} does not fit the envelope ({len(data)} bytes)")
+    try:
+        entries = json.loads(data[4 : 4 + length])
+    except (ValueError, RecursionError):
+        raise PackError("the envelope's header is not JSON (or is nested too deeply)") from None
+    if not isinstance(entries, list) or len(entries) > MAX_RECORDS:
+        raise PackError(f"the envelope's header must be a list of at most {MAX_RECORDS} entries")
+    records: dict[str, Any] = {}
+    offset = 4 + length
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise PackError(f"envelope entry {i} must be [key, kind, length]")
+        key, kind, size = entry
+        if not isinstance(key, str) or not key or key in (ENVELOPE, PACKED) or key in records:
+            raise PackError(f"envelope entry {i}: the key must be a new non-empty string, not {_short(key)}")
+        if kind not in RECORD_KINDS:
+            raise PackError(f"envelope entry {i} ({_short(key)}): kind {_short(kind)} is not one of {RECORD_KINDS}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(data) - offset):
+            raise PackError(f"envelope entry {i} ({_short(key)}): its length {_short(size)} runs past the end")
+        records[key] = _record(key, kind, data[offset : offset + size])
+        offset += size
+    if offset != len(data):
+        raise PackError(f"{len(data) - offset} bytes after the envelope's last record")
+    return RecordDict(records)
+
+
+def _record(key: str, kind: str, data: bytes) -> ArrayRecord | ConfigRecord | MetricRecord:
+    if kind == "arrays":
+        try:
+            arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8))
+        except PackError as exc:
+            raise PackError(f"record {_short(key)}: {exc}") from None
+        return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    kind_class = ConfigRecord if kind == "config" else MetricRecord
+    try:
+        return kind_class.inflate(data)
+    except Exception as exc:  # Flower's parser raises what protobuf and its checks raise
+        raise PackError(f"record {_short(key)}: its {kind} do not read ({type(exc).__name__})") from None
+
+
+def unpack_content(content: RecordDict) -> tuple[RecordDict, bool]:
+    """The content as the sender built it (``pack_content`` undone); whether it had been packed.
+
+    Raises
+    ------
+    PackError
+        For an envelope or a packed record that does not parse.
+    """
+    if ENVELOPE in content:
+        return open_envelope(content), True
+    if not any(isinstance(v, ArrayRecord) and PACKED in v for v in content.values()):
+        return content, False
+    unpacked = {
+        key: unpack_record(value) if isinstance(value, ArrayRecord) else value for key, value in content.items()
+    }
+    return RecordDict(unpacked), True

@@ -5,8 +5,9 @@ two exchanges, so that alone adds seconds to every round. Here the first poll co
 the interval doubles up to 0.25 s; a poll that brings replies sets it back to 50 ms, since the other
 nodes' replies tend to follow closely. A long round costs four small requests a second.
 
-Over the network (Flower's deployment grid) each message's arrays travel packed, one ``Array``
-per record (``flowerbed.packed_arrays``): a message's objects each cost the SuperLink a request.
+Over the network (Flower's deployment grid) each message's content travels packed, as one envelope
+record where it is small enough (``flowerbed.packed_arrays``): a message's objects each cost the
+SuperLink a request.
 A reply that does not unpack becomes an error reply naming its node.
 """
 
@@ -58,7 +59,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
 
 
 def unpacked(reply: Message, request: Message | None) -> Message:
-    """``reply`` with its packed arrays unpacked; an error reply naming its node when they do not unpack."""
+    """``reply`` with its packed content unpacked; an error reply naming its node when it does not unpack."""
     if reply.has_error() or request is None:  # no request of ours: the reply is left for the checks to refuse
         return reply
     try:

@@ -12,8 +12,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flowerbed import packed_arrays
 from flowerbed.flower_internals import enter_task_identity, set_message_id
 from flowerbed.packed_arrays import (
+    ENVELOPE,
     PACKED,
     PackError,
+    envelope_bytes,
     pack_arrays,
     pack_content,
     pack_record,
@@ -63,19 +65,24 @@ def test_a_message_s_content_packs_into_fewer_records_and_back() -> None:
         }
     )
     packed, changed = pack_content(content)
-    # a small record becomes one ConfigRecord: one object instead of the record, its arrays and chunks
-    assert changed and isinstance(packed["arrays"], ConfigRecord) and list(packed["arrays"]) == [PACKED]
-    assert isinstance(packed["single"], ConfigRecord)
-    assert packed["config"] is content["config"] and packed["metrics"] is content["metrics"]
+    # a small content travels as one envelope: three objects (message, record dict, envelope)
+    assert changed and list(packed) == [ENVELOPE] and isinstance(packed[ENVELOPE], ConfigRecord)
     back, unpacked = unpack_content(packed)
-    assert unpacked and list(back["arrays"]) == list(ARRAYS)
-    assert isinstance(back["single"], ArrayRecord) and back["single"]["w"].numpy().tolist() == [1, 1, 1]
-    assert back["config"] is content["config"] and back["metrics"] is content["metrics"]
+    assert unpacked and list(back) == list(content)
+    assert list(back["arrays"]) == list(ARRAYS)
     for name, value in ARRAYS.items():
-        assert back["arrays"][name].numpy().tobytes() == value.tobytes()
+        got = back["arrays"][name].numpy()
+        assert got.dtype == value.dtype and got.shape == value.shape and got.tobytes() == value.tobytes()
+    assert isinstance(back["single"], ArrayRecord) and back["single"]["w"].numpy().tolist() == [1, 1, 1]
+    assert back["config"] == content["config"] and isinstance(back["config"], ConfigRecord)
+    assert back["metrics"] == content["metrics"] and isinstance(back["metrics"], MetricRecord)
     assert unpack_content(content) == (content, False)  # nothing packed: the same object
+    lone = RecordDict({"payload": ConfigRecord({"x": b"1"})})
+    assert pack_content(lone) == (lone, False)  # one config record: nothing to save
     odd = RecordDict({"arrays": ArrayRecord({"a": Array(np.array(["x"])), "b": Array(np.ones(2))})})
     assert pack_content(odd) == (odd, False)  # a record that cannot be packed travels as it is
+    mixed = RecordDict({"arrays": odd["arrays"], "config": ConfigRecord({"a": 1})})
+    assert pack_content(mixed) == (mixed, False)
 
 
 @pytest.mark.parametrize(
@@ -107,35 +114,77 @@ def test_a_forged_pack_is_refused_with_what_is_wrong(packed: np.ndarray, says: s
     assert says in str(caught.value)
 
 
-def test_a_large_pack_travels_as_one_array(monkeypatch) -> None:
+def test_a_large_content_travels_record_by_record(monkeypatch) -> None:
     monkeypatch.setattr(packed_arrays, "INLINE_BYTES", 64)
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()}),
             "single": ArrayRecord({"w": Array(np.ones(30, dtype=np.float32))}),
+            "config": ConfigRecord({"server-round": 2}),
         }
     )
     packed, changed = pack_content(content)
-    assert changed and isinstance(packed["arrays"], ArrayRecord) and list(packed["arrays"]) == [PACKED]
-    assert packed["single"] is content["single"]  # one large array: nothing to save
+    assert changed and list(packed) == list(content)
+    assert isinstance(packed["arrays"], ArrayRecord) and list(packed["arrays"]) == [PACKED]
+    assert packed["single"] is content["single"] and packed["config"] is content["config"]
     back, _ = unpack_content(packed)
     assert list(back["arrays"]) == list(ARRAYS)
 
 
+def _envelope(payload: object) -> RecordDict:
+    return RecordDict({ENVELOPE: ConfigRecord({ENVELOPE: payload})})
+
+
+def _forged_envelope(entries: object, *parts: bytes, length: int | None = None) -> RecordDict:
+    header = entries if isinstance(entries, bytes) else json.dumps(entries).encode()
+    size = len(header) if length is None else length
+    return _envelope(size.to_bytes(4, "little") + header + b"".join(parts))
+
+
+METRICS = MetricRecord({"loss": 0.5}).deflate()
+
+
 @pytest.mark.parametrize(
-    ("record", "says"),
+    ("content", "says"),
     [
-        (ConfigRecord({PACKED: pack_arrays({"w": np.ones(2)}).tobytes(), "x": 1}), "holds only"),
-        (ConfigRecord({PACKED: "not bytes"}), "must be bytes, not str"),
-        (ConfigRecord({PACKED: [1, 2]}), "must be bytes, not list"),
-        (ConfigRecord({PACKED: _forged([["w", "<f4", [3]]], b"\0" * 8).tobytes()}), "run past the end"),
-        (ConfigRecord({PACKED: b"\0\0"}), "shorter than its header length"),
+        (RecordDict({ENVELOPE: ConfigRecord({ENVELOPE: b""}), "x": ConfigRecord({})}), "travels alone"),
+        (RecordDict({ENVELOPE: ConfigRecord({ENVELOPE: b"", "x": 1})}), "holding only"),
+        (RecordDict({ENVELOPE: MetricRecord({ENVELOPE: 1.0})}), "must be a ConfigRecord"),
+        (_envelope("not bytes"), "must be bytes, not str"),
+        (_envelope(b"\0\0"), "shorter than its header length"),
+        (_forged_envelope([["m", "metrics", 3]], length=10**6), "does not fit"),
+        (_forged_envelope(b"not json"), "not JSON"),
+        (_forged_envelope({"m": 1}), "must be a list"),
+        (_forged_envelope([["m", "metrics"]]), "must be [key, kind, length]"),
+        (_forged_envelope([["", "metrics", 0]]), "new non-empty string"),
+        (_forged_envelope([[ENVELOPE, "metrics", 0]]), "new non-empty string"),
+        (
+            _forged_envelope([["m", "metrics", len(METRICS)], ["m", "metrics", len(METRICS)]], METRICS, METRICS),
+            "new non-empty string",
+        ),
+        (_forged_envelope([["m", "pickle", 0]]), "kind 'pickle' is not one of"),
+        (_forged_envelope([["m", "metrics", -1]]), "runs past the end"),
+        (_forged_envelope([["m", "metrics", True]]), "runs past the end"),
+        (_forged_envelope([["m", "metrics", len(METRICS) + 1]], METRICS), "runs past the end"),
+        (_forged_envelope([["m", "metrics", len(METRICS)]], METRICS, b"xx"), "2 bytes after"),
+        (_forged_envelope([["m", "config", len(METRICS)]], METRICS), "its config do not read"),
+        (_forged_envelope([["m", "metrics", 5]], b"junk!"), "its metrics do not read"),
+        (_forged_envelope([["a", "arrays", 4]], b"\xff\xff\xff\xff"), "record 'a': header length"),
     ],
 )
-def test_a_forged_inline_pack_is_refused_with_what_is_wrong(record: ConfigRecord, says: str) -> None:
+def test_a_forged_envelope_is_refused_with_what_is_wrong(content: RecordDict, says: str) -> None:
     with pytest.raises(PackError) as caught:
-        unpack_content(RecordDict({"arrays": record}))
+        unpack_content(content)
     assert says in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
+def test_an_envelope_holds_exactly_what_was_packed() -> None:
+    content = RecordDict({"config": ConfigRecord({"a": 1, "b": b"x", "c": [1.5]}), "metrics": MetricRecord({"n": 3})})
+    packed, _ = pack_content(content)
+    assert packed[ENVELOPE][ENVELOPE] == envelope_bytes(content)
+    back, _ = unpack_content(packed)
+    assert dict(back["config"]) == {"a": 1, "b": b"x", "c": [1.5]} and dict(back["metrics"]) == {"n": 3}
 
 
 def test_a_packed_record_holds_nothing_else() -> None:
@@ -155,8 +204,11 @@ def test_the_node_refuses_a_forged_pack_before_any_handler_runs(inline: bool) ->
     from flowerbed.client.handlers import packed_arrays_mod
 
     forged = _forged([["fc1.weight", "<f4", [1000]]], b"\0" * 8)
-    record = ConfigRecord({PACKED: forged.tobytes()}) if inline else ArrayRecord({PACKED: Array(forged)})
-    message = _train_message(RecordDict({"arrays": record}))
+    if inline:
+        content = _forged_envelope([["arrays", "arrays", forged.nbytes]], forged.tobytes())
+    else:
+        content = RecordDict({"arrays": ArrayRecord({PACKED: Array(forged)})})
+    message = _train_message(content)
     called: list[Message] = []
     context = Context(run_id=1, node_id=1, node_config={"site": "hungary"}, state=RecordDict(), run_config={})
     reply = packed_arrays_mod(message, context, lambda m, c: called.append(m) or m)
@@ -179,7 +231,7 @@ def test_the_node_unpacks_a_request_and_packs_its_reply() -> None:
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = packed_arrays_mod(message, context, handler)
     assert seen == [list(ARRAYS)]
-    assert isinstance(reply.content["arrays"], ConfigRecord) and list(reply.content["arrays"]) == [PACKED]
+    assert list(reply.content) == [ENVELOPE]
     unpacked = _train_message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()})}))
     plain = packed_arrays_mod(unpacked, context, handler)  # an unpacked request gets an unpacked reply
     assert list(plain.content["arrays"]) == list(ARRAYS)
@@ -194,7 +246,7 @@ class _Grid:
         self.replies: list[Message] = []
 
     def push_messages(self, messages):
-        self.pushed = [list(m.content["arrays"]) for m in messages]
+        self.pushed = [list(m.content) for m in messages]
         ids = []
         for i, m in enumerate(messages):
             set_message_id(m, f"m{i}")
@@ -222,7 +274,7 @@ def test_the_coordinator_packs_what_it_sends_and_unpacks_what_comes_back(monkeyp
     message = _train_message(RecordDict({"arrays": arrays}))
     grid = _Grid(honest)
     (reply,) = exchange.send_and_receive(grid, [message], timeout=5)
-    assert grid.pushed == [[PACKED]]  # one array on the wire
+    assert grid.pushed == [[ENVELOPE]]  # one record on the wire
     assert list(message.content["arrays"]) == list(ARRAYS)  # the caller's message is untouched
     assert list(reply.content["arrays"]) == list(ARRAYS)
 
@@ -232,7 +284,7 @@ def test_the_coordinator_packs_what_it_sends_and_unpacks_what_comes_back(monkeyp
 
     def inline_forger(m: Message) -> Message:
         bad = _forged([["fc1.weight", "<f4", [99]]]).tobytes()
-        return Message(RecordDict({"arrays": ConfigRecord({PACKED: bad})}), reply_to=m)
+        return Message(_forged_envelope([["arrays", "arrays", len(bad)]], bad), reply_to=m)
 
     for attacker in (forger, inline_forger):
         (refused,) = exchange.send_and_receive(_Grid(attacker), [_train_message(RecordDict({"arrays": arrays}))], 5)
@@ -333,3 +385,32 @@ def test_a_train_reply_whose_bytes_are_no_array_is_refused_not_raised() -> None:
         message_type="train",
     )
     assert validate_train_reply(reply, reference) == "its arrays do not read (ValueError)"
+
+
+def test_mutated_envelopes_are_read_or_refused_never_raised() -> None:
+    """Bytes flipped, cut or repeated anywhere in a real envelope: a PackError or a content, nothing else."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()}),
+            "config": ConfigRecord({"server-round": 2, "blob": b"\x00\x01", "names": ["a", "b"]}),
+            "metrics": MetricRecord({"loss": 0.5, "n": 3}),
+        }
+    )
+    good = envelope_bytes(content)
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(400):
+        data = bytearray(good)
+        cut = int(rng.integers(len(data)))
+        match int(rng.integers(3)):
+            case 0:
+                data[cut] ^= 1 << int(rng.integers(8))
+            case 1:
+                data = data[:cut]
+            case _:
+                data = data[:cut] + data[cut : cut + int(rng.integers(1, 64))] + data[cut:]
+        try:
+            unpack_content(_envelope(bytes(data)))
+        except PackError:
+            refused += 1
+    assert refused > 200  # most mutations break a length or a parser; the rest read as some content

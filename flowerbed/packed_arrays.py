@@ -228,11 +228,13 @@ def envelope_bytes(content: RecordDict) -> bytes:
     Raises
     ------
     PackError
-        For an array whose dtype is not in ``DTYPES``.
+        For an array whose dtype is not in ``DTYPES``, or a record of more than ``MAX_ARRAYS`` arrays.
     """
     entries, parts = [], []
     for key, value in content.items():
         if isinstance(value, ArrayRecord):
+            if len(value) > MAX_ARRAYS:
+                raise PackError(f"record {key!r}: more than {MAX_ARRAYS} arrays")
             kind, data = "arrays", pack_arrays({name: value[name].numpy() for name in value}).tobytes()
         elif isinstance(value, ConfigRecord):
             kind, data = "config", value.deflate()

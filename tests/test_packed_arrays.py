@@ -83,6 +83,10 @@ def test_a_message_s_content_packs_into_fewer_records_and_back() -> None:
     assert pack_content(odd) == (odd, False)  # a record that cannot be packed travels as it is
     mixed = RecordDict({"arrays": odd["arrays"], "config": ConfigRecord({"a": 1})})
     assert pack_content(mixed) == (mixed, False)
+    many = RecordDict(
+        {"arrays": ArrayRecord({f"w{i}": Array(np.zeros(1)) for i in range(packed_arrays.MAX_ARRAYS + 1)})}
+    )
+    assert pack_content(many) == (many, False)  # more arrays than a receiver reads: they travel as they are
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
 
-def unpack_record(record: ArrayRecord) -> ArrayRecord:
+def unpack_record(record: ArrayRecord, max_arrays: int = MAX_ARRAYS) -> ArrayRecord:
     """The arrays of a packed record as an ordinary ``ArrayRecord`` (any other record as it is).
 
     Raises
@@ -92,7 +92,7 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
         return record
     if len(record) != 1:
         raise PackError(f"a packed record holds only {PACKED!r}, not {len(record)} arrays")
-    arrays = unpack_arrays(_packed_bytes(record[PACKED]))
+    arrays = unpack_arrays(_packed_bytes(record[PACKED]), max_arrays)
     return ArrayRecord({name: Array(value) for name, value in arrays.items()})
 
 
@@ -114,11 +114,14 @@ def _packed_bytes(array: Array) -> np.ndarray:
     except (ValueError, TypeError, EOFError, SyntaxError) as exc:
         raise PackError(f"the packed array's .npy header does not read: {_short(str(exc))}") from None
     if dtype != np.uint8 or fortran_order or len(shape) != 1 or shape[0] != len(data) - offset:
-        raise PackError(f"the packed array must be a uint8 vector of its own length, not {dtype} of shape {shape}")
+        raise PackError(
+            f"the packed array must be a uint8 vector of its own length, not {_short(str(dtype))} "
+            f"of shape {_short(str(shape))}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=offset)
 
 
-def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
+def unpack_arrays(packed: np.ndarray, max_arrays: int = MAX_ARRAYS) -> dict[str, np.ndarray]:
     """The ``{name: ndarray}`` of a packed array's bytes (see ``unpack_record``), each a copy."""
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise PackError(f"the packed array must be a uint8 vector, not {packed.dtype} of shape {packed.shape}")
@@ -132,8 +135,8 @@ def unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
         entries = json.loads(bytes(data[4 : 4 + length]))
     except (ValueError, RecursionError):
         raise PackError("the header is not JSON (or is nested too deeply)") from None
-    if not isinstance(entries, list) or len(entries) > MAX_ARRAYS:
-        raise PackError(f"the header must be a list of at most {MAX_ARRAYS} entries")
+    if not isinstance(entries, list) or len(entries) > max_arrays:
+        raise PackError(f"the header must be a list of at most {max_arrays} entries (a content holds {MAX_ARRAYS})")
     out: dict[str, np.ndarray] = {}
     offset = 4 + length
     for i, entry in enumerate(entries):
@@ -194,7 +197,13 @@ def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:
             payload = None
         if payload is not None and len(payload) <= INLINE_BYTES:
             return RecordDict({ENVELOPE: ConfigRecord({ENVELOPE: payload})}), True
-    packed = {key: _packed_or_same(value) for key, value in content.items()}
+    packed: dict[str, Any] = {}
+    budget = MAX_ARRAYS  # what a receiver reads in one content
+    for key, value in content.items():
+        if isinstance(value, ArrayRecord) and len(value) <= budget:
+            value = _packed_or_same(value)
+            budget -= len(content[key]) if value is not content[key] else 0
+        packed[key] = value
     changed = any(packed[key] is not content[key] for key in packed)
     return (RecordDict(packed), True) if changed else (content, False)
 
@@ -228,13 +237,13 @@ def envelope_bytes(content: RecordDict) -> bytes:
     Raises
     ------
     PackError
-        For an array whose dtype is not in ``DTYPES``, or a record of more than ``MAX_ARRAYS`` arrays.
+        For an array whose dtype is not in ``DTYPES``, or more than ``MAX_ARRAYS`` arrays in all.
     """
     entries, parts = [], []
+    if sum(len(value) for value in content.values() if isinstance(value, ArrayRecord)) > MAX_ARRAYS:
+        raise PackError(f"more than {MAX_ARRAYS} arrays in one content")
     for key, value in content.items():
         if isinstance(value, ArrayRecord):
-            if len(value) > MAX_ARRAYS:
-                raise PackError(f"record {key!r}: more than {MAX_ARRAYS} arrays")
             kind, data = "arrays", pack_arrays({name: value[name].numpy() for name in value}).tobytes()
         elif isinstance(value, ConfigRecord):
             kind, data = "config", value.deflate()
@@ -265,6 +274,8 @@ def open_envelope(content: RecordDict) -> RecordDict:
     data = record[ENVELOPE]
     if not isinstance(data, bytes):
         raise PackError(f"the envelope's value must be bytes, not {type(data).__name__}")
+    if len(data) > INLINE_BYTES:
+        raise PackError(f"the envelope holds {len(data)} bytes, more than a sender puts in one ({INLINE_BYTES})")
     if len(data) < 4:
         raise PackError("the envelope is shorter than its header length")
     length = int.from_bytes(data[:4], "little")
@@ -277,6 +288,7 @@ def open_envelope(content: RecordDict) -> RecordDict:
     if not isinstance(entries, list) or len(entries) > MAX_RECORDS:
         raise PackError(f"the envelope's header must be a list of at most {MAX_RECORDS} entries")
     records: dict[str, Any] = {}
+    budget = [MAX_ARRAYS]  # arrays left for the whole content: each costs the reader a Flower Array
     offset = 4 + length
     for i, entry in enumerate(entries):
         if not (isinstance(entry, list) and len(entry) == 3):
@@ -288,19 +300,20 @@ def open_envelope(content: RecordDict) -> RecordDict:
             raise PackError(f"envelope entry {i} ({_short(key)}): kind {_short(kind)} is not one of {RECORD_KINDS}")
         if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(data) - offset):
             raise PackError(f"envelope entry {i} ({_short(key)}): its length {_short(size)} runs past the end")
-        records[key] = _record(key, kind, data[offset : offset + size])
+        records[key] = _record(key, kind, data[offset : offset + size], budget)
         offset += size
     if offset != len(data):
         raise PackError(f"{len(data) - offset} bytes after the envelope's last record")
     return RecordDict(records)
 
 
-def _record(key: str, kind: str, data: bytes) -> ArrayRecord | ConfigRecord | MetricRecord:
+def _record(key: str, kind: str, data: bytes, budget: list[int]) -> ArrayRecord | ConfigRecord | MetricRecord:
     if kind == "arrays":
         try:
-            arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8))
+            arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8), budget[0])
         except PackError as exc:
             raise PackError(f"record {_short(key)}: {exc}") from None
+        budget[0] -= len(arrays)
         return ArrayRecord({name: Array(value) for name, value in arrays.items()})
     kind_class = ConfigRecord if kind == "config" else MetricRecord
     try:
@@ -321,7 +334,11 @@ def unpack_content(content: RecordDict) -> tuple[RecordDict, bool]:
         return open_envelope(content), True
     if not any(isinstance(v, ArrayRecord) and PACKED in v for v in content.values()):
         return content, False
-    unpacked = {
-        key: unpack_record(value) if isinstance(value, ArrayRecord) else value for key, value in content.items()
-    }
+    unpacked: dict[str, Any] = {}
+    budget = MAX_ARRAYS  # for the whole content, as in an envelope
+    for key, value in content.items():
+        if isinstance(value, ArrayRecord) and PACKED in value:
+            value = unpack_record(value, budget)
+            budget -= len(value)
+        unpacked[key] = value
     return RecordDict(unpacked), True

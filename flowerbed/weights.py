@@ -43,10 +43,9 @@ def array_numpy(array: Array) -> np.ndarray:
     if type(array) is not Array or array.stype != NPY:  # in-memory arrays answer from their ndarray
         return array.numpy()
     data = array.data
-    try:
-        shape, fortran_order, dtype, offset = npy_header(data)
-    except (ValueError, TypeError, EOFError, SyntaxError):
+    if not isinstance(data, bytes | bytearray | memoryview):
         return array.numpy()
+    shape, fortran_order, dtype, offset = npy_header(data)
     count = math.prod(shape)
     if fortran_order or dtype.hasobject or len(data) - offset < count * dtype.itemsize:
         return array.numpy()
@@ -79,15 +78,21 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     Raises
     ------
     ValueError
-        If the bytes do not start with a ``.npy`` header.
+        If the bytes do not start with a ``.npy`` header that reads (whatever numpy's reader raised
+        on a hostile header, a ``RecursionError`` or a tokenizer error among them).
     """
     prefix = bytes(data[:12])
-    if prefix[:6] == b"\x93NUMPY" and len(prefix) == 12:  # a header seen before is not parsed again
-        size_bytes = 2 if prefix[6] == 1 else 4
-        offset = 8 + size_bytes + int.from_bytes(prefix[8 : 8 + size_bytes], "little")
-        if offset <= _KEPT_HEADER and len(data) >= offset:
-            return (*_parsed_header(bytes(data[:offset])), offset)
-    return _read_header(data)
+    try:
+        if prefix[:6] == b"\x93NUMPY" and len(prefix) == 12:  # a header seen before is not parsed again
+            size_bytes = 2 if prefix[6] == 1 else 4
+            offset = 8 + size_bytes + int.from_bytes(prefix[8 : 8 + size_bytes], "little")
+            if offset <= _KEPT_HEADER and len(data) >= offset:
+                return (*_parsed_header(bytes(data[:offset])), offset)
+        return _read_header(data)
+    except ValueError:
+        raise
+    except Exception as exc:  # numpy's reader parses the header with ast and tokenize
+        raise ValueError(f"the .npy header does not read ({type(exc).__name__})") from None
 
 
 _KEPT_HEADER = 1024  # longer headers are parsed every time (and refused by numpy's own limit)

@@ -24,6 +24,7 @@ from flowerbed.packed_arrays import (
     unpack_record,
 )
 from flowerbed.protocol import ErrorCode
+from flowerbed.weights import npy_header
 
 ARRAYS = {
     "fc1.weight": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
@@ -418,3 +419,50 @@ def test_mutated_envelopes_are_read_or_refused_never_raised() -> None:
         except PackError:
             refused += 1
     assert refused > 200  # most mutations break a length or a parser; the rest read as some content
+
+
+def _many_zero_size_arrays(count: int) -> bytes:
+    header = json.dumps([[f"{i:x}", "|u1", [0]] for i in range(count)]).encode()
+    return len(header).to_bytes(4, "little") + header
+
+
+def test_a_content_of_too_many_arrays_is_refused_before_they_are_built() -> None:
+    """A node's reply (or the coordinator's message) claiming many cheap arrays: each would cost the reader."""
+    record = _many_zero_size_arrays(3000)
+    entries = [[f"r{j}", "arrays", len(record)] for j in range(2)]
+    with pytest.raises(PackError, match="at most 1096 entries"):
+        unpack_content(_forged_envelope(entries, record, record))
+    packed = {f"r{j}": ArrayRecord({PACKED: Array(np.frombuffer(record, dtype=np.uint8))}) for j in range(2)}
+    with pytest.raises(PackError, match="at most 1096 entries"):
+        unpack_content(RecordDict(packed))
+    with pytest.raises(PackError, match="more than a sender puts in one"):
+        unpack_content(_envelope(b"\0" * (packed_arrays.INLINE_BYTES + 1)))
+
+
+def test_the_sender_keeps_within_what_the_receiver_reads() -> None:
+    records = {name: ArrayRecord({f"w{i}": Array(np.zeros(1)) for i in range(3000)}) for name in ("arrays", "control")}
+    content = RecordDict(records)
+    packed, changed = pack_content(content)
+    assert changed and list(packed["arrays"]) == [PACKED] and packed["control"] is content["control"]
+    back, _ = unpack_content(packed)
+    assert len(back["arrays"]) == len(back["control"]) == 3000
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr':'|u1','fortran_order':False,'shape':(%s1,)}" % ("-" * 3000),  # RecursionError in ast
+        "{'descr':'|u1','fortran_order':False,'shape':(1,)} '''",  # a tokenizer error
+        "{'descr':'|u1','fortran_order':False,'shape':(%s)}" % ("1," * 3000),  # a long shape to echo
+    ],
+)
+def test_a_hostile_npy_header_is_a_refusal_of_reasonable_length(header: str) -> None:
+    raw = header.encode("latin1") + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw + b"\0"
+    array = Array(dtype="uint8", shape=(1,), stype="numpy.ndarray", data=npy)
+    with pytest.raises(PackError) as caught:
+        unpack_content(RecordDict({"a": ArrayRecord({PACKED: array})}))
+    assert len(str(caught.value)) < 400
+    if "1,1," not in header:  # numpy's reader fails on the other two: only ever as a ValueError
+        with pytest.raises(ValueError):
+            npy_header(npy)

@@ -126,19 +126,8 @@ def unpack_arrays(packed: np.ndarray, max_arrays: int = MAX_ARRAYS) -> dict[str,
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise PackError(f"the packed array must be a uint8 vector, not {packed.dtype} of shape {packed.shape}")
     data = memoryview(np.ascontiguousarray(packed)).cast("B")  # the arrays are copied out once, below
-    if len(data) < 4:
-        raise PackError("the packed array is shorter than its header length")
-    length = int.from_bytes(data[:4], "little")
-    if not 0 < length <= min(MAX_HEADER, len(data) - 4):
-        raise PackError(f"header length {length} does not fit the packed array ({len(data)} bytes)")
-    try:
-        entries = json.loads(bytes(data[4 : 4 + length]))
-    except (ValueError, RecursionError):
-        raise PackError("the header is not JSON (or is nested too deeply)") from None
-    if not isinstance(entries, list) or len(entries) > max_arrays:
-        raise PackError(f"the header must be a list of at most {max_arrays} entries (a content holds {MAX_ARRAYS})")
+    entries, offset = _json_header(data, "the packed array", max_arrays, f" (a content holds {MAX_ARRAYS})")
     out: dict[str, np.ndarray] = {}
-    offset = 4 + length
     for i, entry in enumerate(entries):
         name, dtype, shape = _entry(i, entry)
         if name in out:
@@ -158,6 +147,22 @@ def unpack_arrays(packed: np.ndarray, max_arrays: int = MAX_ARRAYS) -> dict[str,
     if offset != len(data):
         raise PackError(f"{len(data) - offset} bytes after the last array")
     return out
+
+
+def _json_header(data: memoryview, what: str, max_entries: int, note: str = "") -> tuple[list, int]:
+    """The JSON list that ``data`` starts with (after its u32 length) and where the bytes after it begin."""
+    if len(data) < 4:
+        raise PackError(f"{what} is shorter than its header length")
+    length = int.from_bytes(data[:4], "little")
+    if not 0 < length <= min(MAX_HEADER, len(data) - 4):
+        raise PackError(f"header length {length} does not fit {what} ({len(data)} bytes)")
+    try:
+        entries = json.loads(bytes(data[4 : 4 + length]))
+    except (ValueError, RecursionError):
+        raise PackError(f"the header of {what} is not JSON (or is nested too deeply)") from None
+    if not isinstance(entries, list) or len(entries) > max_entries:
+        raise PackError(f"the header of {what} must be a list of at most {max_entries} entries{note}")
+    return entries, 4 + length
 
 
 def _entry(i: int, entry: object) -> tuple[str, str, tuple[int, ...]]:
@@ -276,20 +281,9 @@ def open_envelope(content: RecordDict) -> RecordDict:
         raise PackError(f"the envelope's value must be bytes, not {type(data).__name__}")
     if len(data) > INLINE_BYTES:
         raise PackError(f"the envelope holds {len(data)} bytes, more than a sender puts in one ({INLINE_BYTES})")
-    if len(data) < 4:
-        raise PackError("the envelope is shorter than its header length")
-    length = int.from_bytes(data[:4], "little")
-    if not 0 < length <= min(MAX_HEADER, len(data) - 4):
-        raise PackError(f"header length {length} does not fit the envelope ({len(data)} bytes)")
-    try:
-        entries = json.loads(data[4 : 4 + length])
-    except (ValueError, RecursionError):
-        raise PackError("the envelope's header is not JSON (or is nested too deeply)") from None
-    if not isinstance(entries, list) or len(entries) > MAX_RECORDS:
-        raise PackError(f"the envelope's header must be a list of at most {MAX_RECORDS} entries")
+    entries, offset = _json_header(memoryview(data), "the envelope", MAX_RECORDS)
     records: dict[str, Any] = {}
     budget = [MAX_ARRAYS]  # arrays left for the whole content: each costs the reader a Flower Array
-    offset = 4 + length
     for i, entry in enumerate(entries):
         if not (isinstance(entry, list) and len(entry) == 3):
             raise PackError(f"envelope entry {i} must be [key, kind, length]")

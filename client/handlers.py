@@ -113,8 +113,8 @@ def error_reply(message: Message, context: Context, exc: FlowerbedError) -> Mess
 def packed_arrays_mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Unpack a request that came packed and pack the reply the same way (``flowerbed.packed_arrays``).
 
-    An envelope or packed record that does not parse is refused with a ``NODE_ERROR`` reply; nothing of it is
-    used.
+    An envelope or packed record that does not parse is refused with a ``NODE_ERROR`` reply;
+    nothing of it is used.
     """
     if message.has_error():
         return call_next(message, context)

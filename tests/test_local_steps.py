@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowerbed.client.training import StepSchedule
+from flowerbed.client.training import StepSchedule, epoch_permutations
 from flowerbed.server.run_folder import read_metrics
 from flowerbed.simulations.simulate import simulate
 from flowerbed.tasks.data.catalog import load_federation
@@ -22,6 +22,17 @@ def test_rounds_of_steps_continue_one_iterator_reshuffled_every_epoch():
     assert whole[0:3] != whole[3:6], "a fresh order every epoch"
     again = [b.tolist() for b in StepSchedule(3, 3, seed=5, batch_size=size).batches(n)]
     assert again == whole[3:6], "a round run again takes the same batches"
+
+
+def test_an_epoch_order_depends_only_on_its_own_seed_epoch_and_size():
+    """Many sites at once, each a permutation of its own rows, the same as when drawn alone."""
+    rng = np.random.default_rng(3)
+    seeds, epochs, sizes = rng.integers(0, 2**62, 300), rng.integers(0, 50, 300), rng.integers(1, 40, 300)
+    together = epoch_permutations(seeds, epochs, sizes)
+    for i in range(300):
+        alone = epoch_permutations(seeds[i : i + 1], epochs[i : i + 1], sizes[i : i + 1])[0]
+        assert sorted(together[i, : sizes[i]]) == list(range(sizes[i]))
+        assert together[i, : sizes[i]].tolist() == alone[: sizes[i]].tolist()
 
 
 def test_every_site_takes_its_steps_and_both_paths_agree(heart_experiment):

@@ -31,7 +31,9 @@ ServerApp has pulled the reply. Per exchange the message whose reply came last i
   exchange returns with the last one);
 
 plus ``outside`` (the round's time outside its two exchanges: aggregation, checkpoint). The CPU
-seconds each kind of process used per round are sampled from ``/proc``. Nothing is asserted::
+seconds each kind of process used per round are sampled from ``/proc``, and the SuperLink's
+requests per round are counted by Flower handler (fleet and runtime API), each with the handler's
+own CPU time. Nothing is asserted::
 
     python -m flowerbed.benchmarks.deployment_overhead --rounds 5 --repeats 2 [--before-src DIR]
 """

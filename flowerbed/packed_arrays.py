@@ -25,6 +25,7 @@ In-process grids never pack.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -206,8 +207,10 @@ def pack_content(content: RecordDict) -> tuple[RecordDict, bool]:
     budget = MAX_ARRAYS  # what a receiver reads in one content
     for key, value in content.items():
         if isinstance(value, ArrayRecord) and len(value) <= budget:
-            value = _packed_or_same(value)
-            budget -= len(content[key]) if value is not content[key] else 0
+            with contextlib.suppress(PackError):  # an unusual dtype: the record travels as it is
+                value = pack_record(value)
+            if value is not content[key]:
+                budget -= len(content[key])
         packed[key] = value
     changed = any(packed[key] is not content[key] for key in packed)
     return (RecordDict(packed), True) if changed else (content, False)
@@ -220,15 +223,6 @@ def _envelope_saves_objects(content: RecordDict) -> bool:
         return False
     size = sum(len(array.data) for record in arrays for array in record.values())
     return len(content) <= MAX_RECORDS and size <= INLINE_BYTES
-
-
-def _packed_or_same(value: object) -> object:
-    if not isinstance(value, ArrayRecord):
-        return value
-    try:
-        return pack_record(value)
-    except PackError:
-        return value
 
 
 def envelope_bytes(content: RecordDict) -> bytes:
@@ -283,7 +277,7 @@ def open_envelope(content: RecordDict) -> RecordDict:
         raise PackError(f"the envelope holds {len(data)} bytes, more than a sender puts in one ({INLINE_BYTES})")
     entries, offset = _json_header(memoryview(data), "the envelope", MAX_RECORDS)
     records: dict[str, Any] = {}
-    budget = [MAX_ARRAYS]  # arrays left for the whole content: each costs the reader a Flower Array
+    arrays_left = MAX_ARRAYS  # for the whole content: each array costs the reader a Flower Array
     for i, entry in enumerate(entries):
         if not (isinstance(entry, list) and len(entry) == 3):
             raise PackError(f"envelope entry {i} must be [key, kind, length]")
@@ -294,20 +288,21 @@ def open_envelope(content: RecordDict) -> RecordDict:
             raise PackError(f"envelope entry {i} ({_short(key)}): kind {_short(kind)} is not one of {RECORD_KINDS}")
         if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(data) - offset):
             raise PackError(f"envelope entry {i} ({_short(key)}): its length {_short(size)} runs past the end")
-        records[key] = _record(key, kind, data[offset : offset + size], budget)
+        records[key] = _record(key, kind, data[offset : offset + size], arrays_left)
+        if kind == "arrays":
+            arrays_left -= len(records[key])
         offset += size
     if offset != len(data):
         raise PackError(f"{len(data) - offset} bytes after the envelope's last record")
     return RecordDict(records)
 
 
-def _record(key: str, kind: str, data: bytes, budget: list[int]) -> ArrayRecord | ConfigRecord | MetricRecord:
+def _record(key: str, kind: str, data: bytes, max_arrays: int) -> ArrayRecord | ConfigRecord | MetricRecord:
     if kind == "arrays":
         try:
-            arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8), budget[0])
+            arrays = unpack_arrays(np.frombuffer(data, dtype=np.uint8), max_arrays)
         except PackError as exc:
             raise PackError(f"record {_short(key)}: {exc}") from None
-        budget[0] -= len(arrays)
         return ArrayRecord({name: Array(value) for name, value in arrays.items()})
     kind_class = ConfigRecord if kind == "config" else MetricRecord
     try:

@@ -290,7 +290,7 @@ class Federation:
         for i, (site, weight) in enumerate(zip(block.sites, block.weights.tolist(), strict=True)):
             if i in problems:
                 continue
-            pinned = pinned_examples.setdefault(site, float(weight))
+            pinned = pinned_examples.setdefault(site, weight)
             if weight != pinned:
                 problems[i] = (
                     f"num-examples = {weight:g}, but this site reported {pinned:g} first; "

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -351,14 +351,18 @@ class PrivacyLedger:
                     "INSERT OR IGNORE INTO plans (dataset, run_id, plan, time) VALUES (?, ?, ?, ?)",
                     [(d, r, _plan_json(p), _now()) for d, r, p in items],
                 )
-                stored = {
-                    (d, r): text
-                    for d, r, text in con.execute(
-                        "SELECT dataset, run_id, plan FROM plans WHERE run_id IN "
-                        f"({','.join('?' * len({r for _, r, _ in items}))})",
-                        sorted({r for _, r, _ in items}),
-                    )
-                }
+                stored: dict[tuple[str, str], str] = {}
+                by_run: dict[str, list[str]] = {}
+                for d, r, _ in items:
+                    by_run.setdefault(r, []).append(d)
+                for run_id, datasets in by_run.items():
+                    for part in _chunks(datasets):
+                        marks = ",".join("?" * len(part))
+                        rows = con.execute(
+                            f"SELECT dataset, plan FROM plans WHERE run_id = ? AND dataset IN ({marks})",
+                            [run_id, *part],
+                        )
+                        stored.update(((d, run_id), text) for d, text in rows)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -436,6 +440,7 @@ class PrivacyLedger:
             con.execute("BEGIN IMMEDIATE")
             try:
                 known = self._histories(con, sorted({c.dataset for c in charges}))
+                rows = []
                 for charge, budget in zip(charges, budgets, strict=True):
                     step = (float(charge.plan.noise_multiplier), float(charge.plan.sample_rate), int(charge.steps))
                     if budget is not None:
@@ -444,24 +449,20 @@ class PrivacyLedger:
                         except PrivacyBudgetExceeded as exc:
                             outcomes.append(exc)
                             continue
-                    cur = con.execute(
+                    known[charge.dataset].append(step)
+                    row = (charge.dataset, charge.run_id, charge.round, *step, charge.plan.accountant, charge.site, now)
+                    rows.append(row)
+                    outcomes.append(Release(0, *row))  # type: ignore[arg-type]
+                if rows:
+                    con.executemany(
                         "INSERT INTO releases (dataset, run_id, round, noise_multiplier, sample_rate,"
                         " steps, accountant, site, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (charge.dataset, charge.run_id, charge.round, *step, charge.plan.accountant, charge.site, now),
+                        rows,
                     )
-                    known[charge.dataset].append(step)
-                    outcomes.append(
-                        Release(
-                            int(cur.lastrowid),  # type: ignore[arg-type]
-                            charge.dataset,
-                            charge.run_id,
-                            charge.round,
-                            *step,
-                            charge.plan.accountant,
-                            charge.site,
-                            now,
-                        )
-                    )
+                    # AUTOINCREMENT in one exclusive transaction: the rows took consecutive ids
+                    (last,) = con.execute("SELECT last_insert_rowid()").fetchone()
+                    ids = iter(range(int(last) - len(rows) + 1, int(last) + 1))
+                    outcomes = [replace(o, id=next(ids)) if isinstance(o, Release) else o for o in outcomes]
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")

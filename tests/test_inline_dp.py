@@ -22,6 +22,7 @@ from flowerbed.simulations.cohort.vectorized import Cohort, stack_cohort, stacke
 from flowerbed.simulations.cohort.vectorized_dp import (
     PrivateCohortPlan,
     clipped_sums,
+    poisson_batches,
     per_sample_function,
     train_cohort_private,
 )
@@ -70,8 +71,18 @@ def _stacked_sums(model, task, params, x, y, valid, max_grad_norm):
     return sums, factor
 
 
+def _stacked_autograd_sums(model, task, params, x, y, valid, max_grad_norm):
+    net = StackedNet(model)
+    sums, factor, _ = clipped_sample_sums(net, params, x, y, valid, max_grad_norm, hand_written=False)
+    return sums, factor
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook")
-@pytest.mark.parametrize("clip_sums", [_vmap_sums, _stacked_sums], ids=["nested-vmap", "stacked-net"])
+@pytest.mark.parametrize(
+    "clip_sums",
+    [_vmap_sums, _stacked_sums, _stacked_autograd_sums],
+    ids=["nested-vmap", "stacked-net", "stacked-autograd"],
+)
 @pytest.mark.parametrize("task_name,schema", [("tabular-mlp", TABULAR), ("image-cnn", IMAGE)])
 def test_vectorized_clipped_step_equals_opacus_for_zero_noise(task_name, schema, clip_sums):
     task = resolve_task(task_name, {})
@@ -93,18 +104,41 @@ def test_vectorized_clipped_step_equals_opacus_for_zero_noise(task_name, schema,
             assert torch.allclose(sums[name][j] / expected, reference[name], atol=1e-6, rtol=1e-5), (j, name)
 
 
-def test_private_cohort_on_stacked_net_equals_nested_vmap():
+def test_poisson_batches_hold_each_clients_members_in_order():
+    n = torch.tensor([40, 7, 0, 40])
+    cohort = Cohort(torch.zeros((4, 40, 3)), torch.zeros((4, 40), dtype=torch.int64), n)
+    rate = torch.tensor([0.5, 0.9, 0.5, 0.05], dtype=torch.float64)
+    gen, replay = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    seen = torch.zeros(4)
+    for _ in range(200):
+        idx, valid = poisson_batches(cohort, torch.arange(4), rate, gen)
+        member = (torch.rand((4, 40), generator=replay, dtype=torch.float64) < rate[:, None]) & (
+            torch.arange(40) < n[:, None]
+        )
+        for j in range(4):
+            rows = idx[j][valid[j]]
+            assert rows.tolist() == member[j].nonzero().reshape(-1).tolist()  # every member once, in order
+            assert (idx[j][~valid[j]] == 0).all()
+        seen += valid.sum(1)
+    assert seen[2] == 0 and seen[1] / 200 == pytest.approx(0.9 * 7, rel=0.05)
+    assert seen[0] / 200 == pytest.approx(20, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "task_name,args,schema", [("image-cnn", {"channels": 4}, IMAGE), ("tabular-mlp", {"hidden": 8}, TABULAR)]
+)
+def test_private_cohort_on_stacked_net_equals_nested_vmap(task_name, args, schema):
     """The same sampling and noise give the same DP-SGD round on either per-sample gradient engine."""
-    task = resolve_task("image-cnn", {"channels": 4})
+    task = resolve_task(task_name, args)
     rng = np.random.default_rng(0)
     sizes = (12, 5, 9)
-    xs = [rng.normal(size=(n, 1, 8, 8)).astype(np.float32) for n in sizes]
-    ys = [rng.integers(0, 10, n) for n in sizes]
+    xs = [rng.normal(size=(n, *schema.input_shape)).astype(np.float32) for n in sizes]
+    ys = [rng.integers(0, schema.num_classes, n) for n in sizes]
     train = TrainConfig(local_epochs=1, batch_size=4, lr=0.5, momentum=0.9)
     plans = [
         make_plan(n=n, batch_size=4, local_epochs=1, rounds=2, max_grad_norm=0.5, noise_multiplier=0.3) for n in sizes
     ]
-    model = task.build_model(IMAGE, seed=0)
+    model = task.build_model(schema, seed=0)
     weights = {k: v.detach() for k, v in model.named_parameters()}
     cohort = stack_cohort(xs, ys, CPU)
     stacked_plan = PrivateCohortPlan.from_plans(plans, list(sizes), CPU)

@@ -191,20 +191,21 @@ def test_secure_aggregation_rounds_run_the_protocol_through_the_client_app(heart
         assert np.allclose(a[key], b[key], atol=1e-3, rtol=0), key
 
 
+@pytest.mark.parametrize("classes", [2, 3])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_hand_written_mlp_gradients_equal_autograd(ragged, monkeypatch):
+def test_hand_written_mlp_gradients_equal_autograd(ragged, classes, monkeypatch):
     """``mlp_grads`` (no autograd) gives every client the gradient and loss autograd gives."""
     from flowerbed.simulations.cohort import vectorized
 
     torch.manual_seed(0)
     k, width, features = 5, 7, 13
     model = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(features, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        torch.nn.Flatten(), torch.nn.Linear(features, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
     )
     net = StackedNet(model)
     assert net.is_mlp
     params = {name: torch.randn(k, *p.shape) for name, p in model.named_parameters()}
-    x, y = torch.randn(k, width, features), torch.randint(0, 3, (k, width))
+    x, y = torch.randn(k, width, features) * 4, torch.randint(0, classes, (k, width))
     counts = torch.tensor([7, 3, 7, 1, 5]) if ragged else torch.full((k,), width)
     results = []
     for hand_written in (True, False):

@@ -153,6 +153,20 @@ def test_check_refuses_with_the_numbers_and_charge_is_atomic(tmp_path: Path) -> 
         fresh.check("d", plan, budget, rounds=2)
 
 
+def test_a_batch_of_charges_returns_the_rows_it_wrote(tmp_path: Path) -> None:
+    """Charged together, releases come back with their stored ids; a refused one writes nothing between."""
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    plan = _plan(1.0, 0.125, 8)
+    ledger.charge(dataset="x", run_id="r", round=1, plan=plan)
+    tight = Budget(epsilon=ledger.check("d", plan, Budget(epsilon=100.0, delta=1e-5)) * 1.01, delta=1e-5)
+    charges = [Charge(d, "r", 2, plan, 8, d) for d in ("a", "d", "d", "b")]
+    outcomes = ledger.charge_many(charges, [None, tight, tight, None])
+    assert isinstance(outcomes[2], PrivacyBudgetExceeded)  # the second release of "d" does not fit
+    written = [o for o in outcomes if not isinstance(o, PrivacyBudgetExceeded)]
+    assert written == [r for r in ledger.releases() if r.run_id == "r" and r.round == 2]
+    assert [r.dataset for r in written] == ["a", "d", "b"] and written[0].id < written[1].id < written[2].id
+
+
 def test_budget_comes_from_node_config() -> None:
     assert Budget.from_node_config({}) is None
     b = Budget.from_node_config({"budget-epsilon": 8, "budget-delta": 1e-6})

@@ -10,7 +10,9 @@ gradient of that sample's loss at the layer's output, as Opacus's grad samplers 
   ``U_i`` (``[C kh kw, L]``), ``g_i U_i^T``; the bias gets ``g_i`` summed over positions.
 
 One backward pass of the summed per-row losses gives every ``g_i`` at once: rows are independent,
-so the gradient of the sum at row ``i``'s output is the gradient of row ``i``'s own loss.
+so the gradient of the sum at row ``i``'s output is the gradient of row ``i``'s own loss. For an
+MLP that pass is written out by hand (``mlp_backprops``, no autograd graph), and each clipped
+weight sum is one batched product with the clipping factors folded into its smaller operand.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowerbed.simulations.cohort.stacked_net import LayerRecord, Params, StackedNet, Trace, per_row_cross_entropy
+from flowerbed.simulations.cohort.stacked_net import (
+    LayerRecord,
+    Params,
+    StackedNet,
+    Trace,
+    mlp_backprops,
+    per_row_cross_entropy,
+)
 
 CLIP_EPS = 1e-6  # Opacus's ``clip_per_sample``: C / (norm + 1e-6)
 
@@ -36,7 +45,14 @@ def _conv_sample_grads(record: LayerRecord, g: torch.Tensor, k: int) -> tuple[to
 
 
 def clipped_sample_sums(
-    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, max_grad_norm: float
+    net: StackedNet,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    max_grad_norm: float,
+    *,
+    hand_written: bool = True,
 ) -> tuple[Params, torch.Tensor, torch.Tensor]:
     """Sums over rows of the per-sample cross-entropy gradients clipped to ``max_grad_norm``.
 
@@ -50,6 +66,8 @@ def clipped_sample_sums(
         Rows ``[K, m, *input_shape]`` and labels ``[K, m]`` (padded).
     valid : torch.Tensor
         ``[K, m]`` booleans: which rows are real members of the batch (padding adds nothing).
+    hand_written : bool (default: True)
+        An MLP takes ``mlp_clipped_sums``; ``False`` runs autograd for every model.
 
     Returns
     -------
@@ -57,6 +75,8 @@ def clipped_sample_sums(
         The clipped sums ``[K, *shape]`` per parameter, the clipping factors ``[K, m]`` (zero on
         padding) and the per-row losses ``[K, m]``.
     """
+    if net.is_mlp and hand_written:
+        return mlp_clipped_sums(net, params, x, y, valid, max_grad_norm)
     k, m = valid.shape
     leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
     trace = Trace()
@@ -93,3 +113,36 @@ def clipped_sample_sums(
             if record.bias is not None:
                 sums[record.bias] = torch.einsum("kb,kbo->ko", factor, second)
     return {name: sums[name] for name in params}, factor, loss.detach()
+
+
+def mlp_clipped_sums(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, max_grad_norm: float
+) -> tuple[Params, torch.Tensor, torch.Tensor]:
+    """``clipped_sample_sums`` for an MLP (``net.is_mlp``), with no autograd graph.
+
+    Row ``i``'s squared gradient norm is ``sum over layers of |g_i|^2 (|a_i|^2 + 1)`` (``+ 1`` for a
+    bias). The clipped sum of a weight, ``sum_i f_i g_i a_i^T``, is one batched product with the
+    factors ``f`` multiplying whichever of ``g`` and ``a`` is narrower; a bias's is ``f^T g``.
+    """
+    layers, loss = mlp_backprops(net, params, x, y, None)
+    norm2: torch.Tensor | None = None
+    for layer in layers:
+        term = layer.grad.pow(2).sum(-1)
+        scale = layer.input.pow(2).sum(-1)
+        term = term.mul_(scale.add_(1.0) if layer.module.bias is not None else scale)
+        norm2 = term if norm2 is None else norm2.add_(term)
+    assert norm2 is not None
+    factor = (max_grad_norm / (norm2.sqrt_() + CLIP_EPS)).clamp_(max=1.0).mul_(valid)
+    column = factor.unsqueeze(-1)
+    sums: Params = {}
+    for layer in layers:
+        g, a = layer.grad, layer.input
+        scaled = g.shape[-1] <= a.shape[-1]
+        if scaled:
+            g = g * column
+        else:
+            a = a * column
+        sums[f"{layer.name}.weight"] = torch.bmm(g.transpose(1, 2), a)
+        if layer.module.bias is not None:
+            sums[f"{layer.name}.bias"] = g.sum(1) if scaled else torch.bmm(factor.unsqueeze(1), g).squeeze(1)
+    return {name: sums[name] for name in params}, factor, loss

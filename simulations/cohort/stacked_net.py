@@ -133,15 +133,26 @@ class StackedNet:
         return out
 
 
-def mlp_grads(
-    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, row_weight: torch.Tensor
-) -> tuple[Params, torch.Tensor]:
-    """Every client's gradient of ``sum_b row_weight[k, b] * cross_entropy(row b)``, written out by hand.
+@dataclass
+class LinearBackprop:
+    """One linear layer of a hand-written backward pass: its input and the gradient at its output."""
+
+    name: str
+    module: nn.Linear
+    input: torch.Tensor  # [K, B, in]
+    grad: torch.Tensor  # [K, B, out]: row b's share of the loss, differentiated at the layer's output
+
+
+def mlp_backprops(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, row_weight: torch.Tensor | None
+) -> tuple[list[LinearBackprop], torch.Tensor]:
+    """Every linear layer's input and output gradient for ``sum_b row_weight[k, b] * cross_entropy(row b)``.
 
     For a stack of ``Linear``, ``ReLU`` and ``Flatten`` only (``is_mlp``): the forward pass keeps
     each layer's input, the loss's gradient with respect to the logits is ``softmax - onehot``
-    times each row's weight, and each linear layer's gradients are two batched products, with no
-    autograd graph. Returns the gradients and each row's cross-entropy ``[K, B]``.
+    times each row's weight (``None``: every row's own loss, unweighted), and the backward pass is
+    batched products with no autograd graph. Rows stay apart: row ``b``'s gradients are those of its
+    own loss. Returns the layers (first to last) and each row's cross-entropy ``[K, B]``.
     """
     k, b = x.shape[:2]
     h = x.reshape(k, b, -1)
@@ -153,21 +164,55 @@ def mlp_grads(
         elif isinstance(module, nn.ReLU):
             h = torch.relu(h)
             saved.append((name, module, h))
-    log_p = torch.log_softmax(h, dim=-1)
-    rows = -log_p.gather(2, y.unsqueeze(-1)).squeeze(-1)
-    grad = log_p.exp_()
-    grad.scatter_add_(2, y.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0)).mul_(row_weight.unsqueeze(-1))
-    grads: Params = {}
+    rows, grad = _cross_entropy_and_grad(h, y)
+    if row_weight is not None:
+        grad.mul_(row_weight.unsqueeze(-1))
+    layers: list[LinearBackprop] = []
     for i in range(len(saved) - 1, -1, -1):
         name, module, kept = saved[i]
         if isinstance(module, nn.ReLU):
             grad = torch.ops.aten.threshold_backward(grad, kept, 0.0)
             continue
-        grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), kept)
-        if module.bias is not None:
-            grads[f"{name}.bias"] = grad.sum(1)
+        layers.append(LinearBackprop(name, module, kept, grad))  # type: ignore[arg-type]
         if i:
             grad = torch.bmm(grad, params[f"{name}.weight"])
+    return layers[::-1], rows
+
+
+def _cross_entropy_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy ``[K, B]`` and its gradient at the logits, ``softmax - onehot``.
+
+    With two classes both come from the logit difference ``d``: the loss is ``softplus(+-d)`` and
+    the gradient ``(-g, g)`` with ``g = sigmoid(d) - label`` (a softmax over a last dimension of two
+    is several times slower on a CPU).
+    """
+    if logits.shape[-1] == 2:
+        d = logits[..., 1] - logits[..., 0]
+        label = labels.to(logits.dtype)
+        rows = F.softplus(d * (1.0 - 2.0 * label))
+        g = torch.sigmoid(d).sub_(label)
+        return rows, torch.stack((-g, g), dim=-1)
+    log_p = torch.log_softmax(logits, dim=-1)
+    rows = -log_p.gather(2, labels.unsqueeze(-1)).squeeze(-1)
+    grad = log_p.exp_()
+    grad.scatter_add_(2, labels.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0))
+    return rows, grad
+
+
+def mlp_grads(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, row_weight: torch.Tensor
+) -> tuple[Params, torch.Tensor]:
+    """Every client's gradient of ``sum_b row_weight[k, b] * cross_entropy(row b)``, written out by hand.
+
+    ``mlp_backprops``, then each linear layer's gradients as two batched products. Returns the
+    gradients and each row's cross-entropy ``[K, B]``.
+    """
+    layers, rows = mlp_backprops(net, params, x, y, row_weight)
+    grads: Params = {}
+    for layer in layers:
+        grads[f"{layer.name}.weight"] = torch.bmm(layer.grad.transpose(1, 2), layer.input)
+        if layer.module.bias is not None:
+            grads[f"{layer.name}.bias"] = layer.grad.sum(1)
     return {key: grads[key] for key in params}, rows
 
 

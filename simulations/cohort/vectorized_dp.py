@@ -49,6 +49,13 @@ class PrivateCohortPlan:
     expected_batch: torch.Tensor
     max_grad_norm: float
 
+    def shared_scale(self) -> tuple[float, float] | None:
+        """(noise scale ``sigma C``, expected batch) when every client has the same, else ``None``."""
+        std = (self.noise_multiplier * self.max_grad_norm).float()
+        if not len(std) or bool((std != std[0]).any() or (self.expected_batch != self.expected_batch[0]).any()):
+            return None
+        return float(std[0]), float(self.expected_batch[0])
+
     @classmethod
     def from_plans(cls, plans: Sequence[DPPlan], n: Sequence[int], device: torch.device) -> PrivateCohortPlan:
         """Stack per-client ``DPPlan``s (they must share the clipping norm)."""
@@ -106,19 +113,26 @@ def clipped_sums(sample_grads: Params, valid: torch.Tensor, max_grad_norm: float
 def poisson_batches(
     cohort: Cohort, rows: torch.Tensor, rate: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poisson-sampled row indices ``[g, m]`` and validity ``[g, m]`` for the clients in ``rows``."""
+    """Poisson-sampled row indices ``[g, m]`` and validity ``[g, m]`` for the clients in ``rows``.
+
+    Each client's members keep their order in its data; padding points at row 0.
+    """
     n = cohort.n[rows]
     n_max = cohort.x.shape[1]
     draws = torch.rand((len(rows), n_max), generator=generator, dtype=torch.float64)
     draws = draws.to(cohort.x.device)
-    member = (draws < rate[rows, None]) & (torch.arange(n_max, device=n.device) < n[:, None])
+    member = draws < rate[rows, None]
+    if bool((n < n_max).any()):
+        member &= torch.arange(n_max, device=n.device) < n[:, None]
     counts = member.sum(1)
     m = int(counts.max()) if len(rows) else 0
-    position = torch.arange(n_max, device=n.device).expand(len(rows), n_max)
-    order = torch.argsort(torch.where(member, position, position + n_max), dim=1, stable=True)
-    idx = order[:, :m]
+    client, row = member.nonzero(as_tuple=True)  # row-major: each client's members in order
+    first = counts.cumsum(0) - counts
+    slot = torch.arange(len(row), device=n.device) - first[client]
+    idx = torch.zeros((len(rows), m), dtype=torch.int64, device=n.device)
+    idx[client, slot] = row
     valid = torch.arange(m, device=n.device) < counts[:, None]
-    return torch.where(valid, idx, torch.zeros_like(idx)), valid
+    return idx, valid
 
 
 def train_cohort_private(
@@ -162,6 +176,7 @@ def train_cohort_private(
     net = stacked_net(model, loss_fn) if batched_kernels else None
     per_client = vmap(per_sample_function(model, loss_fn)) if net is None else None
     std = (plan.noise_multiplier * plan.max_grad_norm).float()
+    shared = plan.shared_scale()
     total = torch.zeros(k, dtype=torch.float64, device=device)
     nonempty = torch.zeros(k, dtype=torch.int64, device=device)
     for t in range(int(plan.steps.max()) if k else 0):
@@ -183,15 +198,38 @@ def train_cohort_private(
             nonempty[rows] += has.long()
         else:
             sums = {name: torch.zeros_like(p) for name, p in cur.items()}
-        grads = {}
-        step_std = std if everyone else std[rows]
-        step_batch = plan.expected_batch if everyone else plan.expected_batch[rows]
-        for name, s in sums.items():
-            shape = (len(rows),) + (1,) * (s.dim() - 1)
-            noise = torch.normal(0.0, 1.0, size=s.shape, generator=noise_gen, device=device, dtype=s.dtype)
-            grads[name] = noise.mul_(step_std.view(shape)).add_(s).div_(step_batch.view(shape).to(s.dtype))
-        optimizer.step(grads, None if everyone else rows, t + 1)
+        noisy = noisy_means(sums, rows, std if shared is None else shared, plan.expected_batch, noise_gen)
+        optimizer.step(noisy, None if everyone else rows, t + 1)
     loss = [
         float(tot) / cnt if cnt else float("nan") for tot, cnt in zip(total.tolist(), nonempty.tolist(), strict=True)
     ]
     return CohortResult(params=params, loss=loss, steps=[int(s) for s in plan.steps.tolist()])
+
+
+def noisy_means(
+    sums: Params,
+    rows: torch.Tensor,
+    std: torch.Tensor | tuple[float, float],
+    expected_batch: torch.Tensor,
+    generator: torch.Generator,
+) -> Params:
+    """``(clipped sum + N(0, std^2)) / expected batch`` of every parameter, for the clients in ``rows``.
+
+    ``std`` is every client's noise scale ``[K]``, or (noise scale, expected batch) shared by all
+    (then both apply as scalars). The noise of all parameters is drawn in one call.
+    """
+    total = sum(s.numel() for s in sums.values())
+    first = next(iter(sums.values()))
+    noise = torch.empty(total, dtype=first.dtype, device=first.device).normal_(generator=generator)
+    grads: Params = {}
+    offset = 0
+    for name, s in sums.items():
+        part = noise[offset : offset + s.numel()].view(s.shape)
+        offset += s.numel()
+        if isinstance(std, tuple):
+            grads[name] = part.mul_(std[0]).add_(s).div_(std[1])
+        else:
+            shape = (len(rows),) + (1,) * (s.dim() - 1)
+            scale, batch = std[rows].view(shape), expected_batch[rows].view(shape).to(s.dtype)
+            grads[name] = part.mul_(scale).add_(s).div_(batch)
+    return grads

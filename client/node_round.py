@@ -286,7 +286,8 @@ def _schedule(admitted: list[Admitted]) -> list[Outcome]:
     for path, members in by_state.items():
         run_id = admitted[members[0]].request.run_id
         wanted = [(admitted[i].site.name, admitted[i].request.server_round) for i in members]
-        for i, before in zip(members, NodeState(path).rounds_before(run_id, wanted), strict=True):
+        state = NodeState(path, power_safe=not all(admitted[i].config.simulated for i in members))  # as it records
+        for i, before in zip(members, state.rounds_before(run_id, wanted), strict=True):
             a = admitted[i]
             steps = int(a.train.local_steps)  # type: ignore[arg-type]
             seed = derive_seed(a.request.experiment.seed, "iterator", a.site.name)

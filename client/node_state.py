@@ -6,7 +6,9 @@ variate, its personal parameters (personalized federated learning).
 A site that trains in ``train.local_steps`` continues its own iterator from round to round; where
 it stands is ``local_steps x`` the rounds of this run it trained before the current one. The node
 records a round after training it and before replying (like a ledger charge), so a round that is
-run again after a crash takes the same batches, and a resumed run goes on where it stopped.
+run again after a crash takes the same batches, and a resumed run goes on where it stopped. A
+connection reads a run's trained rounds once and keeps them, with its own writes, while no other
+connection writes to the file (SQLite's ``data_version``).
 
 Kept arrays are stored per round they were made in: a round reads the newest ones from an earlier
 round, so a round run again (a resumed coordinator) starts from the same state and writes the same
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,8 +55,9 @@ CREATE TABLE IF NOT EXISTS kept (
 """
 
 
-_SITES_PER_QUERY = 500  # under SQLite's limit on a statement's parameters
 _OPEN = threading.local()  # this thread's open connections: {(path, power_safe): (pid, file id, connection)}
+# id(connection): (its data_version when read, {run: {site: trained rounds}})
+_TRAINED: dict[int, tuple[int, dict[str, dict[str, list[int]]]]] = {}
 _KEEP_OPEN = 16  # per thread; the least recently used is closed beyond that
 
 
@@ -94,6 +98,7 @@ class NodeState:
             if found[0] == os.getpid() and found[1] == _file_id(self.path):
                 held[key] = found  # the most recently used, last
                 return found[2]
+            _TRAINED.pop(id(found[2]), None)
             if found[0] == os.getpid():
                 found[2].close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,37 +109,45 @@ class NodeState:
         held[key] = (os.getpid(), _file_id(self.path), con)
         while len(held) > _KEEP_OPEN:
             pid, _, oldest = held.popitem(last=False)[1]
+            _TRAINED.pop(id(oldest), None)
             if pid == os.getpid():
                 oldest.close()
         return con
 
     def rounds_before(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> list[int]:
         """For each (site, round): how many earlier rounds of ``run_id`` that site trained."""
-        wanted = list(rounds)
-        by_round: dict[int, list[str]] = {}
-        for site, number in wanted:
-            by_round.setdefault(int(number), []).append(site)
-        counts: dict[tuple[str, int], int] = {}  # only the sites asked about: the table grows every round
-        with self._connect() as con:
-            for number, sites in by_round.items():
-                unique = sorted(set(sites))
-                for start in range(0, len(unique), _SITES_PER_QUERY):
-                    chunk = unique[start : start + _SITES_PER_QUERY]
-                    rows = con.execute(
-                        "SELECT site, COUNT(*) FROM trained WHERE run_id = ? AND site IN "
-                        f"({', '.join('?' * len(chunk))}) AND round < ? GROUP BY site",
-                        (run_id, *chunk, number),
-                    )
-                    counts.update(((site, number), int(c)) for site, c in rows)
-        return [counts.get((site, int(number)), 0) for site, number in wanted]
+        trained = self._trained(self._connect(), run_id)
+        return [bisect_left(trained.get(site, ()), int(number)) for site, number in rounds]
 
     def record(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> None:
         """Note that each (site, round) was trained (durably; a round noted twice counts once)."""
+        wanted = [(run_id, site, int(number)) for site, number in rounds]
         with self._connect() as con:
-            con.executemany(
-                "INSERT OR IGNORE INTO trained (run_id, site, round) VALUES (?, ?, ?)",
-                [(run_id, site, int(number)) for site, number in rounds],
-            )
+            con.executemany("INSERT OR IGNORE INTO trained (run_id, site, round) VALUES (?, ?, ?)", wanted)
+        kept = _TRAINED.get(id(con))
+        if kept is not None and run_id in kept[1]:
+            trained = kept[1][run_id]
+            for _, site, number in wanted:
+                mine = trained.setdefault(site, [])
+                if number not in mine:
+                    insort(mine, number)
+
+    @staticmethod
+    def _trained(con: sqlite3.Connection, run_id: str) -> dict[str, list[int]]:
+        """Each site's trained rounds of ``run_id``, sorted: read once, again only after another connection wrote."""
+        (version,) = con.execute("PRAGMA data_version").fetchone()
+        kept = _TRAINED.get(id(con))
+        if kept is None or kept[0] != version:
+            kept = _TRAINED[id(con)] = (version, {})
+        runs = kept[1]
+        if run_id not in runs:
+            trained: dict[str, list[int]] = {}
+            for site, number in con.execute(
+                "SELECT site, round FROM trained WHERE run_id = ? ORDER BY round", (run_id,)
+            ):
+                trained.setdefault(site, []).append(int(number))
+            runs[run_id] = trained
+        return runs[run_id]
 
     def kept_before(self, run_id: str, site: str, kind: str, server_round: int) -> dict[str, np.ndarray] | None:
         """The site's newest ``kind`` arrays (``control``, ``personal``) from a round before ``server_round``."""

@@ -62,6 +62,38 @@ def set_message_id(message: Any, message_id: str) -> None:
     message.metadata.__dict__["_message_id"] = message_id
 
 
+def quick_fanout(strategy: Any) -> None:
+    """Let a Flower strategy build its per-node copies of one message by copying the first.
+
+    ``FedAvg._construct_messages`` builds one ``Message`` per node around the same content (about
+    13 µs each); the copies here share that content and the first message's metadata with their
+    own destination (about 2.5 µs). Set on this instance only, and only where the class keeps
+    FedAvg's own method.
+    """
+    from flwr.app import Message
+    from flwr.app.metadata import Metadata
+    from flwr.serverapp.strategy import FedAvg
+
+    if getattr(type(strategy), "_construct_messages", None) is not FedAvg._construct_messages:
+        return
+
+    def construct(record: Any, node_ids: list[int], message_type: str) -> list[Any]:
+        if not node_ids:
+            return []
+        first = Message(content=record, message_type=message_type, dst_node_id=node_ids[0])
+        fields = first.metadata.__dict__
+        out = [first]
+        for node_id in node_ids[1:]:
+            metadata = Metadata.__new__(Metadata)
+            metadata.__dict__.update(fields, _dst_node_id=node_id)
+            message = Message.__new__(Message)
+            message.__dict__.update(first.__dict__, _metadata=metadata)
+            out.append(message)
+        return out
+
+    strategy._construct_messages = construct
+
+
 # ------------------------------------------------------------------------ in-process run identity
 
 

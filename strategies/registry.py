@@ -10,6 +10,7 @@ from flwr.serverapp import strategy as flower_strategies
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import ConfigError
+from flowerbed.flower_internals import quick_fanout
 from flowerbed.experiment import StrategyConfig
 from flowerbed.strategies.adaptive import PUBLISHED
 from flowerbed.strategies.scaffold import Scaffold
@@ -87,9 +88,11 @@ def build_strategy(config: StrategyConfig, source: str = "experiment") -> Strate
             source, [f"strategy.args.{k}: {config.name} has no such argument (allowed: {allowed})" for k in unknown]
         )
     try:
-        return cls(**args)
+        strategy = cls(**args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(source, [f"strategy.args for {config.name}: {exc}"]) from None
+    quick_fanout(strategy)
+    return strategy
 
 
 def _published_params(cls: type[Strategy]) -> dict[str, Any]:

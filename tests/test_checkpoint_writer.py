@@ -213,3 +213,22 @@ def test_a_growing_history_is_encoded_as_a_whole_history_would_be(tmp_path: Path
     with CheckpointWriter() as writer:
         writer.submit(tmp_path, _checkpoint(5, [*resumed, {"round": 5}]))
     _assert_loads_as(tmp_path, _checkpoint(5, [*history, {"round": 5}]))
+
+
+def test_the_round_sent_record_is_overwritten_in_place_and_stays_readable(tmp_path: Path, monkeypatch) -> None:
+    from flowerbed.server import run_folder
+
+    long_record = {1: [f"site-{i}" for i in range(40)], 2: ["a"]}
+    run_folder.note_rounds_sent(tmp_path, long_record)
+    run_folder.note_rounds_sent(tmp_path, {3: ["b"]})
+    assert run_folder.read_rounds_sent(tmp_path) == {3: ["b"]}
+    assert (tmp_path / run_folder.ROUND_SENT).read_bytes().endswith(b"]}")  # truncated: no padding left
+    run_folder.note_rounds_sent(tmp_path, long_record)
+
+    def die(fd: int, length: int) -> None:  # the process dies between the write and the truncate
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder.os, "ftruncate", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.note_rounds_sent(tmp_path, {4: ["c"]})
+    assert run_folder.read_rounds_sent(tmp_path) == {4: ["c"]}  # the old tail is blanked, the JSON reads

@@ -65,6 +65,30 @@ def test_an_in_process_run_can_make_and_number_messages():
     assert message.metadata.message_id == "abc", _changed("Message metadata", "set_message_id")
 
 
+def test_quick_fanout_builds_the_messages_flower_builds():
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    fi.enter_task_identity(7, 11)
+    content = RecordDict({"config": ConfigRecord({"lr": 0.1})})
+    reference = FedAvg()._construct_messages(content, [3, 5, 9], "train")
+    quick = FedProx()
+    fi.quick_fanout(quick)
+    assert "_construct_messages" in vars(quick), _changed("FedAvg._construct_messages", "quick_fanout")
+    copies = quick._construct_messages(content, [3, 5, 9], "train")
+    for ours, theirs in zip(copies, reference, strict=True):
+        mine, flowers = ours.metadata.__dict__, theirs.metadata.__dict__
+        assert mine.keys() == flowers.keys(), _changed("Message metadata", "quick_fanout")
+        assert {k: v for k, v in mine.items() if k != "_created_at"} == {
+            k: v for k, v in flowers.items() if k != "_created_at"
+        }, _changed("Message metadata", "quick_fanout")
+        assert ours.content is content and not ours.has_error(), _changed("Message storage", "quick_fanout")
+    fi.set_message_id(copies[1], "x")
+    assert copies[0].metadata.message_id == "" and copies[1].metadata.dst_node_id == 5  # copies do not alias
+    assert quick._construct_messages(content, [], "train") == []
+    fi.quick_fanout(custom := type("Custom", (FedAvg,), {"_construct_messages": lambda *a: []})())
+    assert "_construct_messages" not in vars(custom)  # a class with its own construction keeps it
+
+
 def test_the_superexec_loop_takes_an_executor_the_way_flowerbed_gives_it():
     from flwr.supercore.superexec import run_superexec as superexec
 

@@ -1,7 +1,10 @@
-"""A node's state file: the rounds each site trained, read only for the sites asked about, over a kept connection."""
+"""A node's state file: the rounds each site trained, kept in memory per connection while no other one writes."""
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from flowerbed.client.node_state import NodeState
@@ -27,3 +30,21 @@ def test_a_deleted_file_is_made_again_not_written_through_a_stale_connection(tmp
     assert path.exists()
     fresh = NodeState(path)
     assert fresh.rounds_before("run", [("a", 2), ("b", 2)]) == [0, 1]
+
+
+def test_rounds_written_by_another_connection_are_read_again(tmp_path: Path) -> None:
+    path = tmp_path / "node-state.sqlite"
+    state = NodeState(path, power_safe=False)
+    state.record("run", [("a", 1)])
+    assert state.rounds_before("run", [("a", 9), ("b", 9)]) == [1, 0]  # read once, then kept
+    state.record("run", [("a", 4), ("b", 2)])  # its own writes update what it keeps
+    assert state.rounds_before("run", [("a", 4), ("a", 5), ("b", 9)]) == [1, 2, 1]
+    with sqlite3.connect(path) as other:  # another writer in this process
+        other.execute("INSERT INTO trained (run_id, site, round) VALUES ('run', 'a', 2)")
+    assert state.rounds_before("run", [("a", 5)]) == [3]
+    code = (
+        "import sys; from flowerbed.client.node_state import NodeState; "
+        "NodeState(sys.argv[1]).record('run', [('b', 3), ('c', 1)])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)  # and another process
+    assert state.rounds_before("run", [("a", 5), ("b", 9), ("c", 2)]) == [3, 2, 1]

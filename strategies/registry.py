@@ -10,8 +10,8 @@ from flwr.serverapp import strategy as flower_strategies
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import ConfigError
-from flowerbed.flower_internals import quick_fanout
 from flowerbed.experiment import StrategyConfig
+from flowerbed.flower_internals import quick_fanout
 from flowerbed.strategies.adaptive import PUBLISHED
 from flowerbed.strategies.scaffold import Scaffold
 

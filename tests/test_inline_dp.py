@@ -22,8 +22,8 @@ from flowerbed.simulations.cohort.vectorized import Cohort, stack_cohort, stacke
 from flowerbed.simulations.cohort.vectorized_dp import (
     PrivateCohortPlan,
     clipped_sums,
-    poisson_batches,
     per_sample_function,
+    poisson_batches,
     train_cohort_private,
 )
 from flowerbed.simulations.simulate import simulate

@@ -1,7 +1,8 @@
 """What a node remembers between the rounds of a run besides its ledger.
 
-Which rounds each site trained, and arrays a site keeps from round to round: its SCAFFOLD control
-variate, its personal parameters (personalized federated learning).
+Which rounds each site trained (a row per round, listing its sites), and arrays a site keeps from
+round to round: its SCAFFOLD control variate, its personal parameters (personalized federated
+learning).
 
 A site that trains in ``train.local_steps`` continues its own iterator from round to round; where
 it stands is ``local_steps x`` the rounds of this run it trained before the current one. The node
@@ -24,10 +25,11 @@ commit).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +46,13 @@ CREATE TABLE IF NOT EXISTS trained (
     round INTEGER NOT NULL,
     PRIMARY KEY (run_id, site, round)
 );
+CREATE TABLE IF NOT EXISTS trained_sites (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    sites TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trained_sites_run ON trained_sites (run_id);
 CREATE TABLE IF NOT EXISTS kept (
     run_id TEXT NOT NULL,
     site TEXT NOT NULL,
@@ -68,6 +77,13 @@ def _file_id(path: Path) -> tuple[int, int]:
     except OSError:
         return (-1, -1)
     return (stat.st_dev, stat.st_ino)
+
+
+def _note(rounds: list[int], number: int) -> None:
+    """Add ``number`` to a sorted list of distinct rounds."""
+    at = bisect_left(rounds, number)
+    if at == len(rounds) or rounds[at] != number:
+        rounds.insert(at, number)
 
 
 class NodeState:
@@ -120,17 +136,25 @@ class NodeState:
         return [bisect_left(trained.get(site, ()), int(number)) for site, number in rounds]
 
     def record(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> None:
-        """Note that each (site, round) was trained (durably; a round noted twice counts once)."""
-        wanted = [(run_id, site, int(number)) for site, number in rounds]
+        """Note that each (site, round) was trained (durably; a round noted twice counts once).
+
+        One row per round lists its sites: a cohort's round is one small append, not a row per
+        site in a growing index (which made SQLite write and checkpoint many pages a round).
+        """
+        by_round: dict[int, list[str]] = {}
+        for site, number in rounds:
+            by_round.setdefault(int(number), []).append(str(site))
         with self._connect() as con:
-            con.executemany("INSERT OR IGNORE INTO trained (run_id, site, round) VALUES (?, ?, ?)", wanted)
+            con.executemany(
+                "INSERT INTO trained_sites (run_id, round, sites) VALUES (?, ?, ?)",
+                [(run_id, number, json.dumps(sites)) for number, sites in by_round.items()],
+            )
         kept = _TRAINED.get(id(con))
         if kept is not None and run_id in kept[1]:
             trained = kept[1][run_id]
-            for _, site, number in wanted:
-                mine = trained.setdefault(site, [])
-                if number not in mine:
-                    insort(mine, number)
+            for number, sites in by_round.items():
+                for site in sites:
+                    _note(trained.setdefault(site, []), number)
 
     @staticmethod
     def _trained(con: sqlite3.Connection, run_id: str) -> dict[str, list[int]]:
@@ -142,10 +166,11 @@ class NodeState:
         runs = kept[1]
         if run_id not in runs:
             trained: dict[str, list[int]] = {}
-            for site, number in con.execute(
-                "SELECT site, round FROM trained WHERE run_id = ? ORDER BY round", (run_id,)
-            ):
-                trained.setdefault(site, []).append(int(number))
+            for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run_id,)):
+                _note(trained.setdefault(site, []), int(number))  # a file written before ``trained_sites``
+            for number, sites in con.execute("SELECT round, sites FROM trained_sites WHERE run_id = ?", (run_id,)):
+                for site in json.loads(sites):
+                    _note(trained.setdefault(site, []), int(number))
             runs[run_id] = trained
         return runs[run_id]
 

@@ -20,8 +20,8 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from flowerbed.in_memory_arrays import in_memory_record
 from flowerbed.strategies.registry import weighted_mean_classes
-from flowerbed.weights import numpy_to_arrays
 
 WEIGHT_KEY = "num-examples"
 
@@ -116,7 +116,7 @@ class ReplyBlock:
                 for value, factor in zip(column, factors, strict=True):
                     total += value * factor
                 metrics[key] = total
-        content = RecordDict({"arrays": numpy_to_arrays(self.mean_arrays()), "metrics": MetricRecord(metrics)})
+        content = RecordDict({"arrays": in_memory_record(self.mean_arrays()), "metrics": MetricRecord(metrics)})
         return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 

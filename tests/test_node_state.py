@@ -48,3 +48,14 @@ def test_rounds_written_by_another_connection_are_read_again(tmp_path: Path) -> 
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)  # and another process
     assert state.rounds_before("run", [("a", 5), ("b", 9), ("c", 2)]) == [3, 2, 1]
+
+
+def test_a_state_file_from_before_one_row_per_round_is_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "node-state.sqlite"
+    with sqlite3.connect(path) as old:  # the layout of earlier releases: a row per site and round
+        old.execute("CREATE TABLE trained (run_id TEXT, site TEXT, round INTEGER, PRIMARY KEY (run_id, site, round))")
+        old.executemany("INSERT INTO trained VALUES ('run', ?, ?)", [("a", 1), ("a", 2), ("b", 1)])
+    state = NodeState(path, power_safe=False)
+    state.record("run", [("a", 3), ("a", 2), ("b", 3)])
+    assert state.rounds_before("run", [("a", 9), ("b", 9), ("b", 2)]) == [3, 2, 1]
+    assert NodeState(tmp_path / "node-state.sqlite").rounds_before("run", [("a", 9)]) == [3]  # another connection

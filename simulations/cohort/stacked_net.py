@@ -189,7 +189,7 @@ def _cross_entropy_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     if logits.shape[-1] == 2:
         d = logits[..., 1] - logits[..., 0]
         label = labels.to(logits.dtype)
-        rows = F.softplus(d * (1.0 - 2.0 * label))
+        rows = F.softplus(d * label.mul(-2.0).add_(1.0))
         g = torch.sigmoid(d).sub_(label)
         return rows, torch.stack((-g, g), dim=-1)
     log_p = torch.log_softmax(logits, dim=-1)

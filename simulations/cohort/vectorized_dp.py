@@ -111,18 +111,19 @@ def clipped_sums(sample_grads: Params, valid: torch.Tensor, max_grad_norm: float
 
 
 def poisson_batches(
-    cohort: Cohort, rows: torch.Tensor, rate: torch.Tensor, generator: torch.Generator
+    cohort: Cohort, rows: torch.Tensor, rate: torch.Tensor, generator: torch.Generator, ragged: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Poisson-sampled row indices ``[g, m]`` and validity ``[g, m]`` for the clients in ``rows``.
 
-    Each client's members keep their order in its data; padding points at row 0.
+    Each client's members keep their order in its data; padding points at row 0. ``ragged=False``
+    says that every client has the cohort's largest number of rows (nothing to mask).
     """
     n = cohort.n[rows]
     n_max = cohort.x.shape[1]
     draws = torch.rand((len(rows), n_max), generator=generator, dtype=torch.float64)
     draws = draws.to(cohort.x.device)
     member = draws < rate[rows, None]
-    if bool((n < n_max).any()):
+    if ragged:
         member &= torch.arange(n_max, device=n.device) < n[:, None]
     counts = member.sum(1)
     m = int(counts.max()) if len(rows) else 0
@@ -177,13 +178,14 @@ def train_cohort_private(
     per_client = vmap(per_sample_function(model, loss_fn)) if net is None else None
     std = (plan.noise_multiplier * plan.max_grad_norm).float()
     shared = plan.shared_scale()
+    ragged = bool((cohort.n < cohort.x.shape[1]).any())  # once a round, not a device sync a step
     total = torch.zeros(k, dtype=torch.float64, device=device)
     nonempty = torch.zeros(k, dtype=torch.int64, device=device)
     for t in range(int(plan.steps.max()) if k else 0):
         rows = (plan.steps > t).nonzero().reshape(-1)
         everyone = len(rows) == k
         cur = params if everyone else {name: p[rows] for name, p in params.items()}
-        idx, valid = poisson_batches(cohort, rows, plan.sample_rate, sampler)
+        idx, valid = poisson_batches(cohort, rows, plan.sample_rate, sampler, ragged)
         if idx.shape[1]:
             x, y = cohort.rows(rows, idx)
             if net is not None:

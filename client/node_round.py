@@ -286,8 +286,7 @@ def _schedule(admitted: list[Admitted]) -> list[Outcome]:
     for path, members in by_state.items():
         run_id = admitted[members[0]].request.run_id
         wanted = [(admitted[i].site.name, admitted[i].request.server_round) for i in members]
-        state = NodeState(path, power_safe=not all(admitted[i].config.simulated for i in members))  # as it records
-        for i, before in zip(members, state.rounds_before(run_id, wanted), strict=True):
+        for i, before in zip(members, NodeState(path).rounds_before(run_id, wanted), strict=True):
             a = admitted[i]
             steps = int(a.train.local_steps)  # type: ignore[arg-type]
             seed = derive_seed(a.request.experiment.seed, "iterator", a.site.name)
@@ -1036,7 +1035,7 @@ def _keep_controls(released: list[tuple[Admitted, TrainResult]]) -> None:
         request = a.request
         for kind, arrays in (("control", result.control), (personal.KIND, result.personal)):
             if arrays is not None:
-                NodeState(state_path(a.config, request.run_id)).keep(
+                NodeState(state_path(a.config, request.run_id), power_safe=not a.config.simulated).keep(
                     request.run_id, a.site.name, kind, request.server_round, arrays
                 )
 

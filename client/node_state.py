@@ -8,8 +8,9 @@ A site that trains in ``train.local_steps`` continues its own iterator from roun
 it stands is ``local_steps x`` the rounds of this run it trained before the current one. The node
 records a round after training it and before replying (like a ledger charge), so a round that is
 run again after a crash takes the same batches, and a resumed run goes on where it stopped. A
-connection reads a run's trained rounds once and keeps them, with its own writes, while no other
-connection writes to the file (SQLite's ``data_version``).
+thread's connection reads a run's trained rounds once and keeps them with its own writes; after
+another connection wrote to the file (SQLite's ``data_version``), it reads only the rows appended
+since.
 
 Kept arrays are stored per round they were made in: a round reads the newest ones from an earlier
 round, so a round run again (a resumed coordinator) starts from the same state and writes the same
@@ -32,6 +33,7 @@ import threading
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +66,7 @@ CREATE TABLE IF NOT EXISTS kept (
 """
 
 
-_OPEN = threading.local()  # this thread's open connections: {(path, power_safe): (pid, file id, connection)}
-# id(connection): (its data_version when read, {run: {site: trained rounds}})
-_TRAINED: dict[int, tuple[int, dict[str, dict[str, list[int]]]]] = {}
+_OPEN = threading.local()  # this thread's open connections: {path: (pid, file id, connection)}
 _KEEP_OPEN = 16  # per thread; the least recently used is closed beyond that
 
 
@@ -86,6 +86,22 @@ def _note(rounds: list[int], number: int) -> None:
         rounds.insert(at, number)
 
 
+@dataclass
+class _Trained:
+    """A connection's copy of the trained rounds: valid at ``version``, rows up to ``last_id`` read."""
+
+    version: int
+    last_id: int
+    runs: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # run: site: sorted rounds
+
+
+class _Connection(sqlite3.Connection):
+    """A kept connection with what it knows of its file; both go when the connection goes."""
+
+    power_safe: bool | None = None  # the ``synchronous`` level its writes were last made at
+    trained: _Trained | None = None
+
+
 class NodeState:
     """The rounds each site of this node trained and the arrays it keeps, per run (a SQLite file)."""
 
@@ -99,41 +115,47 @@ class NodeState:
                 f"node state {self.path}: cannot open ({exc}); give the node a writable state folder"
             ) from None
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
         """This thread's connection to the file (opened, and the schema made, once; a forked child opens its own).
 
         Kept open: closing the last connection to a WAL database checkpoints it, an fsync every time.
         It is opened again when the file at the path is no longer the one it was opened on (deleted
-        or replaced). ``with`` on it commits.
+        or replaced). One connection per file, whatever ``power_safe`` (``_writer`` sets the level
+        of each write): a second connection's writes would invalidate what the first has read.
+        ``with`` on it commits.
         """
-        held: OrderedDict[tuple[Path, bool], tuple[int, tuple[int, int], sqlite3.Connection]]
+        held: OrderedDict[Path, tuple[int, tuple[int, int], _Connection]]
         held = _OPEN.__dict__.setdefault("connections", OrderedDict())
-        key = (self.path, self.power_safe)
-        found = held.pop(key, None)
+        found = held.pop(self.path, None)
         if found is not None:
             if found[0] == os.getpid() and found[1] == _file_id(self.path):
-                held[key] = found  # the most recently used, last
+                held[self.path] = found  # the most recently used, last
                 return found[2]
-            _TRAINED.pop(id(found[2]), None)
             if found[0] == os.getpid():
                 found[2].close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.path, timeout=60.0)
+        con = sqlite3.connect(self.path, timeout=60.0, factory=_Connection)
         con.execute("PRAGMA journal_mode=WAL")
-        con.execute(f"PRAGMA synchronous={'FULL' if self.power_safe else 'NORMAL'}")
         con.executescript(_SCHEMA)
-        held[key] = (os.getpid(), _file_id(self.path), con)
+        held[self.path] = (os.getpid(), _file_id(self.path), con)
         while len(held) > _KEEP_OPEN:
             pid, _, oldest = held.popitem(last=False)[1]
-            _TRAINED.pop(id(oldest), None)
             if pid == os.getpid():
                 oldest.close()
+        return con
+
+    def _writer(self) -> _Connection:
+        """The connection, set to commit at this object's level (``synchronous=FULL`` when power-safe)."""
+        con = self._connect()
+        if con.power_safe is not self.power_safe:
+            con.execute(f"PRAGMA synchronous={'FULL' if self.power_safe else 'NORMAL'}")
+            con.power_safe = self.power_safe
         return con
 
     def rounds_before(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> list[int]:
         """For each (site, round): how many earlier rounds of ``run_id`` that site trained."""
         trained = self._trained(self._connect(), run_id)
-        return [bisect_left(trained.get(site, ()), int(number)) for site, number in rounds]
+        return [bisect_left(trained.get(str(site), ()), int(number)) for site, number in rounds]
 
     def record(self, run_id: str, rounds: Iterable[tuple[str, int]]) -> None:
         """Note that each (site, round) was trained (durably; a round noted twice counts once).
@@ -144,35 +166,51 @@ class NodeState:
         by_round: dict[int, list[str]] = {}
         for site, number in rounds:
             by_round.setdefault(int(number), []).append(str(site))
-        with self._connect() as con:
+        with self._writer() as con:
             con.executemany(
                 "INSERT INTO trained_sites (run_id, round, sites) VALUES (?, ?, ?)",
                 [(run_id, number, json.dumps(sites)) for number, sites in by_round.items()],
             )
-        kept = _TRAINED.get(id(con))
-        if kept is not None and run_id in kept[1]:
-            trained = kept[1][run_id]
+        trained = con.trained.runs.get(run_id) if con.trained is not None else None
+        if trained is not None:
             for number, sites in by_round.items():
                 for site in sites:
                     _note(trained.setdefault(site, []), number)
 
     @staticmethod
-    def _trained(con: sqlite3.Connection, run_id: str) -> dict[str, list[int]]:
-        """Each site's trained rounds of ``run_id``, sorted: read once, again only after another connection wrote."""
-        (version,) = con.execute("PRAGMA data_version").fetchone()
-        kept = _TRAINED.get(id(con))
-        if kept is None or kept[0] != version:
-            kept = _TRAINED[id(con)] = (version, {})
-        runs = kept[1]
-        if run_id not in runs:
+    def _trained(con: _Connection, run_id: str) -> dict[str, list[int]]:
+        """Each site's trained rounds of ``run_id``, sorted.
+
+        A run is read once per connection; after another connection (or process) wrote to the file
+        (SQLite's ``data_version`` moved), only the rows appended since are read (and the run's rows
+        of the earlier layout, which only earlier releases write).
+        """
+        (version,) = con.execute("PRAGMA data_version").fetchone()  # before the rows it vouches for
+        kept = con.trained
+        if kept is None:
+            (last,) = con.execute("SELECT COALESCE(MAX(id), 0) FROM trained_sites").fetchone()
+            kept = con.trained = _Trained(version, int(last))
+        elif kept.version != version:
+            for row_id, run, number, sites in con.execute(
+                "SELECT id, run_id, round, sites FROM trained_sites WHERE id > ? ORDER BY id", (kept.last_id,)
+            ):
+                if run in kept.runs:  # a run not read yet is read whole when asked for
+                    for site in json.loads(sites):
+                        _note(kept.runs[run].setdefault(site, []), int(number))
+                kept.last_id = max(kept.last_id, int(row_id))
+            for run, trained in kept.runs.items():  # a writer of the earlier layout (empty in new files)
+                for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run,)):
+                    _note(trained.setdefault(site, []), int(number))
+            kept.version = version
+        if run_id not in kept.runs:
             trained: dict[str, list[int]] = {}
             for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run_id,)):
                 _note(trained.setdefault(site, []), int(number))  # a file written before ``trained_sites``
             for number, sites in con.execute("SELECT round, sites FROM trained_sites WHERE run_id = ?", (run_id,)):
                 for site in json.loads(sites):
                     _note(trained.setdefault(site, []), int(number))
-            runs[run_id] = trained
-        return runs[run_id]
+            kept.runs[run_id] = trained
+        return kept.runs[run_id]
 
     def kept_before(self, run_id: str, site: str, kind: str, server_round: int) -> dict[str, np.ndarray] | None:
         """The site's newest ``kind`` arrays (``control``, ``personal``) from a round before ``server_round``."""
@@ -187,7 +225,7 @@ class NodeState:
     def keep(self, run_id: str, site: str, kind: str, server_round: int, arrays: dict[str, np.ndarray]) -> None:
         """Keep the ``kind`` arrays a round made (durably; the same round again replaces them)."""
         data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        with self._connect() as con:
+        with self._writer() as con:
             con.execute(
                 "INSERT OR REPLACE INTO kept (run_id, site, kind, round, arrays) VALUES (?, ?, ?, ?, ?)",
                 (run_id, site, kind, int(server_round), data),

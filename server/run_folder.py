@@ -178,7 +178,10 @@ def overwrite_json(path: Path, text: str) -> None:
 
     ext4 flushes a file truncated to zero and rewritten when it is closed (0.3 ms a round here);
     this writes over it instead. Spaces cover what is left of a longer old content, and JSON
-    ignores them, so a process that dies before the final truncate leaves a readable file.
+    ignores them, so a process that dies before the final truncate leaves a readable file. Like
+    the write it replaces, it does not fsync: after a power cut the record may be the old one or
+    unreadable (read as no record). It only lets a resumed run say that a round went out twice;
+    the nodes' ledgers count every release whatever it says.
     """
     data = text.encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)

@@ -112,9 +112,7 @@ def test_poisson_batches_hold_each_clients_members_in_order():
     seen = torch.zeros(4)
     for _ in range(200):
         idx, valid = poisson_batches(cohort, torch.arange(4), rate, gen)
-        member = (torch.rand((4, 40), generator=replay, dtype=torch.float64) < rate[:, None]) & (
-            torch.arange(40) < n[:, None]
-        )
+        member = (torch.rand((4, 40), generator=replay) < rate[:, None]) & (torch.arange(40) < n[:, None])
         for j in range(4):
             rows = idx[j][valid[j]]
             assert rows.tolist() == member[j].nonzero().reshape(-1).tolist()  # every member once, in order

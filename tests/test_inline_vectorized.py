@@ -21,6 +21,7 @@ from flowerbed.simulations.engine.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
 from flowerbed.tasks import resolve_task
 from flowerbed.tasks.data.catalog import load_federation
+from flowerbed.tasks.task import SiteData
 from flowerbed.weights import load_safetensors
 
 CPU = torch.device("cpu")
@@ -169,6 +170,25 @@ def test_other_message_types_and_user_tasks_go_to_the_client_app(heart_experimen
     handler([(Message(first.content, dst_node_id=c.node_id, message_type=MessageType.TRAIN), c) for c in contexts])
     assert seen == ["train.secagg_setup"] * 4 + ["train"] * 4
     assert handler.stats == {"vectorized": 0, "sequential": 8}
+
+
+def test_a_cohort_with_labels_its_kernels_cannot_take_goes_to_the_client_app(heart_experiment, monkeypatch):
+    """The two-class loss reads labels as 0 or 1: another label sends the cohort to the ClientApp, whose loss raises."""
+    from flowerbed.client import node_round
+
+    experiment = heart_experiment()
+    site = load_federation(experiment.data, experiment.seed)[0]
+    bad = SiteData(site.name, site.x_train, site.y_train.copy(), site.x_test, site.y_test, site.schema)
+    bad.y_train[3] = 2
+    monkeypatch.setattr(node_round, "resolve_site", lambda config, experiment: bad)
+    task = resolve_task(experiment.task.name, experiment.task.args)
+    arrays = ArrayRecord({k: v.detach() for k, v in task.build_model(site.schema, seed=3).state_dict().items()})
+    contexts = _contexts(2)
+    handler = CohortHandler(client_app)
+    content = _message(MessageType.TRAIN, json.dumps(experiment.to_dict()), arrays, contexts[0].node_id).content
+    with pytest.raises(IndexError, match="out of bounds"):  # the node's own training refuses such a label
+        handler([(Message(content, dst_node_id=c.node_id, message_type=MessageType.TRAIN), c) for c in contexts])
+    assert handler.stats["vectorized"] == 0  # never trained silently on a label the two-class loss misreads
 
 
 def test_inline_vectorized_run_equals_sequential_inline_run(heart_experiment):

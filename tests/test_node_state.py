@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import numpy as np
 
 from flowerbed.client.node_state import NodeState
 
@@ -59,3 +63,38 @@ def test_a_state_file_from_before_one_row_per_round_is_still_read(tmp_path: Path
     state.record("run", [("a", 3), ("a", 2), ("b", 3)])
     assert state.rounds_before("run", [("a", 9), ("b", 9), ("b", 2)]) == [3, 2, 1]
     assert NodeState(tmp_path / "node-state.sqlite").rounds_before("run", [("a", 9)]) == [3]  # another connection
+
+
+def test_a_new_threads_connection_never_inherits_what_a_dead_one_read(tmp_path: Path) -> None:
+    """Each thread keeps its own connection; what one read goes with it (no cache outlives its connection)."""
+    path = tmp_path / "node-state.sqlite"
+    NodeState(path).record("run", [("a", 1)])
+    seen = []
+
+    def read() -> None:
+        seen.append(NodeState(path).rounds_before("run", [("a", 100)])[0])
+
+    for number in range(2, 40):
+        worker = threading.Thread(target=read)
+        worker.start()
+        worker.join()
+        gc.collect()  # the dead thread's connection is freed: a new one may take its address
+        NodeState(path).record("run", [("a", number)])  # the main thread's connection writes
+    worker = threading.Thread(target=read)
+    worker.start()
+    worker.join()
+    assert seen == list(range(1, 40))
+
+
+def test_one_connection_serves_both_durability_levels_and_keeps_its_reads(tmp_path: Path) -> None:
+    path = tmp_path / "node-state.sqlite"
+    simulated, deployed = NodeState(path, power_safe=False), NodeState(path)
+    simulated.record("run", [("a", 1)])
+    assert simulated.rounds_before("run", [("a", 5)]) == [1]
+    deployed.keep("run", "a", "control", 1, {"w": np.ones(2, np.float32)})  # FULL for this write only
+    simulated.record("run", [("a", 2)])
+    con = simulated._connect()
+    assert con is deployed._connect() and con.trained is not None
+    version = con.trained.version
+    assert simulated.rounds_before("run", [("a", 5)]) == [2] and con.trained.version == version  # nothing re-read
+    assert con.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: the last write was a simulated one

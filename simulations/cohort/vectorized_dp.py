@@ -120,18 +120,16 @@ def poisson_batches(
     """
     n = cohort.n[rows]
     n_max = cohort.x.shape[1]
-    draws = torch.rand((len(rows), n_max), generator=generator, dtype=torch.float64)
-    draws = draws.to(cohort.x.device)
-    member = draws < rate[rows, None]
+    draws = torch.rand((len(rows), n_max), generator=generator)  # float32, as Opacus's Poisson sampler draws
+    member = draws.to(cohort.x.device) < rate[rows, None]
     if ragged:
         member &= torch.arange(n_max, device=n.device) < n[:, None]
     counts = member.sum(1)
     m = int(counts.max()) if len(rows) else 0
-    client, row = member.nonzero(as_tuple=True)  # row-major: each client's members in order
-    first = counts.cumsum(0) - counts
-    slot = torch.arange(len(row), device=n.device) - first[client]
-    idx = torch.zeros((len(rows), m), dtype=torch.int64, device=n.device)
-    idx[client, slot] = row
+    slot = member.cumsum(1).sub_(1).masked_fill_(~member, m)  # a member's place in its batch, or a spare column
+    idx = torch.zeros((len(rows), m + 1), dtype=torch.int64, device=n.device)
+    idx.scatter_(1, slot, torch.arange(n_max, device=n.device).expand(len(rows), n_max))
+    idx = idx[:, :m]
     valid = torch.arange(m, device=n.device) < counts[:, None]
     return idx, valid
 

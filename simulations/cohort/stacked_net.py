@@ -184,7 +184,8 @@ def _cross_entropy_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple
 
     With two classes both come from the logit difference ``d``: the loss is ``softplus(+-d)`` and
     the gradient ``(-g, g)`` with ``g = sigmoid(d) - label`` (a softmax over a last dimension of two
-    is several times slower on a CPU).
+    is several times slower on a CPU). That shortcut does not check its labels: the caller keeps
+    them in ``0 .. classes - 1`` (the cohort handler checks a cohort's once a round).
     """
     if logits.shape[-1] == 2:
         d = logits[..., 1] - logits[..., 0]

@@ -86,6 +86,18 @@ def _note(rounds: list[int], number: int) -> None:
         rounds.insert(at, number)
 
 
+def _note_sites(trained: dict[str, list[int]], sites: str, number: int) -> None:
+    """Add round ``number`` to each site of a ``trained_sites`` row (its JSON list of sites)."""
+    for site in json.loads(sites):
+        _note(trained.setdefault(site, []), int(number))
+
+
+def _read_earlier_layout(con: sqlite3.Connection, run_id: str, trained: dict[str, list[int]]) -> None:
+    """Add a run's rows of the ``trained`` table (a row per site and round) to ``trained``."""
+    for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run_id,)):
+        _note(trained.setdefault(site, []), int(number))
+
+
 @dataclass
 class _Trained:
     """A connection's copy of the trained rounds: valid at ``version``, rows up to ``last_id`` read."""
@@ -195,20 +207,16 @@ class NodeState:
                 "SELECT id, run_id, round, sites FROM trained_sites WHERE id > ? ORDER BY id", (kept.last_id,)
             ):
                 if run in kept.runs:  # a run not read yet is read whole when asked for
-                    for site in json.loads(sites):
-                        _note(kept.runs[run].setdefault(site, []), int(number))
+                    _note_sites(kept.runs[run], sites, number)
                 kept.last_id = max(kept.last_id, int(row_id))
-            for run, trained in kept.runs.items():  # a writer of the earlier layout (empty in new files)
-                for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run,)):
-                    _note(trained.setdefault(site, []), int(number))
+            for run, held in kept.runs.items():  # a writer of the earlier layout (empty in new files)
+                _read_earlier_layout(con, run, held)
             kept.version = version
         if run_id not in kept.runs:
             trained: dict[str, list[int]] = {}
-            for site, number in con.execute("SELECT site, round FROM trained WHERE run_id = ?", (run_id,)):
-                _note(trained.setdefault(site, []), int(number))  # a file written before ``trained_sites``
+            _read_earlier_layout(con, run_id, trained)  # a file written before ``trained_sites``
             for number, sites in con.execute("SELECT round, sites FROM trained_sites WHERE run_id = ?", (run_id,)):
-                for site in json.loads(sites):
-                    _note(trained.setdefault(site, []), int(number))
+                _note_sites(trained, sites, number)
             kept.runs[run_id] = trained
         return kept.runs[run_id]
 

@@ -234,7 +234,7 @@ class CohortHandler:
         sites = [a.site for a in admitted]
         cohort = stack_cohort([s.x_train for s in sites], [s.y_train for s in sites], device)
         classes = sites[0].schema.num_classes  # one cohort, one schema
-        if cohort.y.numel() and (int(cohort.y.min()) < 0 or int(cohort.y.max()) >= classes):
+        if cohort.y.numel() and not 0 <= int(cohort.y.min()) <= int(cohort.y.max()) < classes:
             raise Unsupported(f"labels outside 0..{classes - 1}: the ClientApp names the node")  # kernels assume them
         if experiment.privacy.enabled:
             plans = [a.private.plan for a in admitted]  # type: ignore[union-attr]

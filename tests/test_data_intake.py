@@ -118,6 +118,28 @@ def test_missing_values_are_counted_and_say_what_happens() -> None:
     assert thal.action == "will be read as no level (all-zero one-hot)"
 
 
+def test_a_repeated_value_is_reported_on_every_line_and_counted_every_time(tmp_path: Path) -> None:
+    header = "age,sex,cp,trestbps,chol,fbs,restecg,thalach,exang,oldpeak,slope,ca,thal,num"
+    rows = [
+        "63,1,1,145,233,1,2,150,0,2.3,3,0,6,0",
+        "63,1,1,0,233,1,2,150,0,2.3,3,0,6,0",  # trestbps 0: read as not measured
+        "90,1,1,145,233,1,2,150,0,2.3,3,0,6,1",
+        "63,1,1,0,233,1,2,150,0,2.3,3,0,6,0",
+        "63,1,1,145,700,1,2,150,0,2.3,3,0,6,1",  # chol 700: an outlier, used
+        "63,1,1,145,700,1,2,150,0,2.3,3,0,6,0",
+    ]
+    path = tmp_path / "repeats.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    table = read_table(path, CONTRACT)
+    by_code = {(p.code, p.column): p for p in table.problems}
+    assert by_code[("zero-missing", "trestbps")].lines == [3, 5]
+    assert by_code[("outlier", "chol")].lines == [6, 7]
+    assert table.stats["trestbps"].present == 4 and table.stats["trestbps"].missing == 2
+    assert table.stats["chol"].present == 6 and table.stats["chol"].outliers == 2
+    assert table.stats["age"].present == 6 and table.stats["num"].present == 6
+    assert table.values[:, 0].tolist() == [63, 63, 90, 63, 63, 63]
+
+
 def test_the_dialect_can_be_set_in_the_node_config(tmp_path: Path) -> None:
     path = CORPUS / "excel_semicolon_decimal_comma.csv"
     config = {"csv-delimiter": ";", "csv-decimal": ",", "csv-header": True}

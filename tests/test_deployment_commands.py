@@ -274,6 +274,22 @@ def test_the_executor_wakes_when_the_supernode_has_a_message(tmp_path: Path) -> 
     wake_file_writer(tmp_path / "gone" / "executor.wake")()  # a missing folder is no error: the executor polls
 
 
+def test_a_messages_process_reads_the_interpreters_architecture_from_its_parent(monkeypatch) -> None:
+    """Flower's telemetry event asks ``platform.architecture()`` per message; the warm parent answers it once."""
+    import platform
+
+    from flowerbed.client.warm_executor import remember_architecture
+
+    monkeypatch.setattr(platform, "architecture", platform.architecture)  # restored after the test
+    calls = []
+    real = platform._syscmd_file
+    monkeypatch.setattr(platform, "_syscmd_file", lambda *a: calls.append(a) or real(*a))
+    remember_architecture()
+    first = len(calls)
+    assert platform.architecture() == platform.architecture()
+    assert first == 1 and len(calls) == first  # asked once, in the parent; never again
+
+
 def test_flowers_fixed_waits_can_be_shortened(monkeypatch) -> None:
     """The patches of ``flower_internals`` that shorten Flower's waits take hold, and refuse a changed Flower."""
     import functools

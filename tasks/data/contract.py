@@ -42,6 +42,7 @@ its descriptions: it changes with anything that changes how a row is read, and o
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import re
@@ -66,6 +67,12 @@ NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 def normalize_name(name: str) -> str:
     """A column name as it is matched: no case, no surrounding space or BOM, no spaces, '_' or '-'."""
     return re.sub(r"[\s_\-]+", "", name.replace("\ufeff", "").strip().casefold())
+
+
+@functools.lru_cache(maxsize=32)
+def _folded(markers: tuple[str, ...]) -> frozenset[str]:
+    """The missing markers without case (a contract's are read for every cell of an export)."""
+    return frozenset(m.casefold() for m in markers)
 
 
 def level_code(value: float | str) -> str:
@@ -265,7 +272,7 @@ class DataContract(BaseModel):
 
     def is_missing(self, cell: str) -> bool:
         """Whether a cell's content means "not recorded"."""
-        return cell.strip().casefold() in {m.casefold() for m in self.missing_markers}
+        return cell.strip().casefold() in _folded(self.missing_markers)
 
     # --------------------------------------------------------------------------- identity
 

@@ -133,6 +133,7 @@ class _Problems:
 
     def __init__(self) -> None:
         self.groups: dict[tuple[str, str, str | None, str], Problem] = {}
+        self.added = 0  # every problem met, with its repeats
 
     def add(
         self,
@@ -146,6 +147,7 @@ class _Problems:
         line: int | None = None,
         example: str | None = None,
     ) -> None:
+        self.added += 1
         key = (severity, code, column, what)
         problem = self.groups.get(key)
         if problem is None:
@@ -390,6 +392,7 @@ class _Reader:
         self.contract = contract
         self.problems = problems
         self.stats = {c.name: ColumnStats(c.kind) for c in contract.data_columns}
+        self.clean: dict[tuple[str, str], float] = {}  # (column, text) -> value of a cell with no problem
 
     def _not_a_number_action(self, text: str, dialect: Dialect) -> str:
         if DECIMAL_COMMA.fullmatch(text) and dialect.decimal != ",":
@@ -404,8 +407,16 @@ class _Reader:
         return "write a number (with a decimal point), or leave the cell empty if it was not recorded"
 
     def cell(self, column: Column, text: str, line: int, dialect: Dialect) -> float:
-        """One cell's value (NaN when missing or wrong; every problem recorded)."""
+        """One cell's value (NaN when missing or wrong; every problem recorded).
+
+        A text read before in the same column without a problem counts as present again, unparsed
+        (an export repeats its codes and values on most rows).
+        """
         stats = self.stats[column.name]
+        known = self.clean.get((column.name, text))
+        if known is not None:
+            stats.present += 1
+            return known
         shown = _clip(text)
         if self.contract.is_missing(text):
             stats.missing += 1
@@ -421,9 +432,11 @@ class _Reader:
                     example=shown if text.strip() else None,
                 )  # fmt: skip
             return np.nan
-        if column.kind == "numeric":
-            return self._numeric(column, text, line, dialect)
-        return self._coded(column, text, line, dialect)
+        met = self.problems.added
+        value = (self._numeric if column.kind == "numeric" else self._coded)(column, text, line, dialect)
+        if self.problems.added == met and value == value:  # present, no problem: the same text reads the same
+            self.clean[(column.name, text)] = value
+        return value
 
     def _numeric(self, column: Column, text: str, line: int, dialect: Dialect) -> float:
         stats = self.stats[column.name]

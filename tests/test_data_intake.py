@@ -140,6 +140,25 @@ def test_a_repeated_value_is_reported_on_every_line_and_counted_every_time(tmp_p
     assert table.values[:, 0].tolist() == [63, 63, 90, 63, 63, 63]
 
 
+def test_the_csv_sniffer_is_asked_only_to_break_a_tie(monkeypatch) -> None:
+    import csv
+
+    from flowerbed.tasks.data import intake
+
+    asked = []
+
+    class Sniffer(csv.Sniffer):
+        def sniff(self, sample: str, delimiters: str | None = None) -> type[csv.Dialect]:
+            asked.append(sample)
+            return super().sniff(sample, delimiters)
+
+    monkeypatch.setattr(csv, "Sniffer", Sniffer)
+    assert intake.detect_delimiter(["63;1;145", "67;1;160", "41;0;130"]) == ";"
+    assert not asked  # one separator splits the lines best: nothing to break
+    assert intake.detect_delimiter(["1,2;3", "4,5;6"]) in (",", ";")
+    assert len(asked) == 1  # ',' and ';' split every line in two: the sniffer decides
+
+
 def test_the_dialect_can_be_set_in_the_node_config(tmp_path: Path) -> None:
     path = CORPUS / "excel_semicolon_decimal_comma.csv"
     config = {"csv-delimiter": ";", "csv-decimal": ",", "csv-header": True}

@@ -293,6 +293,8 @@ def detect_delimiter(lines: list[str]) -> str:
 
     scores = {d: score(d) for d in DELIMITERS}
     best = max(DELIMITERS, key=lambda d: scores[d])
+    if sum(scores[d] == scores[best] for d in DELIMITERS) == 1:  # no tie: the sniffer could only agree
+        return best
     try:
         sniffed = csv.Sniffer().sniff("\n".join(sample), delimiters="".join(DELIMITERS)).delimiter
     except csv.Error:

@@ -15,7 +15,7 @@ from flowerbed.client.training import train_local
 from flowerbed.experiment import DataConfig, PartitionConfig, TrainConfig
 from flowerbed.protocol import EXPERIMENT_KEY, RUN_ID_KEY
 from flowerbed.simulations.cohort.stacked_net import StackedNet
-from flowerbed.simulations.cohort.vectorized import check_functional, stack_cohort, train_cohort
+from flowerbed.simulations.cohort.vectorized import check_functional, masked_grads, stack_cohort, train_cohort
 from flowerbed.simulations.engine.cohort_handler import CohortHandler
 from flowerbed.simulations.engine.inline_grid import InlineGrid
 from flowerbed.simulations.simulate import simulate
@@ -235,3 +235,28 @@ def test_hand_written_mlp_gradients_equal_autograd(ragged, classes, monkeypatch)
     assert torch.allclose(loss, reference_loss, atol=1e-6)
     for name in params:
         assert torch.allclose(grads[name], reference[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_fused_sgd_step_equals_the_gradients_then_the_step(ragged):
+    """``masked_sgd_step`` moves every client's weights as ``masked_grads`` then ``w -= lr * grad`` do."""
+    from flowerbed.simulations.cohort.vectorized import masked_sgd_step, stacked
+
+    torch.manual_seed(0)
+    k, width = 5, 7
+    model = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    net = StackedNet(model)
+    weights = {name: torch.randn(p.shape) for name, p in model.named_parameters()}
+    params = stacked(weights, k)
+    assert not params["0.weight"].is_contiguous() and params["2.weight"].is_contiguous()  # 13 -> 64 kept [in, out]
+    assert all(torch.equal(params[name][3], w) for name, w in weights.items())
+    for p in params.values():
+        p.add_(torch.randn(p.shape), alpha=0.1)  # every client its own weights
+    reference = {name: p.clone() for name, p in params.items()}
+    x, y = torch.randn(k, width, 13) * 2, torch.randint(0, 2, (k, width))
+    counts = torch.tensor([7, 3, 7, 1, 5]) if ragged else torch.full((k,), width)
+    grads, loss = masked_grads(net, reference, x, y, counts)
+    fused_loss = masked_sgd_step(net, params, x, y, counts, 0.1, full=not ragged)
+    assert torch.allclose(fused_loss, loss, atol=1e-6)
+    for name, p in params.items():
+        assert torch.allclose(p, reference[name] - 0.1 * grads[name], atol=1e-6), name

@@ -217,6 +217,29 @@ def mlp_grads(
     return {key: grads[key] for key in params}, rows
 
 
+def mlp_sgd_step(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, row_weight: torch.Tensor | None, lr: float
+) -> torch.Tensor:
+    """One plain SGD step of every client in place, ``w -= lr * grad``: ``mlp_grads`` without the gradients.
+
+    Each weight's step is one fused batched product (``baddbmm_``) into the weight, written for the
+    layout it is kept in (``flowerbed.simulations.cohort.vectorized.stacked`` keeps some transposed).
+    ``row_weight`` as ``mlp_backprops``; ``None``: the mean over the ``B`` rows (``1 / B`` goes into
+    the step size). Returns each row's cross-entropy ``[K, B]``.
+    """
+    layers, rows = mlp_backprops(net, params, x, y, row_weight)  # every layer's, before any weight moves
+    alpha = -lr / x.shape[1] if row_weight is None else -lr
+    for layer in layers:
+        weight = params[f"{layer.name}.weight"]
+        if weight.transpose(1, 2).is_contiguous():  # [K, in, out] in memory
+            weight.transpose(1, 2).baddbmm_(layer.input.transpose(1, 2), layer.grad, alpha=alpha)
+        else:
+            weight.baddbmm_(layer.grad.transpose(1, 2), layer.input, alpha=alpha)
+        if layer.module.bias is not None:
+            params[f"{layer.name}.bias"].add_(layer.grad.sum(1), alpha=alpha)
+    return rows
+
+
 def per_row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[K, B]`` cross-entropy of every row: the task's loss on a batch of that row alone."""
     k, b, classes = logits.shape

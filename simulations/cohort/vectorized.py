@@ -29,7 +29,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from flowerbed.client.training import StepSchedule, epoch_permutations, schedule_indices
 from flowerbed.experiment import TrainConfig
-from flowerbed.simulations.cohort.stacked_net import StackedNet, mlp_grads, per_row_cross_entropy
+from flowerbed.simulations.cohort.stacked_net import StackedNet, mlp_grads, mlp_sgd_step, per_row_cross_entropy
 from flowerbed.tasks.task import cross_entropy
 
 HAND_WRITTEN_MLP = True  # MLP stacks take ``mlp_grads`` (no autograd); False: autograd for every model
@@ -129,8 +129,19 @@ def check_functional(model: nn.Module) -> list[str]:
 
 
 def stacked(weights: Params, k: int) -> Params:
-    """``k`` independent copies of one set of weights, stacked on a new leading dimension."""
-    return {name: w.unsqueeze(0).repeat(k, *([1] * w.dim())) for name, w in weights.items()}
+    """``k`` independent copies of one set of weights, stacked on a new leading dimension.
+
+    A linear layer's weight ``[out, in]`` with fewer inputs than outputs is kept as ``[in, out]`` in
+    memory (the returned tensor is its transposed view, of shape ``[k, out, in]``): MKL's batched
+    products into and with it are faster with the longer dimension last (13-64: 140 µs against 200 µs
+    for the step of 100 clients).
+    """
+    return {
+        name: w.t().unsqueeze(0).repeat(k, 1, 1).transpose(1, 2)
+        if w.dim() == 2 and w.shape[1] < w.shape[0]
+        else w.unsqueeze(0).repeat(k, *([1] * w.dim()))
+        for name, w in weights.items()
+    }
 
 
 class StackedOptimizer:
@@ -168,6 +179,11 @@ class StackedOptimizer:
             self.state = {k: [torch.zeros_like(p), torch.zeros_like(p)] for k, p in params.items()}
         elif self.momentum > 0:
             self.state = {k: [torch.zeros_like(p)] for k, p in params.items()}
+
+    @property
+    def plain(self) -> bool:
+        """Plain SGD: no momentum, no proximal term (a step is ``w -= lr * grad``, which can be fused)."""
+        return self.kind != "adam" and self.momentum == 0 and not self.mu
 
     def step(self, grads: Params, rows: torch.Tensor | None, t: int) -> None:
         """Apply step number ``t`` (1-based) to the clients in ``rows`` (``None``: all)."""
@@ -259,11 +275,11 @@ def masked_grads(
     if full is None:
         full = bool((counts == width).all())
     if net.is_mlp and HAND_WRITTEN_MLP:
-        if full:
-            row_weight = torch.full(y.shape, 1.0 / width, dtype=x.dtype, device=x.device)
-        else:
-            mask = torch.arange(width, device=x.device) < counts[:, None]
-            row_weight = mask.to(x.dtype) / counts.to(x.dtype)[:, None]
+        row_weight = (
+            _row_weight(counts, width, x.dtype)
+            if not full
+            else torch.full(y.shape, 1.0 / width, dtype=x.dtype, device=x.device)
+        )
         grads, rows = mlp_grads(net, params, x, y, row_weight)
         loss = rows.mean(1) if full else (rows * row_weight).sum(1)
         return grads, loss.detach()
@@ -276,6 +292,21 @@ def masked_grads(
         loss = (rows * mask).sum(1) / counts.to(rows.dtype)
     grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
     return dict(zip(leaves, grads, strict=True)), loss.detach()
+
+
+def _row_weight(counts: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[K, width]``: ``1 / counts[k]`` for client ``k``'s first ``counts[k]`` rows, 0 for its padding."""
+    mask = torch.arange(width, device=counts.device) < counts[:, None]
+    return mask.to(dtype) / counts.to(dtype)[:, None]
+
+
+def masked_sgd_step(
+    net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, lr: float, full: bool
+) -> torch.Tensor:
+    """``masked_grads`` and a plain SGD step of every client, fused (an MLP on hand-written kernels); the loss."""
+    row_weight = None if full else _row_weight(counts, x.shape[1], x.dtype)
+    rows = mlp_sgd_step(net, params, x, y, row_weight, lr)
+    return rows.mean(1) if row_weight is None else (rows * row_weight).sum(1)
 
 
 def train_cohort(
@@ -328,6 +359,7 @@ def train_cohort(
     total_steps = per_epoch * train.local_epochs
     net = stacked_net(model, loss_fn) if batched_kernels else None
     grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
+    fused = net is not None and net.is_mlp and HAND_WRITTEN_MLP and optimizer.plain
     losses = torch.zeros(k, dtype=torch.float64, device=device)
     for t in range(int(total_steps.max()) if k else 0):
         active = (total_steps > t).nonzero().reshape(-1)
@@ -346,6 +378,10 @@ def train_cohort(
             everyone = len(rows) == k
             cur = params if everyone else {name: p[rows] for name, p in params.items()}
             x, y = cohort.rows(rows, idx)
+            if fused and everyone:
+                loss = masked_sgd_step(net, params, x, y, counts, optimizer.lr, bool((counts == width).all()))
+                losses += loss.double()
+                continue
             if net is not None:
                 grads, loss = masked_grads(net, cur, x, y, counts)
             else:
@@ -378,6 +414,7 @@ def _train_scheduled(
     widths = counts_np.max(axis=0) if k else np.zeros(total, dtype=np.int64)
     full = (counts_np == widths).all(axis=0)
     chunk = _steps_per_gather(cohort, index.shape[2])
+    fused = net is not None and net.is_mlp and HAND_WRITTEN_MLP and optimizer.plain
     for t in range(total):
         if t % chunk == 0:  # the rows of the next ``chunk`` steps, gathered at once
             xs, ys = cohort.rows(None, index[:, t : t + chunk])
@@ -385,8 +422,11 @@ def _train_scheduled(
         if net is not None and everyone_steps[t]:  # one padded call, no selection of clients
             width = int(widths[t])
             x, y = step_x[:, :width], step_y[:, :width]
-            grads, loss = masked_grads(net, params, x, y, counts[:, t], full=bool(full[t]))
-            optimizer.step(grads, None, t + 1)
+            if fused:
+                loss = masked_sgd_step(net, params, x, y, counts[:, t], optimizer.lr, bool(full[t]))
+            else:
+                grads, loss = masked_grads(net, params, x, y, counts[:, t], full=bool(full[t]))
+                optimizer.step(grads, None, t + 1)
             losses += loss.double()
             continue
         active = (counts[:, t] > 0).nonzero().reshape(-1)

@@ -311,9 +311,10 @@ def parse_number(text: str, decimal: str) -> float | None:
 
 
 def _detect_decimal(cells: list[str]) -> str:
-    comma = sum(1 for c in cells if DECIMAL_COMMA.fullmatch(c.strip()))
-    point = sum(1 for c in cells if DECIMAL_POINT.fullmatch(c.strip()))
-    return "," if comma and not point else "."
+    """``,`` when some cells have a decimal comma and none a decimal point, else ``.``."""
+    if any(DECIMAL_POINT.fullmatch(c.strip()) for c in cells):
+        return "."
+    return "," if any(DECIMAL_COMMA.fullmatch(c.strip()) for c in cells) else "."
 
 
 # ------------------------------------------------------------------------------------------- the table

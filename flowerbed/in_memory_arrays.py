@@ -69,4 +69,4 @@ def in_memory_record(tensors: dict[str, torch.Tensor | np.ndarray]) -> ArrayReco
 
 def stacked_numpy(params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """One CPU copy of a cohort's stacked weights; ``[row]`` of each is then a client's array (a view)."""
-    return {name: np.ascontiguousarray(t.detach().cpu().numpy()).copy() for name, t in params.items()}
+    return {name: np.array(t.detach().cpu().numpy(), order="C", copy=True) for name, t in params.items()}

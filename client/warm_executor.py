@@ -67,11 +67,12 @@ def preload(modules: Iterable[str]) -> list[str]:
 
 
 def remember_architecture() -> None:
-    """Ask ``platform.architecture()`` once, here: the forked children reuse the answer.
+    """Replace ``platform.architecture`` in this process by a cached one, and ask it once, here.
 
-    Flower's ClientApp runner builds a telemetry event for every message (even with telemetry
-    off), and the event reads ``platform.architecture()``, which runs ``file`` on the interpreter:
-    a fork of a process that imported torch, about 20 ms of CPU per message.
+    The forked children reuse the answer. Flower's ClientApp runner builds a telemetry event for
+    every message (even with telemetry off), and the event reads ``platform.architecture()``,
+    which runs ``file`` on the interpreter: a fork of a process that imported torch, about 20 ms
+    of CPU per message.
     """
     platform.architecture = functools.cache(platform.architecture)
     platform.architecture()

@@ -280,7 +280,8 @@ def test_a_messages_process_reads_the_interpreters_architecture_from_its_parent(
 
     from flowerbed.client.warm_executor import remember_architecture
 
-    monkeypatch.setattr(platform, "architecture", platform.architecture)  # restored after the test
+    original = getattr(platform.architecture, "__wrapped__", platform.architecture)  # not an earlier cache
+    monkeypatch.setattr(platform, "architecture", original)  # restored after the test
     calls = []
     real = platform._syscmd_file
     monkeypatch.setattr(platform, "_syscmd_file", lambda *a: calls.append(a) or real(*a))
@@ -628,9 +629,12 @@ def test_the_executor_waits_for_its_node_s_word(monkeypatch, tmp_path: Path) -> 
     waits: list[object] = []
     loops: list[dict] = []
     monkeypatch.setattr(fi, "superexec_wait", waits.append)
-    monkeypatch.setattr(fi, "run_superexec_with", lambda executor, **kw: loops.append(kw))
-    monkeypatch.setattr(warm_executor, "preload", lambda modules: [])
-    monkeypatch.setattr(warm_executor, "guard", lambda: None)
+    steps: list[str] = []
+    monkeypatch.setattr(warm_executor, "preload", lambda modules: steps.append("preload") or [])
+    monkeypatch.setattr(warm_executor, "guard", lambda: steps.append("guard"))
+    monkeypatch.setattr(warm_executor, "remember_architecture", lambda: steps.append("architecture"))
+    monkeypatch.setattr(fi, "run_superexec_with", lambda executor, **kw: steps.append("loop") or loops.append(kw))
     warm_executor.main(["--runtime-api-address", "127.0.0.1:1", "--wake-file", str(tmp_path / "w")])
     assert len(waits) == 1 and isinstance(waits[0].__self__, warm_executor.WakeOnMessage)
     assert loops and loops[0]["runtime_api_address"] == "127.0.0.1:1"
+    assert steps == ["preload", "architecture", "guard", "loop"]  # all before the loop forks a message's process

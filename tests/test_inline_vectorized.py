@@ -247,7 +247,7 @@ def test_a_fused_sgd_step_equals_the_gradients_then_the_step(ragged):
     model = torch.nn.Sequential(torch.nn.Linear(13, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
     net = StackedNet(model)
     weights = {name: torch.randn(p.shape) for name, p in model.named_parameters()}
-    params = stacked(weights, k)
+    params = stacked(weights, k, wide_last=True)
     assert not params["0.weight"].is_contiguous() and params["2.weight"].is_contiguous()  # 13 -> 64 kept [in, out]
     assert all(torch.equal(params[name][3], w) for name, w in weights.items())
     for p in params.values():

@@ -224,8 +224,8 @@ def mlp_sgd_step(
 
     Each weight's step is one fused batched product (``baddbmm_``) into the weight, written for the
     layout it is kept in (``flowerbed.simulations.cohort.vectorized.stacked`` keeps some transposed).
-    ``row_weight`` as ``mlp_backprops``; ``None``: the mean over the ``B`` rows (``1 / B`` goes into
-    the step size). Returns each row's cross-entropy ``[K, B]``.
+    ``row_weight`` as ``mlp_backprops``, except ``None``: here the mean over the ``B`` rows (``1 / B``
+    goes into the step size), not their sum. Returns each row's cross-entropy ``[K, B]``.
     """
     layers, rows = mlp_backprops(net, params, x, y, row_weight)  # every layer's, before any weight moves
     alpha = -lr / x.shape[1] if row_weight is None else -lr

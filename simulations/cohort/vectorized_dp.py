@@ -170,9 +170,9 @@ def train_cohort_private(
     sampler = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
     start = {name: w.to(device) for name, w in weights.items()}
-    params = stacked(start, k)
-    optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     net = stacked_net(model, loss_fn) if batched_kernels else None
+    params = stacked(start, k, wide_last=net is not None)
+    optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     per_client = vmap(per_sample_function(model, loss_fn)) if net is None else None
     std = (plan.noise_multiplier * plan.max_grad_norm).float()
     shared = plan.shared_scale()

@@ -281,7 +281,7 @@ def _split(lines: list[str], delimiter: str) -> list[list[str]]:
 
 
 def detect_delimiter(lines: list[str]) -> str:
-    """The separator of these lines: ``csv.Sniffer``'s, unless another splits them into more columns consistently."""
+    """The separator that splits most of these lines into the most columns; ``csv.Sniffer`` breaks a tie."""
     sample = [line for line in lines if line.strip()][:SAMPLE_LINES]
     if not sample:
         return ","

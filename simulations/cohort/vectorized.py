@@ -277,11 +277,10 @@ def masked_grads(
     if full is None:
         full = bool((counts == width).all())
     if net.is_mlp and HAND_WRITTEN_MLP:
-        row_weight = (
-            _row_weight(counts, width, x.dtype)
-            if not full
-            else torch.full(y.shape, 1.0 / width, dtype=x.dtype, device=x.device)
-        )
+        if full:
+            row_weight = torch.full(y.shape, 1.0 / width, dtype=x.dtype, device=x.device)
+        else:
+            row_weight = _row_weight(counts, width, x.dtype)
         grads, rows = mlp_grads(net, params, x, y, row_weight)
         loss = rows.mean(1) if full else (rows * row_weight).sum(1)
         return grads, loss.detach()

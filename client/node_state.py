@@ -86,9 +86,9 @@ def _note(rounds: list[int], number: int) -> None:
         rounds.insert(at, number)
 
 
-def _note_sites(trained: dict[str, list[int]], sites: str, number: int) -> None:
-    """Add round ``number`` to each site of a ``trained_sites`` row (its JSON list of sites)."""
-    for site in json.loads(sites):
+def _note_sites(trained: dict[str, list[int]], sites: Iterable[str], number: int) -> None:
+    """Add round ``number`` to each of ``sites`` (a ``trained_sites`` row's list)."""
+    for site in sites:
         _note(trained.setdefault(site, []), int(number))
 
 
@@ -186,8 +186,7 @@ class NodeState:
         trained = con.trained.runs.get(run_id) if con.trained is not None else None
         if trained is not None:
             for number, sites in by_round.items():
-                for site in sites:
-                    _note(trained.setdefault(site, []), number)
+                _note_sites(trained, sites, number)
 
     @staticmethod
     def _trained(con: _Connection, run_id: str) -> dict[str, list[int]]:
@@ -207,7 +206,7 @@ class NodeState:
                 "SELECT id, run_id, round, sites FROM trained_sites WHERE id > ? ORDER BY id", (kept.last_id,)
             ):
                 if run in kept.runs:  # a run not read yet is read whole when asked for
-                    _note_sites(kept.runs[run], sites, number)
+                    _note_sites(kept.runs[run], json.loads(sites), number)
                 kept.last_id = max(kept.last_id, int(row_id))
             for run, held in kept.runs.items():  # a writer of the earlier layout (empty in new files)
                 _read_earlier_layout(con, run, held)
@@ -216,7 +215,7 @@ class NodeState:
             trained: dict[str, list[int]] = {}
             _read_earlier_layout(con, run_id, trained)  # a file written before ``trained_sites``
             for number, sites in con.execute("SELECT round, sites FROM trained_sites WHERE run_id = ?", (run_id,)):
-                _note_sites(trained, sites, number)
+                _note_sites(trained, json.loads(sites), number)
             kept.runs[run_id] = trained
         return kept.runs[run_id]
 

@@ -301,6 +301,11 @@ def _row_weight(counts: torch.Tensor, width: int, dtype: torch.dtype) -> torch.T
     return mask.to(dtype) / counts.to(dtype)[:, None]
 
 
+def _fusable(net: StackedNet | None, optimizer: StackedOptimizer) -> bool:
+    """Whether a step of every client can be ``masked_sgd_step`` (an MLP on hand-written kernels, plain SGD)."""
+    return net is not None and net.is_mlp and HAND_WRITTEN_MLP and optimizer.plain
+
+
 def masked_sgd_step(
     net: StackedNet, params: Params, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, lr: float, full: bool
 ) -> torch.Tensor:
@@ -355,12 +360,12 @@ def train_cohort(
     optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     n_list = [int(v) for v in cohort.n.tolist()]
     if schedules is not None:
-        return _train_scheduled(model, loss_fn, cohort, params, optimizer, schedules, batched_kernels)
+        return _train_scheduled(model, loss_fn, cohort, params, optimizer, schedules, net)
     orders = epoch_orders(n_list, seeds, train.local_epochs, device)
     per_epoch = (cohort.n + size - 1) // size
     total_steps = per_epoch * train.local_epochs
     grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
-    fused = net is not None and net.is_mlp and HAND_WRITTEN_MLP and optimizer.plain
+    fused = _fusable(net, optimizer)
     losses = torch.zeros(k, dtype=torch.float64, device=device)
     for t in range(int(total_steps.max()) if k else 0):
         active = (total_steps > t).nonzero().reshape(-1)
@@ -401,21 +406,20 @@ def _train_scheduled(
     params: Params,
     optimizer: StackedOptimizer,
     schedules: Sequence[StepSchedule],
-    batched_kernels: bool,
+    net: StackedNet | None,
 ) -> CohortResult:
     """``train_cohort`` for clients that each take their schedule's steps (``train.local_steps``)."""
     device, k = cohort.x.device, cohort.size
     index_np, counts_np = schedule_indices(schedules, cohort.n.tolist())
     total = int(max((s.count for s in schedules), default=0))
     index, counts = torch.from_numpy(index_np).to(device), torch.from_numpy(counts_np).to(device)
-    net = stacked_net(model, loss_fn) if batched_kernels else None
     grad_fn = None if net is not None else vmap(grad_and_value(loss_function(model, loss_fn)))
     losses = torch.zeros(k, dtype=torch.float64, device=device)
     everyone_steps = (counts_np > 0).all(axis=0)  # per step: every client takes it (known before the loop)
     widths = counts_np.max(axis=0) if k else np.zeros(total, dtype=np.int64)
     full = (counts_np == widths).all(axis=0)
     chunk = _steps_per_gather(cohort, index.shape[2])
-    fused = net is not None and net.is_mlp and HAND_WRITTEN_MLP and optimizer.plain
+    fused = _fusable(net, optimizer)
     for t in range(total):
         if t % chunk == 0:  # the rows of the next ``chunk`` steps, gathered at once
             xs, ys = cohort.rows(None, index[:, t : t + chunk])

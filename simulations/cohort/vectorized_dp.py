@@ -49,9 +49,14 @@ class PrivateCohortPlan:
     expected_batch: torch.Tensor
     max_grad_norm: float
 
+    @property
+    def noise_std(self) -> torch.Tensor:
+        """Each client's noise scale ``sigma C`` ``[K]`` (float32)."""
+        return (self.noise_multiplier * self.max_grad_norm).float()
+
     def shared_scale(self) -> tuple[float, float] | None:
         """(noise scale ``sigma C``, expected batch) when every client has the same, else ``None``."""
-        std = (self.noise_multiplier * self.max_grad_norm).float()
+        std = self.noise_std
         if not len(std) or bool((std != std[0]).any() or (self.expected_batch != self.expected_batch[0]).any()):
             return None
         return float(std[0]), float(self.expected_batch[0])
@@ -174,8 +179,7 @@ def train_cohort_private(
     params = stacked(start, k, wide_last=net is not None)
     optimizer = StackedOptimizer(train, params, proximal_mu=proximal_mu, anchor=start)
     per_client = vmap(per_sample_function(model, loss_fn)) if net is None else None
-    std = (plan.noise_multiplier * plan.max_grad_norm).float()
-    shared = plan.shared_scale()
+    scale = plan.shared_scale() or plan.noise_std  # one (scale, batch) for all, else each client's scale
     ragged = bool((cohort.n < cohort.x.shape[1]).any())  # once a round, not a device sync a step
     total = torch.zeros(k, dtype=torch.float64, device=device)
     nonempty = torch.zeros(k, dtype=torch.int64, device=device)
@@ -198,7 +202,7 @@ def train_cohort_private(
             nonempty[rows] += has.long()
         else:
             sums = {name: torch.zeros_like(p) for name, p in cur.items()}
-        noisy = noisy_means(sums, rows, std if shared is None else shared, plan.expected_batch, noise_gen)
+        noisy = noisy_means(sums, rows, scale, plan.expected_batch, noise_gen)
         optimizer.step(noisy, None if everyone else rows, t + 1)
     loss = [
         float(tot) / cnt if cnt else float("nan") for tot, cnt in zip(total.tolist(), nonempty.tolist(), strict=True)

@@ -354,7 +354,8 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one simulation (or the raw floor) and return its timings (called in the trial's own process).
 
     The process CPU seconds at each round's end come from the quiet reporter's round hook; they
-    count this process only, so they are reported for the in-process systems (inline, floor).
+    count this process and its running children (the checkpoint writer's), so they are reported
+    for the in-process systems (inline, floor).
     """
     import torch
 
@@ -370,7 +371,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     cpus: list[float] = []
 
     def round_finished(self: SilentReporter, record: dict[str, Any], total_rounds: int, elapsed: float) -> None:
-        cpus.append(time.process_time())
+        cpus.append(time.process_time() + _children_cpu_s())
 
     SilentReporter.round_finished = round_finished  # type: ignore[method-assign]
     exp = parse_experiment(spec["experiment"], spec["scenario"])
@@ -383,6 +384,19 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["scenario"] in A1_SCENARIOS:
         result["accuracy"] = held_out_accuracy(exp, run_dir)
     return result
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds used so far by this process's running children (``/proc``; 0 where there is none)."""
+    total = 0
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it has just exited
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def held_out_accuracy(exp: Experiment, run_dir: Path) -> float:

@@ -8,14 +8,14 @@ name, every file and the folder fsynced, then renamed; only
 then does ``checkpoints/LATEST`` (itself replaced atomically) point at it. A crash at any moment
 leaves either the previous or the new checkpoint, never a half-written one.
 
-``CheckpointWriter`` does the same writes on a background thread, off the round's critical path.
+``CheckpointWriter`` does the same writes off the round's critical path: a background thread
+hands each checkpoint's files to a child process (``checkpoint_files``) and waits for it, so the
+writes' system calls do not contend with the training thread for the interpreter's lock.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +24,15 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
+from flowerbed.server.checkpoint_files import CheckpointFilesProcess, write_checkpoint_folder
 from flowerbed.server.strategy_state import restore_strategy, strategy_state
 from flowerbed.strategies.registry import build_strategy
-from flowerbed.weights import load_safetensors, save_safetensors
+from flowerbed.weights import load_safetensors
 
 KEEP = 2
 
@@ -106,48 +108,28 @@ def _encode_state(state: dict[str, Any], encoded: dict[int, tuple[Any, str]] | N
     return f'{rest[:-1]}{"," if len(rest) > 2 else ""}"history":[{",".join(texts)}]}}'
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def save_checkpoint(run_dir: Path, checkpoint: Checkpoint | Snapshot) -> Path:
+def save_checkpoint(
+    run_dir: Path, checkpoint: Checkpoint | Snapshot, *, files_process: CheckpointFilesProcess | None = None
+) -> Path:
     """Write ``checkpoint`` atomically and point ``LATEST`` at it; keep the last ``KEEP``.
 
     It is durable when this returns: every file, the folder's rename and ``LATEST`` are fsynced.
+    ``files_process`` writes the files in that child process instead of this one.
     """
     frozen = checkpoint if isinstance(checkpoint, Snapshot) else snapshot(checkpoint, copy=False)
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"round-{frozen.round:04d}"
-    final, tmp = root / name, root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_safetensors(frozen.weights, tmp / "weights.safetensors")
-    save_safetensors(frozen.strategy, tmp / "strategy.safetensors")
+    files = {"weights.safetensors": _safetensors(frozen.weights), "strategy.safetensors": _safetensors(frozen.strategy)}
     if frozen.best is not None:
-        save_safetensors(frozen.best, tmp / "best.safetensors")
-    _write_bytes(tmp / "state.json", frozen.state)
-    _fsync_dir(tmp)  # the folder's entries, before the folder is renamed into place
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(root)  # the rename, before LATEST may name it
-    _write_bytes(root / ".LATEST.tmp", name.encode())
-    os.replace(root / ".LATEST.tmp", root / "LATEST")
-    _fsync_dir(root)
-    for old in sorted(root.glob("round-*"))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        files["best.safetensors"] = _safetensors(frozen.best)
+    files["state.json"] = frozen.state
+    root, name = run_dir / "checkpoints", f"round-{frozen.round:04d}"
+    if files_process is None:
+        return write_checkpoint_folder(root, name, files, KEEP)
+    return files_process.write(root, name, files, KEEP)
+
+
+def _safetensors(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes ``save_safetensors`` writes for ``arrays``."""
+    return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
 class CheckpointWriter:
@@ -169,6 +151,8 @@ class CheckpointWriter:
     ``submit``, ``check``, ``wait`` and ``close`` raise it in the caller, each time. ``close`` (or
     leaving the ``with`` block) waits for everything submitted; a writer dropped without it may lose
     its last checkpoint, as a crash would, never leave a half-written one.
+
+    The child process starts with the writer, the thread at the first ``submit``; ``close`` stops both.
     """
 
     def __init__(self) -> None:
@@ -178,6 +162,7 @@ class CheckpointWriter:
         self._durable: int | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._files = CheckpointFilesProcess()  # started now: it is ready by the first checkpoint
         self._encoded: dict[int, tuple[Any, str]] = {}  # the history's records, encoded (see ``snapshot``)
 
     @property
@@ -230,6 +215,7 @@ class CheckpointWriter:
             thread = self._thread
         if thread is not None:
             thread.join()
+        self._files.close()
         self.check()
 
     def __enter__(self) -> CheckpointWriter:
@@ -250,29 +236,34 @@ class CheckpointWriter:
             raise self._error
 
     def _work(self) -> None:
-        while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._job is not None or self._closed)
-                if self._job is None:
-                    return
-                run_dir, frozen, then = self._job
-            error: BaseException | None = None
-            durable = False
-            try:
-                save_checkpoint(run_dir, frozen)
-                durable = True
-                if then is not None:
-                    then()
-            except BaseException as exc:  # handed to the caller by submit, check, wait and close
-                stage = "after it was durable" if durable else "while writing it"
-                exc.add_note(f"raised by the checkpoint writer at round {frozen.round}'s checkpoint, {stage}")
-                error = exc
-            with self._lock:
-                if durable:
-                    self._durable = frozen.round
-                self._error = self._error or error
-                self._job = None
-                self._lock.notify_all()
+        while self._write_next():
+            pass
+
+    def _write_next(self) -> bool:
+        """Write the next job and run its ``then``; ``False`` once closed."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._job is not None or self._closed)
+            if self._job is None:
+                return False
+            run_dir, frozen, then = self._job
+        error: BaseException | None = None
+        durable = False
+        try:
+            save_checkpoint(run_dir, frozen, files_process=self._files)
+            durable = True
+            if then is not None:
+                then()
+        except BaseException as exc:  # handed to the caller by submit, check, wait and close
+            stage = "after it was durable" if durable else "while writing it"
+            exc.add_note(f"raised by the checkpoint writer at round {frozen.round}'s checkpoint, {stage}")
+            error = exc
+        with self._lock:
+            if durable:
+                self._durable = frozen.round
+            self._error = self._error or error
+            self._job = None
+            self._lock.notify_all()
+        return True
 
 
 def latest_round(run_dir: Path) -> int | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import struct
 import threading
 from pathlib import Path
 
@@ -10,8 +13,9 @@ import pytest
 
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
-from flowerbed.server import checkpoint
+from flowerbed.server import checkpoint, checkpoint_files
 from flowerbed.server.checkpoint import Checkpoint, CheckpointWriter, latest_round, load_checkpoint, save_checkpoint
+from flowerbed.server.checkpoint_files import CheckpointFilesProcess
 from flowerbed.strategies.registry import build_strategy
 
 STRATEGY = StrategyConfig(name="FedAdam")
@@ -48,9 +52,9 @@ def _gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Hold every background write until the returned event is set."""
     gate, save = threading.Event(), checkpoint.save_checkpoint
 
-    def held(run_dir, state):
+    def held(run_dir, state, **how):
         assert gate.wait(30)
-        return save(run_dir, state)
+        return save(run_dir, state, **how)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", held)
     return gate
@@ -136,10 +140,10 @@ def test_a_failed_write_is_raised_by_wait_submit_and_close(tmp_path: Path) -> No
 def test_the_next_submit_raises_and_writes_nothing_after_a_failure(tmp_path: Path, monkeypatch) -> None:
     save = checkpoint.save_checkpoint
 
-    def fail_round_2(run_dir, state):
+    def fail_round_2(run_dir, state, **how):
         if state.round == 2:
             raise RuntimeError("disk gone")
-        return save(run_dir, state)
+        return save(run_dir, state, **how)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", fail_round_2)
     with pytest.raises(RuntimeError, match="disk gone"), CheckpointWriter() as writer:
@@ -188,6 +192,7 @@ def test_close_drains_and_stops_the_thread(tmp_path: Path, monkeypatch) -> None:
     closer.join(30)
     assert not closer.is_alive() and latest_round(tmp_path) == 1
     assert writer._thread is not None and not writer._thread.is_alive()
+    assert writer._files is not None and writer._files.returncode == 0  # its child process has exited
     writer.close()  # again: nothing to do
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(tmp_path, _checkpoint(2))
@@ -232,3 +237,69 @@ def test_the_round_sent_record_is_overwritten_in_place_and_stays_readable(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_folder.note_rounds_sent(tmp_path, {4: ["c"]})
     assert run_folder.read_rounds_sent(tmp_path) == {4: ["c"]}  # the old tail is blanked, the JSON reads
+
+
+def test_the_files_are_written_by_the_child_process(tmp_path: Path, monkeypatch) -> None:
+    """The writer's thread hands the files over: this process's own folder writer is never called."""
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the checkpoint folder was written in the training process")
+
+    monkeypatch.setattr(checkpoint_files, "write_checkpoint_folder", not_here)
+    monkeypatch.setattr(checkpoint, "write_checkpoint_folder", not_here)
+    with CheckpointWriter() as writer:
+        writer.submit(tmp_path, _checkpoint(1))
+        writer.wait()
+        assert writer._files is not None and writer._files.returncode is None
+    _assert_loads_as(tmp_path, _checkpoint(1))
+
+
+def test_a_parent_that_dies_mid_checkpoint_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """The child reads a whole checkpoint before it writes: a frame cut short writes nothing, and it exits."""
+    save_checkpoint(tmp_path, _checkpoint(1))
+    files = CheckpointFilesProcess()
+    header = json.dumps({"root": str(tmp_path / "checkpoints"), "name": "round-0002", "keep": 2,
+                         "files": [["weights.safetensors", 100], ["state.json", 10]]}).encode()  # fmt: skip
+    child = files._child
+    assert child.stdin is not None
+    child.stdin.write(struct.pack("<I", len(header)) + header + b"x" * 60)  # the parent dies 60 bytes in
+    child.stdin.close()
+    assert child.wait(30) == 0
+    assert latest_round(tmp_path) == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "round-0001"]
+
+
+def test_a_stopped_child_process_is_a_failed_write(tmp_path: Path) -> None:
+    files = CheckpointFilesProcess()
+    files._child.kill()
+    files._child.wait(30)
+    with pytest.raises(RunError, match=r"checkpoint writer process stopped \(exit code -9\)"):
+        save_checkpoint(tmp_path, _checkpoint(1), files_process=files)
+    files.close()
+    assert latest_round(tmp_path) is None
+
+
+def test_the_childs_failure_comes_back_as_the_same_os_error(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    files = CheckpointFilesProcess()
+    try:
+        with pytest.raises(NotADirectoryError) as failure:
+            save_checkpoint(not_a_folder, _checkpoint(1), files_process=files)
+        assert failure.value.filename == str(not_a_folder / "checkpoints")
+        save_checkpoint(tmp_path, _checkpoint(2), files_process=files)  # the child goes on serving
+    finally:
+        files.close()
+    assert latest_round(tmp_path) == 2 and files.returncode == 0
+
+
+def test_the_child_process_finishes_its_work_through_ctrl_c(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: the child goes on, and its parent decides when to stop."""
+    files = CheckpointFilesProcess()
+    try:
+        save_checkpoint(tmp_path, _checkpoint(1), files_process=files)  # it has started and set its handlers
+        files._child.send_signal(signal.SIGINT)
+        save_checkpoint(tmp_path, _checkpoint(2), files_process=files)
+    finally:
+        files.close()
+    assert latest_round(tmp_path) == 2 and files.returncode == 0

@@ -25,12 +25,12 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, server_round: int, *, after_n
     """Fail ``server_round``'s checkpoint (``after_next_went_out``: once the next round's training went out)."""
     save, note, went_out = checkpoint.save_checkpoint, run_folder.note_rounds_sent, threading.Event()
 
-    def save_or_die(run_dir, state):
+    def save_or_die(run_dir, state, **how):
         if state.round == server_round:
             if after_next_went_out:
                 assert went_out.wait(60)
             raise Interrupted
-        return save(run_dir, state)
+        return save(run_dir, state, **how)
 
     def noted(run_dir, rounds):
         note(run_dir, rounds)

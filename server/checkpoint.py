@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +29,8 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
-from flowerbed.server.checkpoint_files import CheckpointFilesProcess, write_checkpoint_folder
+from flowerbed.server.checkpoint_files import CheckpointFilesProcess, write_checkpoint
+from flowerbed.server.run_folder import json_line
 from flowerbed.server.strategy_state import restore_strategy, strategy_state
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import load_safetensors
@@ -89,7 +90,7 @@ def snapshot(
 
 
 def _encode_state(state: dict[str, Any], encoded: dict[int, tuple[Any, str]] | None) -> str:
-    """``state`` as compact JSON, the history last; its records' JSON is taken from ``encoded`` where it is there."""
+    """``state`` as JSON, the history last; its records' JSON is taken from ``encoded`` where it is there."""
     history = state.get("history")
     if not isinstance(history, list):
         return json.dumps(state, separators=(",", ":"))
@@ -99,7 +100,7 @@ def _encode_state(state: dict[str, Any], encoded: dict[int, tuple[Any, str]] | N
     for record in history:
         held = encoded.get(id(record))
         if held is None or held[0] is not record:
-            held = (record, json.dumps(record, separators=(",", ":")))
+            held = (record, json_line(record))  # the text of its metrics.jsonl line
         kept[id(record)] = held
         texts.append(held[1])
     encoded.clear()
@@ -109,12 +110,17 @@ def _encode_state(state: dict[str, Any], encoded: dict[int, tuple[Any, str]] | N
 
 
 def save_checkpoint(
-    run_dir: Path, checkpoint: Checkpoint | Snapshot, *, files_process: CheckpointFilesProcess | None = None
+    run_dir: Path,
+    checkpoint: Checkpoint | Snapshot,
+    *,
+    files_process: CheckpointFilesProcess | None = None,
+    lines: Sequence[tuple[Path, bytes]] = (),
 ) -> Path:
-    """Write ``checkpoint`` atomically and point ``LATEST`` at it; keep the last ``KEEP``.
+    """Write ``checkpoint`` atomically and point ``LATEST`` at it; keep the last ``KEEP``; then append ``lines``.
 
     It is durable when this returns: every file, the folder's rename and ``LATEST`` are fsynced.
-    ``files_process`` writes the files in that child process instead of this one.
+    Each of ``lines`` is appended to its file only after that. ``files_process`` does the writes in
+    that child process instead of this one.
     """
     frozen = checkpoint if isinstance(checkpoint, Snapshot) else snapshot(checkpoint, copy=False)
     files = {"weights.safetensors": _safetensors(frozen.weights), "strategy.safetensors": _safetensors(frozen.strategy)}
@@ -123,8 +129,8 @@ def save_checkpoint(
     files["state.json"] = frozen.state
     root, name = run_dir / "checkpoints", f"round-{frozen.round:04d}"
     if files_process is None:
-        return write_checkpoint_folder(root, name, files, KEEP)
-    return files_process.write(root, name, files, KEEP)
+        return write_checkpoint(root, name, files, KEEP, lines)
+    return files_process.write(root, name, files, KEEP, lines)
 
 
 def _safetensors(arrays: dict[str, np.ndarray]) -> bytes:
@@ -157,7 +163,7 @@ class CheckpointWriter:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._job: tuple[Path, Snapshot, Callable[[], object] | None] | None = None  # submitted, not yet done
+        self._job: tuple[Path, Snapshot, list[tuple[Path, bytes]], Callable[[], object] | None] | None = None
         self._error: BaseException | None = None
         self._durable: int | None = None
         self._closed = False
@@ -171,8 +177,17 @@ class CheckpointWriter:
         with self._lock:
             return self._durable
 
-    def submit(self, run_dir: Path, checkpoint: Checkpoint, then: Callable[[], object] | None = None) -> None:
-        """Write ``checkpoint`` in the background, then call ``then`` (on the writer thread).
+    def submit(
+        self,
+        run_dir: Path,
+        checkpoint: Checkpoint,
+        then: Callable[[], object] | None = None,
+        lines: Sequence[tuple[Path, dict[str, Any]]] = (),
+    ) -> None:
+        """Write ``checkpoint`` in the background, append ``lines``, then call ``then`` (on the writer thread).
+
+        Each of ``lines`` is a file and a record appended to it as one JSON line (``json_line``) once
+        the checkpoint is durable; a record of the checkpoint's history is encoded once for both.
 
         Returns once the snapshot is taken and the previous checkpoint is durable.
 
@@ -184,16 +199,22 @@ class CheckpointWriter:
         """
         self.check()
         frozen = snapshot(checkpoint, encoded=self._encoded)  # while the previous one is still being written
+        texts = [(Path(path), (self._text(record) + "\n").encode()) for path, record in lines]
         with self._lock:
             self._lock.wait_for(lambda: self._job is None)
             self._raise_if_failed()
             if self._closed:
                 raise RuntimeError("checkpoint writer is closed")
-            self._job = (Path(run_dir), frozen, then)
+            self._job = (Path(run_dir), frozen, texts, then)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
                 self._thread.start()
             self._lock.notify_all()
+
+    def _text(self, record: dict[str, Any]) -> str:
+        """``json_line(record)``, from the history's encodings when the record is one of them."""
+        held = self._encoded.get(id(record))
+        return held[1] if held is not None and held[0] is record else json_line(record)
 
     def check(self) -> None:
         """Raise a failure the writer has had so far, without waiting."""
@@ -245,11 +266,11 @@ class CheckpointWriter:
             self._lock.wait_for(lambda: self._job is not None or self._closed)
             if self._job is None:
                 return False
-            run_dir, frozen, then = self._job
+            run_dir, frozen, lines, then = self._job
         error: BaseException | None = None
         durable = False
         try:
-            save_checkpoint(run_dir, frozen, files_process=self._files)
+            save_checkpoint(run_dir, frozen, files_process=self._files, lines=lines)
             durable = True
             if then is not None:
                 then()

@@ -2,8 +2,10 @@
 
 ``write_checkpoint_folder`` is the layout: the files under a temporary name, each one and the folder
 fsynced, the folder renamed into place, ``LATEST`` replaced, the oldest folders pruned.
+``write_checkpoint`` then appends the round's lines (``metrics.jsonl``, ``timings.jsonl``), so a
+line never names a round whose checkpoint a crash could lose.
 
-``CheckpointFilesProcess`` runs the same function in a child process (``python -m
+``CheckpointFilesProcess`` runs ``write_checkpoint`` in a child process (``python -m
 flowerbed.server.checkpoint_files``). A checkpoint is some forty system calls, and a thread that
 makes them hands the interpreter's lock back and forth with the training thread at each one: on a
 round of 100 small clients that cost the training about 2 ms a round. The child takes the files
@@ -24,6 +26,7 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -71,8 +74,27 @@ def write_checkpoint_folder(root: Path, name: str, files: dict[str, bytes], keep
     return final
 
 
+def append_lines(lines: Iterable[tuple[Path, bytes]]) -> None:
+    """Append each text to its file in a single ``write`` (a crash can at worst leave a torn last line)."""
+    for path, data in lines:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def write_checkpoint(
+    root: Path, name: str, files: dict[str, bytes], keep: int, lines: Sequence[tuple[Path, bytes]] = ()
+) -> Path:
+    """``write_checkpoint_folder``, then, once the folder is durable, ``append_lines(lines)``."""
+    written = write_checkpoint_folder(root, name, files, keep)
+    append_lines(lines)
+    return written
+
+
 class CheckpointFilesProcess:
-    """A child process that runs ``write_checkpoint_folder`` for its parent, one folder at a time."""
+    """A child process that runs ``write_checkpoint`` for its parent, one checkpoint at a time."""
 
     def __init__(self) -> None:
         self._child = subprocess.Popen(
@@ -86,8 +108,10 @@ class CheckpointFilesProcess:
         """The child's exit code, or ``None`` while it runs."""
         return self._child.poll()
 
-    def write(self, root: Path, name: str, files: dict[str, bytes], keep: int) -> Path:
-        """``write_checkpoint_folder`` in the child; its failure is raised here (an ``OSError`` as itself).
+    def write(
+        self, root: Path, name: str, files: dict[str, bytes], keep: int, lines: Sequence[tuple[Path, bytes]] = ()
+    ) -> Path:
+        """``write_checkpoint`` in the child; its failure is raised here (an ``OSError`` as itself).
 
         Raises
         ------
@@ -97,12 +121,18 @@ class CheckpointFilesProcess:
             The child stopped, or failed otherwise.
         """
         header = json.dumps(
-            {"root": str(root), "name": name, "keep": keep, "files": [[n, len(d)] for n, d in files.items()]}
+            {
+                "root": str(root),
+                "name": name,
+                "keep": keep,
+                "files": [[n, len(d)] for n, d in files.items()],
+                "lines": [[str(path), len(d)] for path, d in lines],
+            }
         ).encode()
         assert self._child.stdin is not None and self._child.stdout is not None
         try:
             self._child.stdin.write(_HEADER.pack(len(header)) + header)
-            for data in files.values():
+            for data in [*files.values(), *(d for _, d in lines)]:
                 self._child.stdin.write(data)
             self._child.stdin.flush()
             line = self._child.stdout.readline()
@@ -146,13 +176,17 @@ def _serve(source: BinaryIO, sink: BinaryIO) -> None:
             return
         frame = json.loads(header)
         files: dict[str, bytes] = {}
+        lines: list[tuple[Path, bytes]] = []
         for file_name, size in frame["files"]:
-            data = _read_exactly(source, size)
-            if data is None:
+            if (data := _read_exactly(source, size)) is None:
                 return  # the parent stopped mid-frame: nothing of this checkpoint is written
             files[file_name] = data
+        for path, size in frame.get("lines", []):
+            if (data := _read_exactly(source, size)) is None:
+                return
+            lines.append((Path(path), data))
         try:
-            written = write_checkpoint_folder(Path(frame["root"]), frame["name"], files, frame["keep"])
+            written = write_checkpoint(Path(frame["root"]), frame["name"], files, frame["keep"], lines)
             answer: dict[str, object] = {"written": str(written)}
         except OSError as exc:
             answer = {"error": repr(exc), "errno": exc.errno, "message": exc.strerror, "filename": exc.filename}

@@ -390,12 +390,6 @@ class Federation:
             strategy, arrays, stopped = self._rounds(writer, resume)
             return self.finish(strategy, arrays, stopped)  # overlaps the last checkpoint; leaving the block waits
 
-    def _round_durable(self, record: dict[str, Any], timing: dict[str, Any], elapsed: float) -> None:
-        """Once a round's checkpoint is durable (on the writer's thread): its metrics line, then the display."""
-        run_folder.append_metrics(self.run_dir, record)
-        run_folder.append_timing(self.run_dir, timing)
-        self.reporter.round_finished(record, self.experiment.rounds, elapsed)
-
     def _rounds(self, writer: ckpt.CheckpointWriter, resume: bool) -> tuple[Strategy, ArrayRecord, str | None]:
         """Every round from the first (or the one after the checkpoint), each checkpoint handed to ``writer``."""
         if resume:
@@ -486,7 +480,8 @@ class Federation:
                 record["central"] = self.central_evaluator(arrays_to_numpy(arrays))
             elapsed = round(time.monotonic() - started, 3)
             self.history.append(record)  # not changed from here on: checkpoints encode each record once
-            self.timings.append({"round": server_round, "time": elapsed})
+            timing = {"round": server_round, "time": elapsed}
+            self.timings.append(timing)
             writer.submit(
                 self.run_dir,
                 ckpt.Checkpoint(
@@ -496,7 +491,8 @@ class Federation:
                     {"history": self.history, "pinned_examples": self.pinned_examples},
                     best=self.best_weights,
                 ),
-                then=functools.partial(self._round_durable, record, self.timings[-1], elapsed),
+                then=functools.partial(self.reporter.round_finished, record, self.experiment.rounds, elapsed),
+                lines=[(self.run_dir / run_folder.METRICS, record), (self.run_dir / run_folder.TIMINGS, timing)],
             )
             if self.selection is not None and (stopped := stop_reason(self.history, self.selection)):
                 self.reporter.note(stopped)

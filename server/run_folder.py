@@ -47,18 +47,19 @@ def read_experiment(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "experiment.json").read_text())
 
 
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line in a single ``write`` and flush it.
+METRICS = "metrics.jsonl"
+TIMINGS = "timings.jsonl"
 
-    A crash can at worst leave a last line without its newline; readers ignore such a line, and a
-    resumed run rewrites the file from its checkpoint's history first.
+
+def json_line(record: dict[str, Any]) -> str:
+    """A record as one line of ``metrics.jsonl`` or ``timings.jsonl``, without its newline (sorted keys).
+
+    The round loop's lines are appended by the checkpoint writer once their round's checkpoint is
+    durable (``CheckpointWriter.submit``'s ``lines``). A crash can at worst leave a last line
+    without its newline; readers ignore such a line, and a resumed run rewrites the files from
+    its checkpoint's history first.
     """
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    return json.dumps(record, sort_keys=True)
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -71,17 +72,12 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
 
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` from the complete history (atomic; at the start of a resumed run)."""
-    _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-
-
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Add one round's record to ``metrics.jsonl`` (every round; no rewrite of earlier rounds)."""
-    _append_line(run_dir / "metrics.jsonl", record)
+    _atomic_write(run_dir / METRICS, "".join(json_line(r) + "\n" for r in records))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every round's record from ``metrics.jsonl``."""
-    return _read_lines(run_dir / "metrics.jsonl")
+    return _read_lines(run_dir / METRICS)
 
 
 def write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
@@ -90,17 +86,12 @@ def write_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
     Wall-clock time lives apart from ``metrics.jsonl`` so that the same experiment and seed give a
     byte-identical ``metrics.jsonl``.
     """
-    _atomic_write(run_dir / "timings.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in timings))
-
-
-def append_timing(run_dir: Path, timing: dict[str, Any]) -> None:
-    """Add one round's ``{"round", "time"}`` to ``timings.jsonl``."""
-    _append_line(run_dir / "timings.jsonl", timing)
+    _atomic_write(run_dir / TIMINGS, "".join(json_line(t) + "\n" for t in timings))
 
 
 def read_timings(run_dir: Path) -> list[dict[str, Any]]:
     """Every round's ``{"round", "time"}`` from ``timings.jsonl``."""
-    return _read_lines(run_dir / "timings.jsonl")
+    return _read_lines(run_dir / TIMINGS)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

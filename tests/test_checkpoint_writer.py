@@ -13,7 +13,7 @@ import pytest
 
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
-from flowerbed.server import checkpoint, checkpoint_files
+from flowerbed.server import checkpoint, checkpoint_files, run_folder
 from flowerbed.server.checkpoint import Checkpoint, CheckpointWriter, latest_round, load_checkpoint, save_checkpoint
 from flowerbed.server.checkpoint_files import CheckpointFilesProcess
 from flowerbed.strategies.registry import build_strategy
@@ -246,12 +246,14 @@ def test_the_files_are_written_by_the_child_process(tmp_path: Path, monkeypatch)
         raise AssertionError("the checkpoint folder was written in the training process")
 
     monkeypatch.setattr(checkpoint_files, "write_checkpoint_folder", not_here)
-    monkeypatch.setattr(checkpoint, "write_checkpoint_folder", not_here)
+    monkeypatch.setattr(checkpoint_files, "append_lines", not_here)
+    monkeypatch.setattr(checkpoint, "write_checkpoint", not_here)
     with CheckpointWriter() as writer:
-        writer.submit(tmp_path, _checkpoint(1))
+        writer.submit(tmp_path, _checkpoint(1), lines=[(tmp_path / "metrics.jsonl", {"round": 1})])
         writer.wait()
         assert writer._files is not None and writer._files.returncode is None
     _assert_loads_as(tmp_path, _checkpoint(1))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
 
 
 def test_a_parent_that_dies_mid_checkpoint_leaves_nothing_half_written(tmp_path: Path) -> None:
@@ -303,3 +305,22 @@ def test_the_child_process_finishes_its_work_through_ctrl_c(tmp_path: Path) -> N
     finally:
         files.close()
     assert latest_round(tmp_path) == 2 and files.returncode == 0
+
+
+def test_a_rounds_lines_are_appended_once_its_checkpoint_is_durable(tmp_path: Path, monkeypatch) -> None:
+    """The metrics line follows the checkpoint; a history record is encoded once, for both."""
+    gate = _gate(monkeypatch)
+    encoded: list[dict] = []
+    monkeypatch.setattr(checkpoint, "json_line", lambda r: encoded.append(r) or run_folder.json_line(r))
+    metrics = tmp_path / "metrics.jsonl"
+    history = [{"round": 1, "sites": {"b": {"loss": 0.5}, "a": {"loss": 0.25}}}]
+    with CheckpointWriter() as writer:
+        writer.submit(tmp_path, _checkpoint(1, history), lines=[(metrics, history[0])])
+        assert not metrics.exists()  # the checkpoint is still being written
+        gate.set()
+        writer.wait()
+        assert run_folder.read_metrics(tmp_path) == history and latest_round(tmp_path) == 1
+    line = metrics.read_text()
+    assert line == run_folder.json_line(history[0]) + "\n"
+    assert line.strip() in (tmp_path / "checkpoints" / "round-0001" / "state.json").read_text()
+    assert encoded == [history[0]], "the record was encoded again for its line"

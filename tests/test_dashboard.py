@@ -20,7 +20,7 @@ import pytest
 
 from flowerbed.client.node_round import SIM_NODE_CONFIG_ENV
 from flowerbed.exception import ConfigError
-from flowerbed.server import run_folder
+from flowerbed.server import checkpoint, run_folder
 from flowerbed.server.dashboard import (
     COOKIE,
     RunIndex,
@@ -125,14 +125,14 @@ def test_the_page_shows_a_finished_and_a_live_run(heart_experiment, tmp_path, mo
     live_experiment = heart_experiment("name='live'", "rounds=2")
     live = run_folder.new_run_dir(live_experiment)
     app = FirstAnswer(make_app(RunIndex([tmp_path / "runs"])), live.name)
-    append = run_folder.append_metrics
+    save = checkpoint.save_checkpoint
 
-    def held_until_the_page_saw_round_one(run_dir: Path, record: dict) -> None:
-        if run_dir == live and record["round"] >= 2:
+    def held_until_the_page_saw_round_one(run_dir: Path, state, **how):  # round 2's line follows its checkpoint
+        if run_dir == live and state.round >= 2:
             app.sent.wait(timeout=60)
-        append(run_dir, record)
+        return save(run_dir, state, **how)
 
-    monkeypatch.setattr(run_folder, "append_metrics", held_until_the_page_saw_round_one)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held_until_the_page_saw_round_one)
     outcome: dict[str, Any] = {}
 
     def run_live() -> None:

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from flowerbed.in_memory_arrays import InMemoryArray, in_memory_record
 from flowerbed.server import run_folder
+from flowerbed.server.checkpoint_files import append_lines
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
 from flowerbed.simulations.engine.inline_grid import InlineGrid
 
@@ -32,8 +33,9 @@ def _reply(arrays: ArrayRecord, examples: float = 10) -> Message:
 def test_appended_records_read_back_and_a_torn_last_line_is_ignored(tmp_path):
     records = [{"round": r, "sites": {"a": {"loss": 0.5 / r}}} for r in (1, 2, 3)]
     for record in records:
-        run_folder.append_metrics(tmp_path, record)
-        run_folder.append_timing(tmp_path, {"round": record["round"], "time": 0.1})
+        timing = {"round": record["round"], "time": 0.1}
+        lines = ((run_folder.METRICS, record), (run_folder.TIMINGS, timing))
+        append_lines((tmp_path / name, (run_folder.json_line(line) + "\n").encode()) for name, line in lines)
     assert run_folder.read_metrics(tmp_path) == records
     with open(tmp_path / "metrics.jsonl", "a") as handle:  # a crash in the middle of a write
         handle.write('{"round": 4, "si')

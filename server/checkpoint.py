@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
-from flowerbed.server.checkpoint_files import CheckpointFilesProcess, write_checkpoint
+from flowerbed.server.checkpoint_files import CheckpointFilesProcess, LinesNotAppended, write_checkpoint
 from flowerbed.server.run_folder import json_line
 from flowerbed.server.strategy_state import restore_strategy, strategy_state
 from flowerbed.strategies.registry import build_strategy
@@ -145,10 +145,10 @@ class CheckpointWriter:
     the checkpoint before it is durable: at most one checkpoint is being written while the caller
     goes on, so memory stays bounded and each checkpoint waits for the one before.
 
-    Ordering guarantee: a checkpoint's ``then`` runs on the writer thread only after that
-    checkpoint is durable (``save_checkpoint`` returned: files, folder and ``LATEST`` fsynced),
-    and before the next checkpoint is written. So a line of ``metrics.jsonl`` appended in ``then``
-    never names a round whose checkpoint a crash could lose. The caller goes on meanwhile: while
+    Ordering guarantee: a checkpoint's ``lines`` are appended, and its ``then`` runs on the writer
+    thread, only after that checkpoint is durable (files, folder and ``LATEST`` fsynced), and
+    before the next checkpoint is written. So a line of ``metrics.jsonl`` never names a round whose
+    checkpoint a crash could lose. The caller goes on meanwhile: while
     round ``r``'s checkpoint is written, round ``r + 1``'s training may go out, so after a crash up
     to two rounds past the latest durable checkpoint had their training sent (and charged), not
     one. Before a round's training goes out, record every sent round past ``durable_round``.
@@ -168,7 +168,7 @@ class CheckpointWriter:
         self._durable: int | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._files = CheckpointFilesProcess()  # started now: it is ready by the first checkpoint
+        self._process = CheckpointFilesProcess()  # started now: it is ready by the first checkpoint
         self._encoded: dict[int, tuple[Any, str]] = {}  # the history's records, encoded (see ``snapshot``)
 
     @property
@@ -236,7 +236,7 @@ class CheckpointWriter:
             thread = self._thread
         if thread is not None:
             thread.join()
-        self._files.close()
+        self._process.close()
         self.check()
 
     def __enter__(self) -> CheckpointWriter:
@@ -270,7 +270,11 @@ class CheckpointWriter:
         error: BaseException | None = None
         durable = False
         try:
-            save_checkpoint(run_dir, frozen, files_process=self._files, lines=lines)
+            try:
+                save_checkpoint(run_dir, frozen, files_process=self._process, lines=lines)
+            except LinesNotAppended:
+                durable = True  # only the lines after it failed
+                raise
             durable = True
             if then is not None:
                 then()

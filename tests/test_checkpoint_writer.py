@@ -192,7 +192,7 @@ def test_close_drains_and_stops_the_thread(tmp_path: Path, monkeypatch) -> None:
     closer.join(30)
     assert not closer.is_alive() and latest_round(tmp_path) == 1
     assert writer._thread is not None and not writer._thread.is_alive()
-    assert writer._files is not None and writer._files.returncode == 0  # its child process has exited
+    assert writer._process is not None and writer._process.returncode == 0  # its child process has exited
     writer.close()  # again: nothing to do
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(tmp_path, _checkpoint(2))
@@ -251,7 +251,7 @@ def test_the_files_are_written_by_the_child_process(tmp_path: Path, monkeypatch)
     with CheckpointWriter() as writer:
         writer.submit(tmp_path, _checkpoint(1), lines=[(tmp_path / "metrics.jsonl", {"round": 1})])
         writer.wait()
-        assert writer._files is not None and writer._files.returncode is None
+        assert writer._process is not None and writer._process.returncode is None
     _assert_loads_as(tmp_path, _checkpoint(1))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
 
@@ -265,10 +265,62 @@ def test_a_parent_that_dies_mid_checkpoint_leaves_nothing_half_written(tmp_path:
     child = files._child
     assert child.stdin is not None
     child.stdin.write(struct.pack("<I", len(header)) + header + b"x" * 60)  # the parent dies 60 bytes in
-    child.stdin.close()
-    assert child.wait(30) == 0
+    files.close()
+    assert child.returncode == 0
     assert latest_round(tmp_path) == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "round-0001"]
+
+
+def test_a_frame_cut_short_in_its_lines_writes_neither_checkpoint_nor_lines(tmp_path: Path) -> None:
+    files = CheckpointFilesProcess()
+    metrics = tmp_path / "metrics.jsonl"
+    header = json.dumps({"root": str(tmp_path / "checkpoints"), "name": "round-0001", "keep": 2,
+                         "files": [["state.json", 2]], "lines": [[str(metrics), 20]]}).encode()  # fmt: skip
+    child = files._child
+    assert child.stdin is not None
+    child.stdin.write(struct.pack("<I", len(header)) + header + b"{}" + b'{"round": 1')  # 11 of 20 bytes
+    files.close()
+    assert child.returncode == 0 and latest_round(tmp_path) is None and not metrics.exists()
+
+
+def test_a_child_whose_parent_is_gone_commits_nothing(tmp_path: Path, monkeypatch) -> None:
+    """The child writes for the parent it was started by; here it is told of another, as if orphaned."""
+    monkeypatch.setattr(checkpoint_files.os, "getpid", lambda: 1)
+    files = CheckpointFilesProcess()
+    metrics = tmp_path / "metrics.jsonl"
+    monkeypatch.undo()
+    with pytest.raises(RunError, match="stopped"):
+        save_checkpoint(tmp_path, _checkpoint(1), files_process=files, lines=[(metrics, b"{}\n")])
+    files.close()
+    assert latest_round(tmp_path) is None and not metrics.exists()
+    assert not (tmp_path / "checkpoints" / "round-0001").exists()
+
+
+def test_lines_wait_for_a_durable_checkpoint_and_a_failed_line_is_named_after_it(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    writer = CheckpointWriter()
+    writer.submit(not_a_folder, _checkpoint(1), lines=[(metrics, {"round": 1})])
+    with pytest.raises(OSError):
+        writer.close()
+    assert not metrics.exists(), "a line was appended for a checkpoint that was never written"
+
+    metrics.mkdir()  # appending to it fails once the checkpoint is durable
+    writer = CheckpointWriter()
+    writer.submit(tmp_path, _checkpoint(1), lines=[(metrics, {"round": 1})])
+    with pytest.raises(checkpoint_files.LinesNotAppended, match="is durable") as failure:
+        writer.close()
+    assert "after it was durable" in str(failure.value.__notes__)
+    assert latest_round(tmp_path) == 1 and writer.durable_round == 1
+
+
+def test_old_checkpoints_are_pruned_by_round_number(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for server_round in (9999, 10000, 10001):
+        checkpoint_files.write_checkpoint_folder(root, f"round-{server_round:04d}", {"state.json": b"{}"}, keep=2)
+    assert sorted(p.name for p in root.glob("round-*")) == ["round-10000", "round-10001"]
+    assert latest_round(tmp_path) == 10001
 
 
 def test_a_stopped_child_process_is_a_failed_write(tmp_path: Path) -> None:

@@ -388,15 +388,16 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _children_cpu_s() -> float:
-    """CPU seconds used so far by this process's running children (``/proc``; 0 where there is none)."""
+    """CPU seconds used so far by this process's running descendants (``/proc``; 0 where there is none)."""
+    from flowerbed.process_control import descendants
+
     total = 0
-    for children in Path("/proc/self/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # it has just exited
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+    for pid in descendants(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it has just exited
+        total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
 
 

@@ -30,12 +30,13 @@ from flwr.serverapp.strategy import Strategy
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
 from flowerbed.server.checkpoint_files import CheckpointFilesProcess, LinesNotAppended, write_checkpoint
-from flowerbed.server.run_folder import json_line
+from flowerbed.server.run_folder import METRICS, json_line
 from flowerbed.server.strategy_state import restore_strategy, strategy_state
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import load_safetensors
 
 KEEP = 2
+HISTORY_IN_METRICS = "history_in_metrics"  # ``state.json``: how many history records are in ``metrics.jsonl``
 
 
 @dataclass
@@ -58,20 +59,19 @@ class Snapshot:
     strategy: dict[str, np.ndarray]  # the strategy's arrays (its scalars are in ``state``)
     state: bytes  # ``state.json``
     best: dict[str, np.ndarray] | None = None
+    history_tail: tuple[str, ...] = ()  # the JSON of the history records ``state.json`` holds
 
 
 def _arrays(values: dict[str, np.ndarray], copy: bool) -> dict[str, np.ndarray]:
     return {k: np.array(v, order="C", copy=True) if copy else v for k, v in values.items()}
 
 
-def snapshot(
-    checkpoint: Checkpoint, *, copy: bool = True, encoded: dict[int, tuple[Any, str]] | None = None
-) -> Snapshot:
+def snapshot(checkpoint: Checkpoint, *, copy: bool = True, history_in_metrics: int = 0) -> Snapshot:
     """Take ``checkpoint``'s state now (``copy``: of every array, so later changes to them do not reach it).
 
-    ``encoded`` keeps the JSON of each record of ``state["history"]`` between snapshots of one run:
-    the history only grows, and its records are not changed once in it, so a round encodes only
-    its own record instead of the whole history again.
+    ``history_in_metrics`` leading records of ``state["history"]`` are durable in the run folder's
+    ``metrics.jsonl`` already: ``state.json`` names their count and holds only the records after
+    them (``load_checkpoint`` joins the two), so a checkpoint's size does not grow with the rounds.
 
     Raises
     ------
@@ -80,33 +80,32 @@ def snapshot(
     """
     meta, tensors = strategy_state(checkpoint.strategy)
     state = {"round": checkpoint.round, "strategy": meta, **checkpoint.state}
+    text, tail = _encode_state(state, history_in_metrics)
     return Snapshot(
         round=checkpoint.round,
         weights=_arrays(checkpoint.weights, copy),
         strategy=_arrays(tensors, copy),
-        state=_encode_state(state, encoded).encode(),
+        state=text.encode(),
         best=_arrays(checkpoint.best, copy) if checkpoint.best is not None else None,
+        history_tail=tuple(tail),
     )
 
 
-def _encode_state(state: dict[str, Any], encoded: dict[int, tuple[Any, str]] | None) -> str:
-    """``state`` as JSON, the history last; its records' JSON is taken from ``encoded`` where it is there."""
+def _encode_state(state: dict[str, Any], in_metrics: int) -> tuple[str, list[str]]:
+    """``state`` as JSON, the history last and only from record ``in_metrics`` on; and those records' lines."""
     history = state.get("history")
     if not isinstance(history, list):
-        return json.dumps(state, separators=(",", ":"))
-    encoded = {} if encoded is None else encoded
-    texts = []
-    kept: dict[int, tuple[Any, str]] = {}
-    for record in history:
-        held = encoded.get(id(record))
-        if held is None or held[0] is not record:
-            held = (record, json_line(record))  # the text of its metrics.jsonl line
-        kept[id(record)] = held
-        texts.append(held[1])
-    encoded.clear()
-    encoded.update(kept)  # only the current history's records are kept
-    rest = json.dumps({k: v for k, v in state.items() if k != "history"}, separators=(",", ":"))
-    return f'{rest[:-1]}{"," if len(rest) > 2 else ""}"history":[{",".join(texts)}]}}'
+        if in_metrics:
+            raise ValueError(f"{in_metrics} history records are in metrics.jsonl, but the state has no history")
+        return json.dumps(state, separators=(",", ":")), []
+    if in_metrics > len(history):
+        raise ValueError(f"{in_metrics} history records are in metrics.jsonl, but the history has {len(history)}")
+    tail = [json_line(record) for record in history[in_metrics:]]  # each also its metrics.jsonl line
+    rest = {k: v for k, v in state.items() if k != "history"}
+    if in_metrics:
+        rest[HISTORY_IN_METRICS] = in_metrics
+    head = json.dumps(rest, separators=(",", ":"))
+    return f'{head[:-1]}{"," if len(head) > 2 else ""}"history":[{",".join(tail)}]}}', tail
 
 
 def save_checkpoint(
@@ -139,19 +138,26 @@ def _safetensors(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on one background thread, in the order they were submitted.
+    """Writes one run folder's checkpoints on one background thread, in the order they were submitted.
 
     ``submit`` takes a snapshot of the checkpoint (arrays copied, state encoded) and returns once
     the checkpoint before it is durable: at most one checkpoint is being written while the caller
     goes on, so memory stays bounded and each checkpoint waits for the one before.
 
-    Ordering guarantee: a checkpoint's ``lines`` are appended, and its ``then`` runs on the writer
-    thread, only after that checkpoint is durable (files, folder and ``LATEST`` fsynced), and
-    before the next checkpoint is written. So a line of ``metrics.jsonl`` never names a round whose
-    checkpoint a crash could lose. The caller goes on meanwhile: while
-    round ``r``'s checkpoint is written, round ``r + 1``'s training may go out, so after a crash up
-    to two rounds past the latest durable checkpoint had their training sent (and charged), not
-    one. Before a round's training goes out, record every sent round past ``durable_round``.
+    The history (``state["history"]``, a list that only grows) lives in the run folder's
+    ``metrics.jsonl``: each record submitted for the first time is appended there as a line once
+    its checkpoint is durable, and a checkpoint's ``state.json`` holds only the records whose
+    lines were not yet durable when it was taken (``snapshot``'s ``history_in_metrics``), so
+    checkpoints stay the same size however long the run.
+
+    Ordering guarantee: a checkpoint's history lines and ``lines`` are appended (and fsynced), and
+    its ``then`` runs on the writer thread, only after that checkpoint is durable (files, folder
+    and ``LATEST`` fsynced), and before the next checkpoint is written. So a line of
+    ``metrics.jsonl`` never names a round whose checkpoint a crash could lose. The caller goes on
+    meanwhile: while round ``r``'s checkpoint is written, round ``r + 1``'s training may go out, so
+    after a crash up to two rounds past the latest durable checkpoint had their training sent (and
+    charged), not one. Before a round's training goes out, record every sent round past
+    ``durable_round``.
 
     A failure (in the write or in ``then``) stops the writer: no later checkpoint is written, and
     ``submit``, ``check``, ``wait`` and ``close`` raise it in the caller, each time. ``close`` (or
@@ -169,13 +175,21 @@ class CheckpointWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._process = CheckpointFilesProcess()  # started now: it is ready by the first checkpoint
-        self._encoded: dict[int, tuple[Any, str]] = {}  # the history's records, encoded (see ``snapshot``)
+        self._run_dir: Path | None = None
+        self._in_metrics = 0  # history records handed over for metrics.jsonl (durable before the next write)
 
     @property
     def durable_round(self) -> int | None:
         """The round of the last checkpoint this writer made durable (None: none yet)."""
         with self._lock:
             return self._durable
+
+    def resume_history(self, records: int) -> None:
+        """The first ``records`` of the history are in ``metrics.jsonl`` already (a resumed run rewrote it)."""
+        with self._lock:
+            if self._job is not None or self._durable is not None:
+                raise RuntimeError("resume_history comes before the first checkpoint")
+            self._in_metrics = records
 
     def submit(
         self,
@@ -184,10 +198,11 @@ class CheckpointWriter:
         then: Callable[[], object] | None = None,
         lines: Sequence[tuple[Path, dict[str, Any]]] = (),
     ) -> None:
-        """Write ``checkpoint`` in the background, append ``lines``, then call ``then`` (on the writer thread).
+        """Write ``checkpoint`` in the background, append its new history lines and ``lines``, then call ``then``.
 
         Each of ``lines`` is a file and a record appended to it as one JSON line (``json_line``) once
-        the checkpoint is durable; a record of the checkpoint's history is encoded once for both.
+        the checkpoint is durable, after the history's new records in ``metrics.jsonl``; ``then``
+        runs on the writer thread after that.
 
         Returns once the snapshot is taken and the previous checkpoint is durable.
 
@@ -195,26 +210,29 @@ class CheckpointWriter:
         ------
         BaseException
             An earlier write's (or ``then``'s) failure; ``RunError`` if the strategy cannot be
-            checkpointed; ``RuntimeError`` after ``close``.
+            checkpointed; ``RuntimeError`` after ``close``; ``ValueError`` for a second run folder
+            or a history shorter than one submitted before.
         """
         self.check()
-        frozen = snapshot(checkpoint, encoded=self._encoded)  # while the previous one is still being written
-        texts = [(Path(path), (self._text(record) + "\n").encode()) for path, record in lines]
+        run_dir = Path(run_dir)
+        if self._run_dir is not None and run_dir != self._run_dir:
+            raise ValueError(f"this checkpoint writer writes {self._run_dir}, not {run_dir}: one writer per run folder")
+        in_metrics = self._in_metrics  # written only here: the records of earlier submits
+        frozen = snapshot(checkpoint, history_in_metrics=in_metrics)  # while the previous one is still being written
+        texts = [(run_dir / METRICS, f"{line}\n".encode()) for line in frozen.history_tail]
+        texts += [(Path(path), f"{json_line(record)}\n".encode()) for path, record in lines]
         with self._lock:
             self._lock.wait_for(lambda: self._job is None)
             self._raise_if_failed()
             if self._closed:
                 raise RuntimeError("checkpoint writer is closed")
-            self._job = (Path(run_dir), frozen, texts, then)
+            self._job = (run_dir, frozen, texts, then)
+            self._run_dir = run_dir
+            self._in_metrics = in_metrics + len(frozen.history_tail)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
                 self._thread.start()
             self._lock.notify_all()
-
-    def _text(self, record: dict[str, Any]) -> str:
-        """``json_line(record)``, from the history's encodings when the record is one of them."""
-        held = self._encoded.get(id(record))
-        return held[1] if held is not None and held[0] is record else json_line(record)
 
     def check(self) -> None:
         """Raise a failure the writer has had so far, without waiting."""
@@ -302,10 +320,14 @@ def latest_round(run_dir: Path) -> int | None:
 def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
     """The newest complete checkpoint of a run folder, with the strategy rebuilt from ``strategy``.
 
+    The history is the checkpoint's ``state.json``'s records after the first ones it counts in
+    ``metrics.jsonl`` (``snapshot``'s ``history_in_metrics``).
+
     Raises
     ------
     RunError
-        If the run folder has no complete checkpoint, or only one written by an older flowerbed.
+        If the run folder has no complete checkpoint, only one written by an older flowerbed, or a
+        ``metrics.jsonl`` without the records the checkpoint counts there.
     """
     pointer = run_dir / "checkpoints" / "LATEST"
     if not pointer.is_file():
@@ -317,9 +339,37 @@ def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
             "loads); start a new run"
         )
     state = json.loads((folder / "state.json").read_text())
+    in_metrics = int(state.pop(HISTORY_IN_METRICS, 0))
+    if in_metrics:
+        state["history"] = _history_in_metrics(run_dir, in_metrics, folder.name) + state.get("history", [])
     rebuilt = restore_strategy(
         build_strategy(strategy), state.pop("strategy", {}), load_safetensors(folder / "strategy.safetensors")
     )
     weights = load_safetensors(folder / "weights.safetensors")
     best = load_safetensors(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
     return Checkpoint(round=int(state.pop("round")), weights=weights, strategy=rebuilt, state=state, best=best)
+
+
+def _history_in_metrics(run_dir: Path, records: int, checkpoint: str) -> list[dict[str, Any]]:
+    """The first ``records`` lines of ``metrics.jsonl``, which checkpoint ``checkpoint`` counts on."""
+    path = run_dir / METRICS
+    fix = "restore it from a backup of the run folder, or start a new run"
+    try:
+        lines = path.read_text().split("\n")[:-1][:records] if path.is_file() else []  # newline-terminated
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: cannot be read ({exc}); {fix}") from None
+    history = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{path}, line {number}: not a JSON record ({exc.msg}); {fix}") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path}, line {number}: not a JSON object; {fix}")
+        history.append(record)
+    if len(history) < records:
+        raise RunError(
+            f"{path}: checkpoint {checkpoint} keeps the first {records} rounds' records there, but it has "
+            f"{len(history)}; {fix}"
+        )
+    return history

@@ -2,8 +2,10 @@
 
 ``write_checkpoint_folder`` is the layout: the files under a temporary name, each one and the folder
 fsynced, the folder renamed into place, ``LATEST`` replaced, the oldest folders pruned.
-``write_checkpoint`` then appends the round's lines (``metrics.jsonl``, ``timings.jsonl``), so a
-line never names a round whose checkpoint a crash could lose.
+``write_checkpoint`` then appends the round's lines (``metrics.jsonl``, ``timings.jsonl``) and
+fsyncs them, so a line never names a round whose checkpoint a crash could lose, and the lines of
+every earlier round are durable before the next checkpoint is written (a checkpoint's
+``state.json`` holds only the history that is not in ``metrics.jsonl`` yet).
 
 ``CheckpointFilesProcess`` runs ``write_checkpoint`` in a child process (``python -m
 flowerbed.server.checkpoint_files``). A checkpoint is some forty system calls, and a thread that
@@ -47,7 +49,8 @@ class ParentGone(Exception):
     """The child's parent has exited: nothing more is committed for it."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (a new file, a rename) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -81,28 +84,35 @@ def write_checkpoint_folder(
     tmp.mkdir()
     for file_name, data in files.items():
         _write_bytes(tmp / file_name, data)
-    _fsync_dir(tmp)  # the folder's entries, before the folder is renamed into place
+    fsync_dir(tmp)  # the folder's entries, before the folder is renamed into place
     proceed()
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)  # the rename, before LATEST may name it
+    fsync_dir(root)  # the rename, before LATEST may name it
     _write_bytes(root / ".LATEST.tmp", name.encode())
     proceed()
     os.replace(root / ".LATEST.tmp", root / "LATEST")
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in sorted(root.glob("round-*"), key=_round_number)[:-keep]:  # by number: round-10000 is newer
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def append_lines(lines: Iterable[tuple[Path, bytes]]) -> None:
-    """Append each text to its file in a single ``write`` (a crash can at worst leave a torn last line)."""
+    """Append each text to its file in a single ``write``, durably (a crash can at worst leave a torn last line).
+
+    Durable when this returns: each file is fsynced, and the folder of a file this created.
+    """
     for path, data in lines:
+        created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, data)
+            os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_dir(path.parent)
 
 
 def write_checkpoint(

@@ -403,6 +403,7 @@ class Federation:
             sent = run_folder.read_rounds_sent(self.run_dir)  # rounds whose training went out
             self._interrupted = {r: sites for r, sites in sent.items() if r >= first_round}  # never checkpointed
             run_folder.write_metrics(self.run_dir, self.history)
+            writer.resume_history(len(self.history))
             run_folder.write_timings(self.run_dir, self.timings)
         else:
             strategy = build_strategy(self.experiment.strategy)
@@ -492,7 +493,7 @@ class Federation:
                     best=self.best_weights,
                 ),
                 then=functools.partial(self.reporter.round_finished, record, self.experiment.rounds, elapsed),
-                lines=[(self.run_dir / run_folder.METRICS, record), (self.run_dir / run_folder.TIMINGS, timing)],
+                lines=[(self.run_dir / run_folder.TIMINGS, timing)],  # the record: metrics.jsonl, as history
             )
             if self.selection is not None and (stopped := stop_reason(self.history, self.selection)):
                 self.reporter.note(stopped)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from flowerbed.experiment import Experiment
+from flowerbed.server.checkpoint_files import fsync_dir
 from flowerbed.weights import save_safetensors
 
 
@@ -35,6 +36,7 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # the rename: a crash cannot bring the old file back
 
 
 def write_experiment(run_dir: Path, experiment: Experiment) -> None:
@@ -54,10 +56,11 @@ TIMINGS = "timings.jsonl"
 def json_line(record: dict[str, Any]) -> str:
     """A record as one line of ``metrics.jsonl`` or ``timings.jsonl``, without its newline (sorted keys).
 
-    The round loop's lines are appended by the checkpoint writer once their round's checkpoint is
-    durable (``CheckpointWriter.submit``'s ``lines``). A crash can at worst leave a last line
-    without its newline; readers ignore such a line, and a resumed run rewrites the files from
-    its checkpoint's history first.
+    The round loop's lines are appended (and fsynced) by the checkpoint writer once their round's
+    checkpoint is durable (``CheckpointWriter``): ``metrics.jsonl`` is the durable home of the
+    run's history, and a checkpoint holds only the records not in it yet. A crash can at worst
+    leave a last line without its newline; readers ignore such a line, and a resumed run rewrites
+    the files from its checkpoint's history first.
     """
     return json.dumps(record, sort_keys=True)
 

@@ -29,7 +29,10 @@ def _checkpoint(server_round: int, history: list | None = None) -> Checkpoint:
         server_round,
         {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.arange(4, dtype=np.float32) + server_round},
         strategy,
-        {"history": history if history is not None else [{"round": server_round}], "pinned_examples": {"a": 3.0}},
+        {
+            "history": history if history is not None else [{"round": r} for r in range(1, server_round + 1)],
+            "pinned_examples": {"a": 3.0},
+        },
         best={"w": np.full((3, 4), float(server_round), dtype=np.float32)},
     )
 
@@ -72,8 +75,14 @@ def test_writes_land_in_order_and_equal_the_synchronous_ones(tmp_path: Path) -> 
     assert done == [1, 2, 3, 4] and writer.durable_round == 4
     assert latest_round(background) == 4
     assert sorted(p.name for p in (background / "checkpoints").glob("round-*")) == ["round-0003", "round-0004"]
-    assert _files(background) == _files(synchronous)  # byte for byte
+    ours, theirs = _files(background), _files(synchronous)
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if "state.json" not in k} == {
+        k: v for k, v in theirs.items() if "state.json" not in k
+    }  # byte for byte; the background state.json holds only the history not in metrics.jsonl yet
+    assert run_folder.read_metrics(background) == checkpoints[-1].state["history"]
     _assert_loads_as(background, checkpoints[-1])
+    _assert_loads_as(synchronous, checkpoints[-1])  # the whole history in state.json, as older runs wrote it
 
 
 def test_then_runs_once_the_checkpoint_is_durable(tmp_path: Path) -> None:
@@ -206,18 +215,67 @@ def test_a_strategy_that_cannot_be_checkpointed_is_refused_at_submit(tmp_path: P
     assert latest_round(tmp_path) is None
 
 
-def test_a_growing_history_is_encoded_as_a_whole_history_would_be(tmp_path: Path) -> None:
+def test_a_long_history_lives_in_metrics_and_a_checkpoint_stays_the_same_size(tmp_path: Path) -> None:
     history: list[dict] = []
+    sizes = []
     with CheckpointWriter() as writer:
-        for server_round in range(1, 5):
-            history.append({"round": server_round, "sites": {"a": {"loss": 0.5 / server_round}}})
+        for server_round in range(1, 41):
+            history.append({"round": server_round, "sites": {f"s{i}": {"loss": 0.5} for i in range(20)}})
             writer.submit(tmp_path, _checkpoint(server_round, history))
             writer.wait()
+            sizes.append((tmp_path / "checkpoints" / f"round-{server_round:04d}" / "state.json").stat().st_size)
             _assert_loads_as(tmp_path, _checkpoint(server_round, list(history)))
+    assert max(sizes[1:]) - min(sizes[1:]) < 10, f"state.json grows with the rounds: {sizes}"
+    assert run_folder.read_metrics(tmp_path) == history
+
     resumed = [dict(r) for r in history]  # a resumed run's history: equal records, new objects
+    run_folder.write_metrics(tmp_path, resumed)
     with CheckpointWriter() as writer:
-        writer.submit(tmp_path, _checkpoint(5, [*resumed, {"round": 5}]))
-    _assert_loads_as(tmp_path, _checkpoint(5, [*history, {"round": 5}]))
+        writer.resume_history(len(resumed))
+        writer.submit(tmp_path, _checkpoint(41, [*resumed, {"round": 41}]))
+    _assert_loads_as(tmp_path, _checkpoint(41, [*history, {"round": 41}]))
+    assert run_folder.read_metrics(tmp_path) == [*history, {"round": 41}]
+
+
+def test_a_crash_before_the_rounds_line_loses_no_record(tmp_path: Path) -> None:
+    """The newest checkpoint holds its own round's record: a torn or missing last line is no loss."""
+    with CheckpointWriter() as writer:
+        for server_round in (1, 2, 3):
+            writer.submit(tmp_path, _checkpoint(server_round))
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    for torn in ("", lines[2][:5]):  # round 3's line never written, or cut short
+        metrics.write_text("".join(lines[:2]) + torn)
+        _assert_loads_as(tmp_path, _checkpoint(3))
+
+
+def test_a_checkpoint_whose_history_lines_are_gone_is_refused_by_name(tmp_path: Path) -> None:
+    with CheckpointWriter() as writer:
+        for server_round in (1, 2, 3):
+            writer.submit(tmp_path, _checkpoint(server_round))
+    metrics = tmp_path / "metrics.jsonl"
+    first = metrics.read_text().splitlines(keepends=True)[0]
+    for text, problem in (
+        (first, "round-0003 keeps the first 2 rounds' records there, but it has 1"),
+        ("not json\n" + first, "metrics.jsonl, line 1: not a JSON record"),
+        ("[1]\n" + first, "metrics.jsonl, line 1: not a JSON object"),
+    ):
+        metrics.write_text(text)
+        with pytest.raises(RunError, match=problem) as failure:
+            load_checkpoint(tmp_path, STRATEGY)
+        assert "start a new run" in str(failure.value)
+    metrics.unlink()
+    with pytest.raises(RunError, match="but it has 0"):
+        load_checkpoint(tmp_path, STRATEGY)
+
+
+def test_one_writer_serves_one_run_folder(tmp_path: Path) -> None:
+    with CheckpointWriter() as writer:
+        writer.submit(tmp_path / "a", _checkpoint(1))
+        with pytest.raises(ValueError, match="one writer per run folder"):
+            writer.submit(tmp_path / "b", _checkpoint(2))
+        with pytest.raises(RuntimeError, match="before the first checkpoint"):
+            writer.resume_history(1)
 
 
 def test_the_round_sent_record_is_overwritten_in_place_and_stays_readable(tmp_path: Path, monkeypatch) -> None:
@@ -249,11 +307,12 @@ def test_the_files_are_written_by_the_child_process(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(checkpoint_files, "append_lines", not_here)
     monkeypatch.setattr(checkpoint, "write_checkpoint", not_here)
     with CheckpointWriter() as writer:
-        writer.submit(tmp_path, _checkpoint(1), lines=[(tmp_path / "metrics.jsonl", {"round": 1})])
+        writer.submit(tmp_path, _checkpoint(1), lines=[(tmp_path / "timings.jsonl", {"round": 1, "time": 0.5})])
         writer.wait()
         assert writer._process is not None and writer._process.returncode is None
     _assert_loads_as(tmp_path, _checkpoint(1))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    assert (tmp_path / "timings.jsonl").read_text() == '{"round": 1, "time": 0.5}\n'
 
 
 def test_a_parent_that_dies_mid_checkpoint_leaves_nothing_half_written(tmp_path: Path) -> None:
@@ -306,9 +365,9 @@ def test_lines_wait_for_a_durable_checkpoint_and_a_failed_line_is_named_after_it
         writer.close()
     assert not metrics.exists(), "a line was appended for a checkpoint that was never written"
 
-    metrics.mkdir()  # appending to it fails once the checkpoint is durable
+    metrics.mkdir()  # appending the history's line fails once the checkpoint is durable
     writer = CheckpointWriter()
-    writer.submit(tmp_path, _checkpoint(1), lines=[(metrics, {"round": 1})])
+    writer.submit(tmp_path, _checkpoint(1))
     with pytest.raises(checkpoint_files.LinesNotAppended, match="is durable") as failure:
         writer.close()
     assert "after it was durable" in str(failure.value.__notes__)
@@ -367,7 +426,7 @@ def test_a_rounds_lines_are_appended_once_its_checkpoint_is_durable(tmp_path: Pa
     metrics = tmp_path / "metrics.jsonl"
     history = [{"round": 1, "sites": {"b": {"loss": 0.5}, "a": {"loss": 0.25}}}]
     with CheckpointWriter() as writer:
-        writer.submit(tmp_path, _checkpoint(1, history), lines=[(metrics, history[0])])
+        writer.submit(tmp_path, _checkpoint(1, history))
         assert not metrics.exists()  # the checkpoint is still being written
         gate.set()
         writer.wait()

@@ -8,6 +8,12 @@ name, every file and the folder fsynced, then renamed; only
 then does ``checkpoints/LATEST`` (itself replaced atomically) point at it. A crash at any moment
 leaves either the previous or the new checkpoint, never a half-written one.
 
+The run's history (one record per round, each with its ``round``) is kept in the run folder's
+``metrics.jsonl``, one line per record, each line fsynced before the next checkpoint is written; a
+checkpoint's ``state.json`` holds only the records whose lines were not durable yet and names the
+rest (``history_in_metrics``: how many records, through which round). So a checkpoint stays the
+same size however long the run, and resuming needs the run folder's ``metrics.jsonl`` with it.
+
 ``CheckpointWriter`` does the same writes off the round's critical path: a background thread
 hands each checkpoint's files to a child process (``checkpoint_files``) and waits for it, so the
 writes' system calls do not contend with the training thread for the interpreter's lock.
@@ -30,13 +36,13 @@ from flwr.serverapp.strategy import Strategy
 from flowerbed.exception import RunError
 from flowerbed.experiment import StrategyConfig
 from flowerbed.server.checkpoint_files import CheckpointFilesProcess, LinesNotAppended, write_checkpoint
-from flowerbed.server.run_folder import METRICS, json_line
+from flowerbed.server.run_folder import METRICS, json_line, write_metrics
 from flowerbed.server.strategy_state import restore_strategy, strategy_state
 from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import load_safetensors
 
 KEEP = 2
-HISTORY_IN_METRICS = "history_in_metrics"  # ``state.json``: how many history records are in ``metrics.jsonl``
+HISTORY_IN_METRICS = "history_in_metrics"  # ``state.json``: {"records": n, "last_round": r} in ``metrics.jsonl``
 
 
 @dataclass
@@ -70,8 +76,8 @@ def snapshot(checkpoint: Checkpoint, *, copy: bool = True, history_in_metrics: i
     """Take ``checkpoint``'s state now (``copy``: of every array, so later changes to them do not reach it).
 
     ``history_in_metrics`` leading records of ``state["history"]`` are durable in the run folder's
-    ``metrics.jsonl`` already: ``state.json`` names their count and holds only the records after
-    them (``load_checkpoint`` joins the two), so a checkpoint's size does not grow with the rounds.
+    ``metrics.jsonl`` already: ``state.json`` names their count and the last one's round and holds
+    only the records after them (``load_checkpoint`` joins the two).
 
     Raises
     ------
@@ -103,7 +109,10 @@ def _encode_state(state: dict[str, Any], in_metrics: int) -> tuple[str, list[str
     tail = [json_line(record) for record in history[in_metrics:]]  # each also its metrics.jsonl line
     rest = {k: v for k, v in state.items() if k != "history"}
     if in_metrics:
-        rest[HISTORY_IN_METRICS] = in_metrics
+        last_round = history[in_metrics - 1].get("round")
+        if type(last_round) is not int:
+            raise ValueError(f"history record {in_metrics - 1} has no integer round: {last_round!r}")
+        rest[HISTORY_IN_METRICS] = {"records": in_metrics, "last_round": last_round}
     head = json.dumps(rest, separators=(",", ":"))
     return f'{head[:-1]}{"," if len(head) > 2 else ""}"history":[{",".join(tail)}]}}', tail
 
@@ -148,7 +157,8 @@ class CheckpointWriter:
     ``metrics.jsonl``: each record submitted for the first time is appended there as a line once
     its checkpoint is durable, and a checkpoint's ``state.json`` holds only the records whose
     lines were not yet durable when it was taken (``snapshot``'s ``history_in_metrics``), so
-    checkpoints stay the same size however long the run.
+    checkpoints stay the same size however long the run. A resumed run's writer starts with
+    ``resume``, which rewrites ``metrics.jsonl`` from the loaded history.
 
     Ordering guarantee: a checkpoint's history lines and ``lines`` are appended (and fsynced), and
     its ``then`` runs on the writer thread, only after that checkpoint is durable (files, folder
@@ -184,12 +194,21 @@ class CheckpointWriter:
         with self._lock:
             return self._durable
 
-    def resume_history(self, records: int) -> None:
-        """The first ``records`` of the history are in ``metrics.jsonl`` already (a resumed run rewrote it)."""
+    def resume(self, run_dir: Path, history: list[dict[str, Any]]) -> None:
+        """Go on with a resumed run: rewrite its ``metrics.jsonl`` from ``history`` (atomically), which later
+        checkpoints then count as there.
+
+        Raises
+        ------
+        RuntimeError
+            After a checkpoint was submitted to this writer.
+        """
+        run_dir = Path(run_dir).resolve()
         with self._lock:
-            if self._job is not None or self._durable is not None:
-                raise RuntimeError("resume_history comes before the first checkpoint")
-            self._in_metrics = records
+            if self._run_dir is not None:
+                raise RuntimeError("a checkpoint writer resumes a run before its first checkpoint")
+            write_metrics(run_dir, history)
+            self._run_dir, self._in_metrics = run_dir, len(history)
 
     def submit(
         self,
@@ -214,10 +233,12 @@ class CheckpointWriter:
             or a history shorter than one submitted before.
         """
         self.check()
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).resolve()
         if self._run_dir is not None and run_dir != self._run_dir:
             raise ValueError(f"this checkpoint writer writes {self._run_dir}, not {run_dir}: one writer per run folder")
-        in_metrics = self._in_metrics  # written only here: the records of earlier submits
+        # The records handed over by earlier submits: their lines are durable before this checkpoint is
+        # written, since the writer writes in order and stops at the first failure.
+        in_metrics = self._in_metrics
         frozen = snapshot(checkpoint, history_in_metrics=in_metrics)  # while the previous one is still being written
         texts = [(run_dir / METRICS, f"{line}\n".encode()) for line in frozen.history_tail]
         texts += [(Path(path), f"{json_line(record)}\n".encode()) for path, record in lines]
@@ -320,8 +341,8 @@ def latest_round(run_dir: Path) -> int | None:
 def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
     """The newest complete checkpoint of a run folder, with the strategy rebuilt from ``strategy``.
 
-    The history is the checkpoint's ``state.json``'s records after the first ones it counts in
-    ``metrics.jsonl`` (``snapshot``'s ``history_in_metrics``).
+    Its history is joined from two places: the records ``state.json`` counts in ``metrics.jsonl``
+    (``snapshot``'s ``history_in_metrics``), then the records ``state.json`` holds itself.
 
     Raises
     ------
@@ -339,9 +360,9 @@ def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
             "loads); start a new run"
         )
     state = json.loads((folder / "state.json").read_text())
-    in_metrics = int(state.pop(HISTORY_IN_METRICS, 0))
-    if in_metrics:
-        state["history"] = _history_in_metrics(run_dir, in_metrics, folder.name) + state.get("history", [])
+    in_metrics = state.pop(HISTORY_IN_METRICS, None)
+    if in_metrics is not None:
+        state["history"] = _history_in_metrics(run_dir, in_metrics, folder) + state.get("history", [])
     rebuilt = restore_strategy(
         build_strategy(strategy), state.pop("strategy", {}), load_safetensors(folder / "strategy.safetensors")
     )
@@ -350,26 +371,45 @@ def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
     return Checkpoint(round=int(state.pop("round")), weights=weights, strategy=rebuilt, state=state, best=best)
 
 
-def _history_in_metrics(run_dir: Path, records: int, checkpoint: str) -> list[dict[str, Any]]:
-    """The first ``records`` lines of ``metrics.jsonl``, which checkpoint ``checkpoint`` counts on."""
+def _history_in_metrics(run_dir: Path, counted: object, folder: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` that checkpoint ``folder`` counts there (``{"records", "last_round"}``).
+
+    Records are taken by round: a line that repeats an earlier round (a dead run's writer that
+    appended after a restart rewrote the file) is skipped, and the lines after ``last_round`` (the
+    rounds after this checkpoint) are left.
+    """
+    if not (
+        isinstance(counted, dict)
+        and type(counted.get("records")) is int
+        and type(counted.get("last_round")) is int
+        and counted["records"] > 0
+    ):
+        raise RunError(f"{folder / 'state.json'}: {HISTORY_IN_METRICS} = {counted!r} is not valid; start a new run")
+    records, last_round = counted["records"], counted["last_round"]
     path = run_dir / METRICS
-    fix = "restore it from a backup of the run folder, or start a new run"
+    fix = "restore it from a backup of the whole run folder, or start a new run"
     try:
-        lines = path.read_text().split("\n")[:-1][:records] if path.is_file() else []  # newline-terminated
+        lines = path.read_text().split("\n")[:-1] if path.is_file() else []  # newline-terminated
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: cannot be read ({exc}); {fix}") from None
-    history = []
+    history: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise RunError(f"{path}, line {number}: not a JSON record ({exc.msg}); {fix}") from None
-        if not isinstance(record, dict):
-            raise RunError(f"{path}, line {number}: not a JSON object; {fix}")
+        server_round = record.get("round") if isinstance(record, dict) else None
+        if type(server_round) is not int:
+            raise RunError(f"{path}, line {number}: not a round's record (no integer round); {fix}")
+        if history and server_round <= history[-1]["round"]:
+            continue  # a repeated line
+        if server_round > last_round:
+            break
         history.append(record)
-    if len(history) < records:
+    if len(history) != records or history[-1]["round"] != last_round:
+        found = f"{len(history)}, through round {history[-1]['round']}" if history else "none"
         raise RunError(
-            f"{path}: checkpoint {checkpoint} keeps the first {records} rounds' records there, but it has "
-            f"{len(history)}; {fix}"
+            f"{path}: checkpoint {folder.name} counts {records} records there, through round {last_round}, "
+            f"but it has {found}; {fix}"
         )
     return history

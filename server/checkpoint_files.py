@@ -24,6 +24,7 @@ and imports little: it starts in tens of milliseconds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -107,7 +108,12 @@ def append_lines(lines: Iterable[tuple[Path, bytes]]) -> None:
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a short write (a full disk, a file size limit) goes on, then raises
+                written = os.write(fd, view)
+                if not written:
+                    raise OSError(errno.ENOSPC, "no byte could be appended", str(path))
+                view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)

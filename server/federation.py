@@ -402,8 +402,7 @@ class Federation:
             first_round = state.round + 1
             sent = run_folder.read_rounds_sent(self.run_dir)  # rounds whose training went out
             self._interrupted = {r: sites for r, sites in sent.items() if r >= first_round}  # never checkpointed
-            run_folder.write_metrics(self.run_dir, self.history)
-            writer.resume_history(len(self.history))
+            writer.resume(self.run_dir, self.history)  # metrics.jsonl rewritten from the checkpoint's history
             run_folder.write_timings(self.run_dir, self.timings)
         else:
             strategy = build_strategy(self.experiment.strategy)

@@ -229,9 +229,9 @@ def test_a_long_history_lives_in_metrics_and_a_checkpoint_stays_the_same_size(tm
     assert run_folder.read_metrics(tmp_path) == history
 
     resumed = [dict(r) for r in history]  # a resumed run's history: equal records, new objects
-    run_folder.write_metrics(tmp_path, resumed)
+    (tmp_path / "metrics.jsonl").write_text("")  # resume rewrites it
     with CheckpointWriter() as writer:
-        writer.resume_history(len(resumed))
+        writer.resume(tmp_path, resumed)
         writer.submit(tmp_path, _checkpoint(41, [*resumed, {"round": 41}]))
     _assert_loads_as(tmp_path, _checkpoint(41, [*history, {"round": 41}]))
     assert run_folder.read_metrics(tmp_path) == [*history, {"round": 41}]
@@ -254,28 +254,78 @@ def test_a_checkpoint_whose_history_lines_are_gone_is_refused_by_name(tmp_path: 
         for server_round in (1, 2, 3):
             writer.submit(tmp_path, _checkpoint(server_round))
     metrics = tmp_path / "metrics.jsonl"
-    first = metrics.read_text().splitlines(keepends=True)[0]
+    first, second, _ = metrics.read_text().splitlines(keepends=True)
     for text, problem in (
-        (first, "round-0003 keeps the first 2 rounds' records there, but it has 1"),
+        (first, "round-0003 counts 2 records there, through round 2, but it has 1, through round 1"),
+        (second, "round-0003 counts 2 records there, through round 2, but it has 1, through round 2"),
+        ("", "but it has none"),
         ("not json\n" + first, "metrics.jsonl, line 1: not a JSON record"),
-        ("[1]\n" + first, "metrics.jsonl, line 1: not a JSON object"),
+        ("[1]\n" + first, "metrics.jsonl, line 1: not a round's record"),
+        ('{"round": "1"}\n' + first, "metrics.jsonl, line 1: not a round's record"),
     ):
         metrics.write_text(text)
         with pytest.raises(RunError, match=problem) as failure:
             load_checkpoint(tmp_path, STRATEGY)
         assert "start a new run" in str(failure.value)
     metrics.unlink()
-    with pytest.raises(RunError, match="but it has 0"):
+    with pytest.raises(RunError, match="but it has none"):
         load_checkpoint(tmp_path, STRATEGY)
 
 
-def test_one_writer_serves_one_run_folder(tmp_path: Path) -> None:
+def test_a_line_repeated_by_a_dead_runs_writer_is_skipped(tmp_path: Path) -> None:
+    """A dead run's writer that appends after a restart rewrote the file repeats a round: it is left out."""
+    with CheckpointWriter() as writer:
+        for server_round in (1, 2, 3):
+            writer.submit(tmp_path, _checkpoint(server_round))
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text(lines[0] + lines[1] + lines[1] + lines[0] + lines[2])  # then round 3's own line
+    _assert_loads_as(tmp_path, _checkpoint(3))
+
+
+@pytest.mark.parametrize("counted", [True, 2, -1, "2", {"records": 2}, {"records": 1.5, "last_round": 2}])
+def test_a_malformed_history_count_is_refused(tmp_path: Path, counted: object) -> None:
+    with CheckpointWriter() as writer:
+        for server_round in (1, 2, 3):
+            writer.submit(tmp_path, _checkpoint(server_round))
+    state_file = tmp_path / "checkpoints" / "round-0003" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["history_in_metrics"] = counted
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(RunError, match="history_in_metrics = .* is not valid"):
+        load_checkpoint(tmp_path, STRATEGY)
+
+
+def test_a_short_append_goes_on_writing(tmp_path: Path, monkeypatch) -> None:
+    """``os.write`` may write part of a line (a full disk): the rest follows, or the error is raised."""
+    real = checkpoint_files.os.write
+    monkeypatch.setattr(checkpoint_files.os, "write", lambda fd, data: real(fd, bytes(data[:3])))
+    checkpoint_files.append_lines([(tmp_path / "metrics.jsonl", b'{"round": 1}\n')])
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    monkeypatch.setattr(checkpoint_files.os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError, match="no byte could be appended"):
+        checkpoint_files.append_lines([(tmp_path / "metrics.jsonl", b'{"round": 2}\n')])
+
+
+def test_one_writer_serves_one_run_folder_and_resumes_before_its_first_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
     with CheckpointWriter() as writer:
         writer.submit(tmp_path / "a", _checkpoint(1))
+        writer.submit(tmp_path / "b" / ".." / "a", _checkpoint(2))  # the same folder
         with pytest.raises(ValueError, match="one writer per run folder"):
-            writer.submit(tmp_path / "b", _checkpoint(2))
-        with pytest.raises(RuntimeError, match="before the first checkpoint"):
-            writer.resume_history(1)
+            writer.submit(tmp_path / "b", _checkpoint(3))
+        with pytest.raises(RuntimeError, match="before its first checkpoint"):
+            writer.resume(tmp_path / "a", [{"round": 1}])
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    failed = CheckpointWriter()
+    failed.submit(not_a_folder, _checkpoint(1))
+    with pytest.raises(OSError):
+        failed.wait()
+    with pytest.raises(RuntimeError, match="before its first checkpoint"):  # a failed write counts as begun
+        failed.resume(tmp_path / "a", [{"round": 1}])
+    with pytest.raises(OSError):
+        failed.close()
 
 
 def test_the_round_sent_record_is_overwritten_in_place_and_stays_readable(tmp_path: Path, monkeypatch) -> None:

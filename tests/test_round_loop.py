@@ -79,6 +79,24 @@ def test_checkpoint_after_every_round_and_resume_equals_uninterrupted(strategy, 
     assert not list(partial.rglob("*.pkl"))
 
 
+def test_a_run_folder_of_an_earlier_layout_resumes_with_its_whole_history(heart_experiment):
+    """Before ``history_in_metrics``, ``state.json`` held the whole history and ``metrics.jsonl`` was a copy."""
+    full = simulate(heart_experiment("rounds=3"), quiet=True)
+    partial = simulate(heart_experiment("rounds=2"), quiet=True)
+    state_file = partial / "checkpoints" / "round-0002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("history_in_metrics") == {"records": 1, "last_round": 1}
+    state["history"] = read_metrics(partial)
+    state_file.write_text(json.dumps(state))
+    (partial / "metrics.jsonl").write_text("")  # the earlier layout did not need it
+    experiment = json.loads((partial / "experiment.json").read_text())
+    experiment["rounds"] = 3
+    (partial / "experiment.json").write_text(json.dumps(experiment))
+    resume_simulation(partial, quiet=True)
+    assert read_metrics(partial) == read_metrics(full)
+    assert load_checkpoint(partial, StrategyConfig()).state["history"] == read_metrics(full)
+
+
 def test_a_checkpoint_with_a_pickled_strategy_is_refused(heart_experiment, tmp_path):
     run = simulate(heart_experiment("rounds=1"), quiet=True)
     folder = run / "checkpoints" / "round-0001"

@@ -40,7 +40,7 @@ from flowerbed.seeds import derive_seed
 from flowerbed.server import checkpoint as ckpt
 from flowerbed.server import run_folder
 from flowerbed.server.exchange import send_and_receive
-from flowerbed.server.model_selection import Selection, best_round, stop_reason
+from flowerbed.server.model_selection import Selection, SelectionProgress
 from flowerbed.server.reply_block import ReplyBlock, averages_blocks, block_problems
 from flowerbed.server.reply_validation import reply_site, validate_train_reply
 from flowerbed.server.round_outcome import NodeSubset, RoundOutcome
@@ -127,6 +127,7 @@ class Federation:
     ) -> None:
         self.grid = grid
         self.selection = selection
+        self.progress = SelectionProgress(selection) if selection is not None else None  # best round, early stop
         self.best_weights: dict[str, np.ndarray] | None = None  # the best round's global model on validation
         self.experiment = experiment
         self.run_dir = run_dir
@@ -396,6 +397,8 @@ class Federation:
             state = ckpt.load_checkpoint(self.run_dir, self.experiment.strategy)
             strategy, weights = state.strategy, state.weights
             self.history = list(state.state.get("history", []))
+            if self.selection is not None:
+                self.progress = SelectionProgress.of(self.history, self.selection)
             self.pinned_examples = dict(state.state.get("pinned_examples", {}))
             self.best_weights = state.best
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
@@ -494,7 +497,7 @@ class Federation:
                 then=functools.partial(self.reporter.round_finished, record, self.experiment.rounds, elapsed),
                 lines=[(self.run_dir / run_folder.TIMINGS, timing)],  # the record: metrics.jsonl, as history
             )
-            if self.selection is not None and (stopped := stop_reason(self.history, self.selection)):
+            if self.progress is not None and (stopped := self.progress.stop_reason()):
                 self.reporter.note(stopped)
                 break
         return strategy, arrays, stopped
@@ -514,8 +517,8 @@ class Federation:
         if outcome.refused:
             record["validation_refused"] = outcome.refused
         self._exclude_exhausted(server_round, outcome)
-        best = best_round([*self.history, record], self.selection)
-        if best is not None and best[0] == server_round:
+        assert self.progress is not None
+        if self.progress.observe(record):  # this round's model is the best so far
             self.best_weights = arrays_to_numpy(arrays)
 
     def _exclude_exhausted(self, server_round: int, outcome: RoundOutcome) -> None:
@@ -555,7 +558,7 @@ class Federation:
     def reported_model(self) -> dict[str, Any]:
         """Which global model the final figures are for: the last round's, or the best on validation."""
         last = self.history[-1]["round"] if self.history else 0
-        best = best_round(self.history, self.selection) if self.selection is not None else None
+        best = self.progress.best if self.progress is not None else None
         if best is None or self.best_weights is None or not self.experiment.reports_best_model:
             return {"reported": "last", "round": last}
         return {

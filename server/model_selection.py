@@ -1,7 +1,8 @@
 """Model selection on the federated validation metric: the best round so far, and early stopping.
 
 Both are functions of the run's history (``metrics.jsonl`` records), so a resumed run picks up
-exactly where the crashed one stood, with nothing more to checkpoint than the best weights.
+exactly where the crashed one stood, with nothing more to checkpoint than the best weights; a
+round loop keeps them up to date record by record (``SelectionProgress``).
 """
 
 from __future__ import annotations
@@ -85,32 +86,52 @@ def validation_value(record: dict[str, Any], metric: str) -> float | None:
 
 def best_round(history: Sequence[dict[str, Any]], selection: Selection) -> tuple[int, float] | None:
     """The round whose validation value last improved on every earlier one, with that value."""
-    best: tuple[int, float] | None = None
-    for record in history:
-        value = validation_value(record, selection.metric)
-        if value is not None and selection.improves(value, best[1] if best else None):
-            best = (int(record["round"]), value)
-    return best
+    return SelectionProgress.of(history, selection).best
 
 
 def stop_reason(history: Sequence[dict[str, Any]], selection: Selection) -> str | None:
     """Why the run stops early: ``patience`` validations in a row without improvement; else ``None``."""
-    if selection.patience is None:
-        return None
-    best: float | None = None
-    best_at, since = 0, 0
-    for record in history:
-        value = validation_value(record, selection.metric)
+    return SelectionProgress.of(history, selection).stop_reason()
+
+
+@dataclass
+class SelectionProgress:
+    """``best_round`` and ``stop_reason`` of a growing history, kept up to date one record at a time.
+
+    A round loop calls ``observe`` once per record instead of scanning its whole history every round.
+    """
+
+    selection: Selection
+    best: tuple[int, float] | None = None  # (round, value)
+    since: int = 0  # validations since the best without improvement
+
+    @classmethod
+    def of(cls, history: Sequence[dict[str, Any]], selection: Selection) -> SelectionProgress:
+        """The progress after every record of ``history``."""
+        progress = cls(selection)
+        for record in history:
+            progress.observe(record)
+        return progress
+
+    def observe(self, record: dict[str, Any]) -> bool:
+        """Take the next record into account; whether its round is the new best."""
+        value = validation_value(record, self.selection.metric)
         if value is None:
-            continue
-        if selection.improves(value, best):
-            best, best_at, since = value, int(record["round"]), 0
-        else:
-            since += 1
-    if since < selection.patience:
-        return None
-    best_text = f"best {best:.6g} at round {best_at}" if best is not None else "no finite value yet"
-    return (
-        f"early stopping: validation {selection.metric} has not improved by more than {selection.min_delta:g} "
-        f"in {since} validations; {best_text}"
-    )
+            return False
+        if self.selection.improves(value, self.best[1] if self.best else None):
+            self.best, self.since = (int(record["round"]), value), 0
+            return True
+        self.since += 1
+        return False
+
+    def stop_reason(self) -> str | None:
+        """Why the run stops early: ``patience`` validations in a row without improvement; else ``None``."""
+        selection = self.selection
+        if selection.patience is None or self.since < selection.patience:
+            return None
+        best = self.best
+        best_text = f"best {best[1]:.6g} at round {best[0]}" if best is not None else "no finite value yet"
+        return (
+            f"early stopping: validation {selection.metric} has not improved by more than {selection.min_delta:g} "
+            f"in {self.since} validations; {best_text}"
+        )

@@ -13,10 +13,10 @@ from flowerbed.exception import ConfigError
 from flowerbed.flower_internals import enter_task_identity
 from flowerbed.protocol import EVALUATE_SPLIT_KEY, EXPERIMENT_KEY, ErrorCode
 from flowerbed.server.checkpoint import load_checkpoint
-from flowerbed.server.model_selection import Selection, best_round, stop_reason
+from flowerbed.server.model_selection import Selection, SelectionProgress, best_round, stop_reason
 from flowerbed.server.run_folder import read_metrics, read_summary
 from flowerbed.server.runner import initial_model
-from flowerbed.simulations.simulate import simulate
+from flowerbed.simulations.simulate import resume_simulation, simulate
 from flowerbed.tasks.data.catalog import load_federation
 from flowerbed.tasks.data.validation import hold_out_validation
 from flowerbed.weights import load_safetensors, model_to_arrays
@@ -30,12 +30,33 @@ def test_early_stopping_stops_after_patience_validations_without_improvement():
     rule = Selection("loss", greater_is_better=False, patience=2, min_delta=0.01)
     curve = [1.0, 0.8, 0.795, 0.79, 0.7, 0.71, 0.705]  # 0.795 and 0.79 improve by < min_delta
     stops = [r for r in range(1, len(curve) + 1) if stop_reason(_history(curve[:r]), rule)]
-    assert stops[0] == 4 and "best 0.8 at round 2" in stop_reason(_history(curve[:4]), rule)
+    assert stops == [4, 7] and "best 0.8 at round 2" in stop_reason(_history(curve[:4]), rule)
+    progress = SelectionProgress(rule)  # the round loop's: one record at a time, the same answers
+    new_best = [progress.observe(record) for record in _history(curve)]
+    assert new_best == [True, True, False, False, True, False, False] and progress.best == (5, 0.7)
+    assert progress.stop_reason() == stop_reason(_history(curve), rule)
     assert best_round(_history(curve), rule) == (5, 0.7)
     assert stop_reason(_history(curve[:5]), rule) is None  # round 5 improved: patience starts again
     assert stop_reason(_history(curve), rule) is not None  # 6 and 7 did not
     accuracy = Selection("accuracy", greater_is_better=True, patience=1)
     assert best_round([{"round": 1, "validation": {"accuracy": 0.6}}, {"round": 2}], accuracy) == (1, 0.6)
+
+
+def test_a_resumed_run_stops_early_counting_the_validations_before_the_crash(heart_experiment):
+    settings = (
+        "data.validation_fraction=0.2",
+        "train.early_stopping.patience=2",
+        "train.early_stopping.min_delta=100.0",
+    )
+    run = simulate(heart_experiment("rounds=2", *settings), quiet=True)  # round 1 the best, round 2 one without
+    assert read_summary(run)["rounds_completed"] == 2
+    experiment = json.loads((run / "experiment.json").read_text())
+    experiment["rounds"] = 5
+    (run / "experiment.json").write_text(json.dumps(experiment))
+    resume_simulation(run, quiet=True)
+    summary = read_summary(run)
+    assert summary["rounds_completed"] == 3 and "in 2 validations" in summary["stopped"]
+    assert summary["model"]["reported"] == "best" and summary["model"]["round"] == 1
 
 
 def test_a_node_holds_out_validation_rows_of_its_own_training_rows(heart_experiment):

@@ -20,7 +20,7 @@ import torch
 from flowerbed.client.training import evaluate_local, train_local
 from flowerbed.experiment import Experiment
 from flowerbed.seeds import derive_seed
-from flowerbed.server.model_selection import Selection, best_round, selection_for, stop_reason
+from flowerbed.server.model_selection import Selection, SelectionProgress, selection_for
 from flowerbed.server.runner import initial_model
 from flowerbed.simulations.research.comparison import metric_value
 from flowerbed.tasks import resolve_device, resolve_task
@@ -88,7 +88,7 @@ def _train_with_validation(
     device: torch.device,
 ) -> None:
     """Round by round on the site's training rows, validated as the federation is; ``model`` ends as reported."""
-    history: list[dict[str, Any]] = []
+    progress = SelectionProgress(selection)
     best: dict[str, torch.Tensor] | None = None
     for server_round in range(1, experiment.rounds + 1):
         train_local(
@@ -98,11 +98,9 @@ def _train_with_validation(
         if server_round % experiment.evaluate.validation_every and server_round != experiment.rounds:
             continue
         metrics = evaluate_local(model, task, site.x_val, site.y_val, device=device)  # type: ignore[arg-type]
-        history.append({"round": server_round, "validation": metrics})
-        found = best_round(history, selection)
-        if found is not None and found[0] == server_round:
+        if progress.observe({"round": server_round, "validation": metrics}):
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if stop_reason(history, selection):
+        if progress.stop_reason():
             break
     if best is not None and experiment.reports_best_model:
         model.load_state_dict(best)

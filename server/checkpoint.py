@@ -42,6 +42,8 @@ from flowerbed.strategies.registry import build_strategy
 from flowerbed.weights import load_safetensors
 
 KEEP = 2
+LAYOUT = "layout"  # ``state.json``: which layout wrote it (absent: 1, the whole history in ``state.json``)
+CHECKPOINT_LAYOUT = 2  # the history in ``metrics.jsonl`` (``history_in_metrics``)
 HISTORY_IN_METRICS = "history_in_metrics"  # ``state.json``: {"records": n, "last_round": r} in ``metrics.jsonl``
 
 
@@ -85,7 +87,7 @@ def snapshot(checkpoint: Checkpoint, *, copy: bool = True, history_in_metrics: i
         If the strategy holds state that cannot be checkpointed.
     """
     meta, tensors = strategy_state(checkpoint.strategy)
-    state = {"round": checkpoint.round, "strategy": meta, **checkpoint.state}
+    state = {LAYOUT: CHECKPOINT_LAYOUT, "round": checkpoint.round, "strategy": meta, **checkpoint.state}
     text, tail = _encode_state(state, history_in_metrics)
     return Snapshot(
         round=checkpoint.round,
@@ -201,7 +203,7 @@ class CheckpointWriter:
         Raises
         ------
         RuntimeError
-            After a checkpoint was submitted to this writer.
+            After a checkpoint was submitted to this writer, or a second ``resume``.
         """
         run_dir = Path(run_dir).resolve()
         with self._lock:
@@ -338,17 +340,15 @@ def latest_round(run_dir: Path) -> int | None:
     return int(pointer.read_text().strip().removeprefix("round-"))
 
 
-def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
-    """The newest complete checkpoint of a run folder, with the strategy rebuilt from ``strategy``.
+def latest_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest complete checkpoint's folder and its ``state.json``, with the whole history joined.
 
-    Its history is joined from two places: the records ``state.json`` counts in ``metrics.jsonl``
-    (``snapshot``'s ``history_in_metrics``), then the records ``state.json`` holds itself.
+    What ``load_checkpoint`` and ``flowerbed run resume`` check before anything else.
 
     Raises
     ------
     RunError
-        If the run folder has no complete checkpoint, only one written by an older flowerbed, or a
-        ``metrics.jsonl`` without the records the checkpoint counts there.
+        As ``load_checkpoint``.
     """
     pointer = run_dir / "checkpoints" / "LATEST"
     if not pointer.is_file():
@@ -360,9 +360,31 @@ def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
             "loads); start a new run"
         )
     state = json.loads((folder / "state.json").read_text())
+    layout = state.pop(LAYOUT, 1)
+    if type(layout) is not int or layout > CHECKPOINT_LAYOUT:
+        raise RunError(
+            f"{folder / 'state.json'}: checkpoint layout {layout!r}, newer than this flowerbed's "
+            f"({CHECKPOINT_LAYOUT}); resume it with the flowerbed that wrote it"
+        )
     in_metrics = state.pop(HISTORY_IN_METRICS, None)
     if in_metrics is not None:
         state["history"] = _history_in_metrics(run_dir, in_metrics, folder) + state.get("history", [])
+    return folder, state
+
+
+def load_checkpoint(run_dir: Path, strategy: StrategyConfig) -> Checkpoint:
+    """The newest complete checkpoint of a run folder, with the strategy rebuilt from ``strategy``.
+
+    Its history is joined from two places: the records ``state.json`` counts in ``metrics.jsonl``
+    (``snapshot``'s ``history_in_metrics``), then the records ``state.json`` holds itself.
+
+    Raises
+    ------
+    RunError
+        If the run folder has no complete checkpoint, only one written by an older flowerbed or of a
+        newer layout, or a ``metrics.jsonl`` without the records the checkpoint counts there.
+    """
+    folder, state = latest_state(run_dir)
     rebuilt = restore_strategy(
         build_strategy(strategy), state.pop("strategy", {}), load_safetensors(folder / "strategy.safetensors")
     )
@@ -402,7 +424,9 @@ def _history_in_metrics(run_dir: Path, counted: object, folder: Path) -> list[di
         if type(server_round) is not int:
             raise RunError(f"{path}, line {number}: not a round's record (no integer round); {fix}")
         if history and server_round <= history[-1]["round"]:
-            continue  # a repeated line
+            if record not in history:  # a repeated line is the same record, never another one
+                raise RunError(f"{path}, line {number}: round {server_round} again, with other figures; {fix}")
+            continue
         if server_round > last_round:
             break
         history.append(record)

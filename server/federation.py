@@ -127,7 +127,8 @@ class Federation:
     ) -> None:
         self.grid = grid
         self.selection = selection
-        self.progress = SelectionProgress(selection) if selection is not None else None  # best round, early stop
+        # the best round and the early-stopping rule, kept up to date as records come
+        self.selection_progress = SelectionProgress(selection) if selection is not None else None
         self.best_weights: dict[str, np.ndarray] | None = None  # the best round's global model on validation
         self.experiment = experiment
         self.run_dir = run_dir
@@ -398,7 +399,7 @@ class Federation:
             strategy, weights = state.strategy, state.weights
             self.history = list(state.state.get("history", []))
             if self.selection is not None:
-                self.progress = SelectionProgress.of(self.history, self.selection)
+                self.selection_progress = SelectionProgress.of(self.history, self.selection)
             self.pinned_examples = dict(state.state.get("pinned_examples", {}))
             self.best_weights = state.best
             self.timings = [t for t in run_folder.read_timings(self.run_dir) if t["round"] <= state.round]
@@ -497,7 +498,7 @@ class Federation:
                 then=functools.partial(self.reporter.round_finished, record, self.experiment.rounds, elapsed),
                 lines=[(self.run_dir / run_folder.TIMINGS, timing)],  # the record: metrics.jsonl, as history
             )
-            if self.progress is not None and (stopped := self.progress.stop_reason()):
+            if self.selection_progress is not None and (stopped := self.selection_progress.stop_reason()):
                 self.reporter.note(stopped)
                 break
         return strategy, arrays, stopped
@@ -517,8 +518,8 @@ class Federation:
         if outcome.refused:
             record["validation_refused"] = outcome.refused
         self._exclude_exhausted(server_round, outcome)
-        assert self.progress is not None
-        if self.progress.observe(record):  # this round's model is the best so far
+        assert self.selection_progress is not None
+        if self.selection_progress.observe(record):  # this round's model is the best so far
             self.best_weights = arrays_to_numpy(arrays)
 
     def _exclude_exhausted(self, server_round: int, outcome: RoundOutcome) -> None:
@@ -558,7 +559,7 @@ class Federation:
     def reported_model(self) -> dict[str, Any]:
         """Which global model the final figures are for: the last round's, or the best on validation."""
         last = self.history[-1]["round"] if self.history else 0
-        best = self.progress.best if self.progress is not None else None
+        best = self.selection_progress.best if self.selection_progress is not None else None
         if best is None or self.best_weights is None or not self.experiment.reports_best_model:
             return {"reported": "last", "round": last}
         return {

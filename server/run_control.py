@@ -294,13 +294,17 @@ def resume_run(federation: FederationConfig, ref: str | None = None, *, stream: 
     Raises
     ------
     RunError
-        When the run folder has no checkpoint yet (start it again instead).
+        When the run folder has no checkpoint yet (start it again instead), or its newest checkpoint
+        cannot be resumed (``checkpoint.latest_state``: a ``metrics.jsonl`` without its history).
     """
     _check_coordinator(federation)
     record = find_run(federation, ref)
     run_dir = Path(record.run_dir)
     if not (run_dir / "checkpoints" / "LATEST").is_file():
         raise RunError(f"{run_dir}: no checkpoint to resume from; start the run again with `flowerbed run start`")
+    from flowerbed.server.checkpoint import latest_state
+
+    latest_state(run_dir)  # its history must be whole (metrics.jsonl) before a run is submitted
     config = tomllib.loads(Path(record.run_config).read_text())
     config["resume"] = True
     resume_config = Path(record.run_config).with_name(f"{record.name}.resume.toml")

@@ -281,6 +281,19 @@ def test_a_line_repeated_by_a_dead_runs_writer_is_skipped(tmp_path: Path) -> Non
     lines = metrics.read_text().splitlines(keepends=True)
     metrics.write_text(lines[0] + lines[1] + lines[1] + lines[0] + lines[2])  # then round 3's own line
     _assert_loads_as(tmp_path, _checkpoint(3))
+    metrics.write_text(lines[0] + lines[1] + '{"round": 2, "loss": 9}\n')  # the same round, other figures
+    with pytest.raises(RunError, match=r"metrics.jsonl, line 3: round 2 again, with other figures"):
+        load_checkpoint(tmp_path, STRATEGY)
+
+
+def test_a_checkpoint_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _checkpoint(1))
+    state_file = tmp_path / "checkpoints" / "round-0001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["layout"] == checkpoint.CHECKPOINT_LAYOUT
+    state_file.write_text(json.dumps({**state, "layout": checkpoint.CHECKPOINT_LAYOUT + 1}))
+    with pytest.raises(RunError, match="newer than this flowerbed's"):
+        load_checkpoint(tmp_path, STRATEGY)
 
 
 @pytest.mark.parametrize("counted", [True, 2, -1, "2", {"records": 2}, {"records": 1.5, "last_round": 2}])

@@ -399,7 +399,8 @@ def test_a_stop_waits_for_the_round_in_progress_and_resume_withdraws_it(federati
     calls: list[tuple[str, ...]] = []
     _fake_flower(monkeypatch, calls)
     run_dir = federation.state_dir / "runs" / "heart-1"
-    (run_dir / "checkpoints").mkdir(parents=True)
+    run_dir.mkdir(parents=True)
+    _write_checkpoints(run_dir, rounds=3)
     (run_dir / "checkpoints" / "LATEST").write_text("round-0002")
     (run_dir / ROUND_SENT).write_text(json.dumps({"round": 3, "sites": ["cleveland", "hungary"]}))
     config = federation.state_dir / "heart-1.toml"
@@ -427,6 +428,29 @@ def test_a_stop_waits_for_the_round_in_progress_and_resume_withdraws_it(federati
     run_control.resume_run(federation)
     assert not (run_dir / STOP_FILE).exists(), "a resume withdraws the stop request"
     assert calls[-1][0] == "run" and find_run(federation).resumes == [99]
+
+    calls.clear()
+    (run_dir / "metrics.jsonl").write_text("")  # the checkpoint counts on its first two records there
+    with pytest.raises(RunError, match="metrics.jsonl: checkpoint round-0003 counts 2 records there"):
+        run_control.resume_run(federation)
+    assert not calls, "nothing is submitted for a run folder that cannot resume"
+
+
+def _write_checkpoints(run_dir: Path, rounds: int) -> None:
+    """Real checkpoints of rounds 1 to ``rounds`` (the history in ``metrics.jsonl``), as the round loop writes them."""
+    import numpy as np
+
+    from flowerbed.experiment import StrategyConfig
+    from flowerbed.server.checkpoint import Checkpoint, CheckpointWriter
+    from flowerbed.strategies.registry import build_strategy
+
+    history: list[dict] = []
+    with CheckpointWriter() as writer:
+        for server_round in range(1, rounds + 1):
+            history.append({"round": server_round})
+            state = {"history": history, "pinned_examples": {}}
+            weights = {"w": np.zeros(3, dtype=np.float32)}
+            writer.submit(run_dir, Checkpoint(server_round, weights, build_strategy(StrategyConfig()), state))
 
 
 def test_run_status_says_why_a_run_made_no_progress(federation, monkeypatch) -> None:

@@ -85,7 +85,7 @@ def test_a_run_folder_of_an_earlier_layout_resumes_with_its_whole_history(heart_
     partial = simulate(heart_experiment("rounds=2"), quiet=True)
     state_file = partial / "checkpoints" / "round-0002" / "state.json"
     state = json.loads(state_file.read_text())
-    assert state.pop("history_in_metrics") == {"records": 1, "last_round": 1}
+    assert state.pop("history_in_metrics") == {"records": 1, "last_round": 1} and state.pop("layout") == 2
     state["history"] = read_metrics(partial)
     state_file.write_text(json.dumps(state))
     (partial / "metrics.jsonl").write_text("")  # the earlier layout did not need it

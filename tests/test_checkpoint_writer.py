@@ -237,24 +237,26 @@ def test_a_long_history_lives_in_metrics_and_a_checkpoint_stays_the_same_size(tm
     assert run_folder.read_metrics(tmp_path) == [*history, {"round": 41}]
 
 
-def test_a_crash_before_the_rounds_line_loses_no_record(tmp_path: Path) -> None:
-    """The newest checkpoint holds its own round's record: a torn or missing last line is no loss."""
+def _three_rounds(run_dir: Path) -> list[str]:
+    """Rounds 1 to 3 through the writer; ``metrics.jsonl``'s lines (newline included)."""
     with CheckpointWriter() as writer:
         for server_round in (1, 2, 3):
-            writer.submit(tmp_path, _checkpoint(server_round))
+            writer.submit(run_dir, _checkpoint(server_round))
+    return (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+
+
+def test_a_crash_before_the_rounds_line_loses_no_record(tmp_path: Path) -> None:
+    """The newest checkpoint holds its own round's record: a torn or missing last line is no loss."""
+    lines = _three_rounds(tmp_path)
     metrics = tmp_path / "metrics.jsonl"
-    lines = metrics.read_text().splitlines(keepends=True)
     for torn in ("", lines[2][:5]):  # round 3's line never written, or cut short
         metrics.write_text("".join(lines[:2]) + torn)
         _assert_loads_as(tmp_path, _checkpoint(3))
 
 
 def test_a_checkpoint_whose_history_lines_are_gone_is_refused_by_name(tmp_path: Path) -> None:
-    with CheckpointWriter() as writer:
-        for server_round in (1, 2, 3):
-            writer.submit(tmp_path, _checkpoint(server_round))
+    first, second, _ = _three_rounds(tmp_path)
     metrics = tmp_path / "metrics.jsonl"
-    first, second, _ = metrics.read_text().splitlines(keepends=True)
     for text, problem in (
         (first, "round-0003 counts 2 records there, through round 2, but it has 1, through round 1"),
         (second, "round-0003 counts 2 records there, through round 2, but it has 1, through round 2"),
@@ -274,11 +276,8 @@ def test_a_checkpoint_whose_history_lines_are_gone_is_refused_by_name(tmp_path: 
 
 def test_a_line_repeated_by_a_dead_runs_writer_is_skipped(tmp_path: Path) -> None:
     """A dead run's writer that appends after a restart rewrote the file repeats a round: it is left out."""
-    with CheckpointWriter() as writer:
-        for server_round in (1, 2, 3):
-            writer.submit(tmp_path, _checkpoint(server_round))
+    lines = _three_rounds(tmp_path)
     metrics = tmp_path / "metrics.jsonl"
-    lines = metrics.read_text().splitlines(keepends=True)
     metrics.write_text(lines[0] + lines[1] + lines[1] + lines[0] + lines[2])  # then round 3's own line
     _assert_loads_as(tmp_path, _checkpoint(3))
     metrics.write_text(lines[0] + lines[1] + '{"round": 2, "loss": 9}\n')  # the same round, other figures
@@ -298,9 +297,7 @@ def test_a_checkpoint_of_a_newer_layout_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("counted", [True, 2, -1, "2", {"records": 2}, {"records": 1.5, "last_round": 2}])
 def test_a_malformed_history_count_is_refused(tmp_path: Path, counted: object) -> None:
-    with CheckpointWriter() as writer:
-        for server_round in (1, 2, 3):
-            writer.submit(tmp_path, _checkpoint(server_round))
+    _three_rounds(tmp_path)
     state_file = tmp_path / "checkpoints" / "round-0003" / "state.json"
     state = json.loads(state_file.read_text())
     state["history_in_metrics"] = counted

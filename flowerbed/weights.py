@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 from torch import nn
 
 NPY = "numpy.ndarray"  # Flower's serialization type of an Array holding .npy bytes
@@ -121,6 +121,11 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
 def numpy_to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     """An ``ArrayRecord`` from ``{name: ndarray}``."""
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def safetensors_bytes(state: dict[str, np.ndarray]) -> bytes:
+    """Weights as the bytes of a safetensors file (what ``save_safetensors`` writes)."""
+    return save({k: np.ascontiguousarray(v) for k, v in state.items()})
 
 
 def save_safetensors(state: dict[str, np.ndarray], path: Path) -> None:

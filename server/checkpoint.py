@@ -30,7 +30,6 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.exception import RunError
@@ -39,7 +38,7 @@ from flowerbed.server.checkpoint_files import CheckpointFilesProcess, LinesNotAp
 from flowerbed.server.run_folder import METRICS, json_line, write_metrics
 from flowerbed.server.strategy_state import restore_strategy, strategy_state
 from flowerbed.strategies.registry import build_strategy
-from flowerbed.weights import load_safetensors
+from flowerbed.weights import load_safetensors, safetensors_bytes
 
 KEEP = 2
 LAYOUT = "layout"  # ``state.json``: which layout wrote it (absent: 1, the whole history in ``state.json``)
@@ -133,19 +132,17 @@ def save_checkpoint(
     that child process instead of this one.
     """
     frozen = checkpoint if isinstance(checkpoint, Snapshot) else snapshot(checkpoint, copy=False)
-    files = {"weights.safetensors": _safetensors(frozen.weights), "strategy.safetensors": _safetensors(frozen.strategy)}
+    files = {
+        "weights.safetensors": safetensors_bytes(frozen.weights),
+        "strategy.safetensors": safetensors_bytes(frozen.strategy),
+    }
     if frozen.best is not None:
-        files["best.safetensors"] = _safetensors(frozen.best)
+        files["best.safetensors"] = safetensors_bytes(frozen.best)
     files["state.json"] = frozen.state
     root, name = run_dir / "checkpoints", f"round-{frozen.round:04d}"
     if files_process is None:
         return write_checkpoint(root, name, files, KEEP, lines)
     return files_process.write(root, name, files, KEEP, lines)
-
-
-def _safetensors(arrays: dict[str, np.ndarray]) -> bytes:
-    """The bytes ``save_safetensors`` writes for ``arrays``."""
-    return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
 class CheckpointWriter:
